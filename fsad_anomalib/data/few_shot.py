@@ -1,0 +1,206 @@
+"""K-shot training sets over any anomalib image datamodule."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from anomalib.data.datamodules.base.image import AnomalibDataModule
+from anomalib.data.datasets.base.image import AnomalibDataset
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["FewShot", "load_support_set", "sample_support_set"]
+
+
+def sample_support_set(pool: list[str], k_shot: int, seed: int) -> list[str]:
+    """Draw ``k_shot`` distinct paths from ``pool`` with ``seed``; independent of the pool's order."""
+    if not isinstance(k_shot, int) or isinstance(k_shot, bool) or k_shot < 1:
+        msg = f"k_shot must be an integer >= 1, got {k_shot!r}."
+        raise ValueError(msg)
+    if not pool:
+        msg = "The pool of normal training images is empty: the datamodule's training split has no normal image."
+        raise ValueError(msg)
+    if k_shot > len(pool):
+        msg = f"k_shot={k_shot} is larger than the pool of normal training images, which holds {len(pool)}."
+        raise ValueError(msg)
+    ordered = sorted(pool)
+    rng = np.random.default_rng(seed)
+    chosen = rng.choice(len(ordered), size=k_shot, replace=False)
+    return [ordered[i] for i in sorted(chosen)]
+
+
+def load_support_set(path: str | Path) -> list[str]:
+    """Read a support list: a JSON file written by :class:`FewShot` or a text file with one path per line."""
+    path = Path(path)
+    if not path.is_file():
+        msg = f"support_list: file '{path}' does not exist."
+        raise FileNotFoundError(msg)
+    text = path.read_text()
+    if path.suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            msg = f"support_list: '{path}' is not valid JSON ({exc})."
+            raise ValueError(msg) from exc
+        paths = data["image_paths"] if isinstance(data, dict) else data
+    else:
+        paths = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    if not paths or not all(isinstance(p, str) for p in paths):
+        msg = f"support_list: '{path}' holds no image paths."
+        raise ValueError(msg)
+    return paths
+
+
+class FewShot(AnomalibDataModule):
+    """Keep only ``k_shot`` normal training images of a wrapped anomalib datamodule.
+
+    Validation and test sets of the wrapped datamodule are left as they are; ``name`` and ``category``
+    pass through, so results land where anomalib would put them for the wrapped dataset. The support set
+    (paths, seed, K) is written as ``support_set.json`` into the trainer's results folder, and a
+    published support set can be reproduced with ``support_list``.
+
+    Args:
+        datamodule: Any anomalib image datamodule (MVTecAD, Visa, Folder, ELPV, Textile, ...).
+        k_shot: Number of normal training images to keep (>= 1).
+        seed: Seed of the draw. The same seed and pool always give the same support set.
+        support_list: A JSON file written by a previous run, or a text file with one image path per line.
+            Paths must belong to the wrapped datamodule's normal training pool. Overrides ``k_shot``/``seed``.
+        train_batch_size: Batch size of the training loader; ``None`` puts the whole support set in one batch.
+    """
+
+    def __init__(
+        self,
+        datamodule: AnomalibDataModule,
+        k_shot: int = 4,
+        seed: int = 0,
+        support_list: str | None = None,
+        train_batch_size: int | None = None,
+    ) -> None:
+        if not isinstance(datamodule, AnomalibDataModule):
+            msg = f"datamodule must be an anomalib AnomalibDataModule, got {type(datamodule).__name__}."
+            raise TypeError(msg)
+        if support_list is None and (not isinstance(k_shot, int) or isinstance(k_shot, bool) or k_shot < 1):
+            msg = f"k_shot must be an integer >= 1, got {k_shot!r}."
+            raise ValueError(msg)
+        super().__init__(
+            train_batch_size=train_batch_size or datamodule.train_batch_size,
+            eval_batch_size=datamodule.eval_batch_size,
+            num_workers=datamodule.num_workers,
+            train_augmentations=datamodule.train_augmentations,
+            val_augmentations=datamodule.val_augmentations,
+            test_augmentations=datamodule.test_augmentations,
+            seed=seed,
+        )
+        self.datamodule = datamodule
+        self.k_shot = k_shot
+        self.support_list = support_list
+        self._batch_size_given = train_batch_size is not None
+        self.support_set: list[str] = []
+
+    @property
+    def name(self) -> str:
+        """Name of the wrapped datamodule."""
+        return self.datamodule.name
+
+    @property
+    def category(self) -> str:
+        """Category of the wrapped datamodule."""
+        return self.datamodule.category
+
+    @category.setter
+    def category(self, category: str) -> None:
+        self.datamodule.category = category
+
+    def _setup(self, _stage: str | None = None) -> None:  # pragma: no cover - setup() is overridden
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        """Set up the wrapped datamodule, then keep K normals of its training split."""
+        if not self._is_setup:
+            self.datamodule.setup(stage)
+            self.train_data = self.datamodule.train_data
+            self.test_data = self.datamodule.test_data
+            if hasattr(self.datamodule, "val_data"):
+                self.val_data = self.datamodule.val_data
+            self.train_data = self._select(self.train_data)
+            self._is_setup = True
+        self._update_augmentations()
+        self.save_support_set()
+
+    def pool(self, dataset: AnomalibDataset | None = None) -> list[str]:
+        """Paths of the normal images of the wrapped training split (the pool K images are drawn from)."""
+        dataset = dataset if dataset is not None else self.datamodule.train_data
+        samples = dataset.samples
+        return [str(p) for p in samples.loc[samples.label_index == 0, "image_path"]]
+
+    def _select(self, train_data: AnomalibDataset) -> AnomalibDataset:
+        pool = self.pool(train_data)
+        if self.support_list is not None:
+            wanted = load_support_set(self.support_list)
+            known = set(pool)
+            resolved = {str(Path(p).resolve()): p for p in pool}
+            chosen = []
+            missing = []
+            for path in wanted:
+                if path in known:
+                    chosen.append(path)
+                elif str(Path(path).resolve()) in resolved:
+                    chosen.append(resolved[str(Path(path).resolve())])
+                else:
+                    missing.append(path)
+            if missing:
+                shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+                msg = (
+                    f"support_list '{self.support_list}' names {len(missing)} image(s) that are not in the pool of "
+                    f"{len(pool)} normal training images of {self.name}/{self.category}: {shown}"
+                )
+                raise ValueError(msg)
+            if len(set(chosen)) != len(chosen):
+                msg = f"support_list '{self.support_list}' names an image more than once."
+                raise ValueError(msg)
+            self.support_set = sorted(chosen)
+            self.k_shot = len(chosen)
+        else:
+            try:
+                self.support_set = sample_support_set(pool, self.k_shot, self.seed or 0)
+            except ValueError as exc:
+                msg = f"FewShot over {self.name}/{self.category}: {exc}"
+                raise ValueError(msg) from exc
+        keep = set(self.support_set)
+        paths = train_data.samples.image_path.astype(str)
+        indices = [i for i, p in enumerate(paths) if p in keep and train_data.samples.label_index.iloc[i] == 0]
+        subset = train_data.subsample(indices)
+        if len(subset) != self.k_shot:  # duplicate paths in the wrapped dataset
+            msg = f"FewShot: expected {self.k_shot} training images after selection, got {len(subset)}."
+            raise RuntimeError(msg)
+        if not self._batch_size_given:
+            self.train_batch_size = max(1, min(self.datamodule.train_batch_size, self.k_shot))
+        logger.info("FewShot: %d-shot support set of %s/%s (seed %s)", self.k_shot, self.name, self.category, self.seed)
+        return subset
+
+    def support_record(self) -> dict:
+        """The support set as a JSON-serialisable record."""
+        return {
+            "dataset": self.name,
+            "category": self.category,
+            "k_shot": self.k_shot,
+            "seed": self.seed,
+            "support_list": self.support_list,
+            "image_paths": self.support_set,
+        }
+
+    def save_support_set(self, path: str | Path | None = None) -> Path | None:
+        """Write the support set as JSON (default: ``support_set.json`` in the trainer's results folder)."""
+        if path is None:
+            trainer = getattr(self, "trainer", None)
+            if trainer is None or not self.support_set:
+                return None
+            path = Path(trainer.default_root_dir) / "support_set.json"
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.support_record(), indent=2))
+        return path
