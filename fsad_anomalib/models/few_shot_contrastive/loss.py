@@ -1,0 +1,136 @@
+"""Losses of FewShotContrastive: L = L_Con + lambda_PP * L_PP + lambda_NP * L_NP.
+
+All three take L2-normalised projections ``z`` (rows of unit norm) and a temperature ``tau``;
+``s(a, b) = a . b / tau`` is the scaled cosine similarity. The NT-Xent of SimCLR is written out
+here rather than taken from lightly or pytorch-metric-learning: neither is a dependency of anomalib,
+and L_NP needs the same InfoNCE form with an explicit negative set, which neither exposes as such.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import nn
+
+__all__ = ["CrossInstancePositiveLoss", "FewShotContrastiveLoss", "NTXentLoss", "SynthesizedNegativeLoss"]
+
+
+class NTXentLoss(nn.Module):
+    r"""L_Con, SimCLR's NT-Xent over two augmented views of each of N images.
+
+    With the 2N projections :math:`z_1..z_{2N}` where :math:`z_i` and :math:`z_{p(i)}` are the two views
+    of one image,
+
+    .. math::
+        L_{Con} = \frac{1}{2N} \sum_{i=1}^{2N} -\log
+            \frac{\exp(s(z_i, z_{p(i)}))}{\sum_{k \ne i} \exp(s(z_i, z_k))}
+
+    Views of the other N - 1 images are the negatives. With N = 1 there is no negative and the loss is
+    defined as 0 (the caller then relies on L_NP, see the model README).
+    """
+
+    def __init__(self, temperature: float = 0.1) -> None:
+        super().__init__()
+        if temperature <= 0:
+            msg = f"temperature must be > 0, got {temperature}."
+            raise ValueError(msg)
+        self.temperature = temperature
+
+    def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+        """Compute the loss from the two views' projections, each ``(N, D)``."""
+        n = z1.shape[0]
+        if n < 2:  # noqa: PLR2004
+            return z1.sum() * 0.0
+        z = torch.cat([z1, z2], dim=0)
+        sim = z @ z.T / self.temperature
+        sim = sim.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
+        targets = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
+        return F.cross_entropy(sim, targets)
+
+
+class CrossInstancePositiveLoss(nn.Module):
+    r"""L_PP, cross-instance positive pairs: views of two different normal images are pulled together.
+
+    Over all pairs of projections :math:`(z_i, z_j)` that come from different images (M pairs),
+
+    .. math::
+        L_{PP} = \frac{1}{M} \sum_{(i,j)} \lVert z_i - z_j \rVert^2 = \frac{1}{M} \sum_{(i,j)} 2 - 2\, z_i \cdot z_j
+
+    which is 0 when all normals share one embedding. It opposes L_Con, which pushes other images apart;
+    ``lambda_PP`` balances the two. With one image there is no pair and the loss is 0.
+    """
+
+    def forward(self, z: torch.Tensor, image_ids: torch.Tensor) -> torch.Tensor:
+        """``z``: ``(M, D)`` projections; ``image_ids``: ``(M,)`` index of the image each row is a view of."""
+        different = image_ids[:, None] != image_ids[None, :]
+        if not bool(different.any()):
+            return z.sum() * 0.0
+        dist = 2.0 - 2.0 * (z @ z.T)
+        return dist[different].mean()
+
+
+class SynthesizedNegativeLoss(nn.Module):
+    r"""L_NP, negative pairs between normals and their synthesized anomalous versions (InfoNCE).
+
+    For each of the N images with views :math:`(z_1^{(n)}, z_2^{(n)})` and the set :math:`A` of the
+    synthesized anomalies' projections :math:`a`,
+
+    .. math::
+        L_{NP} = \frac{1}{2N} \sum_{n,\,v} -\log \frac{\exp(s(z_v^{(n)}, z_{\bar v}^{(n)}))}
+            {\exp(s(z_v^{(n)}, z_{\bar v}^{(n)})) + \sum_{a \in A} \exp(s(z_v^{(n)}, a))}
+
+    It keeps the two views of a normal together and pushes every anomaly away from them. It is well
+    defined for N = 1, which makes it the training signal at K = 1.
+    """
+
+    def __init__(self, temperature: float = 0.1) -> None:
+        super().__init__()
+        if temperature <= 0:
+            msg = f"temperature must be > 0, got {temperature}."
+            raise ValueError(msg)
+        self.temperature = temperature
+
+    def forward(self, z1: torch.Tensor, z2: torch.Tensor, anomalies: torch.Tensor) -> torch.Tensor:
+        """``z1``, ``z2``: ``(N, D)`` normal views; ``anomalies``: ``(A, D)`` synthesized anomalies."""
+        if anomalies.shape[0] == 0:
+            return z1.sum() * 0.0
+        anchors = torch.cat([z1, z2], dim=0)
+        partners = torch.cat([z2, z1], dim=0)
+        positive = (anchors * partners).sum(-1, keepdim=True) / self.temperature
+        negative = anchors @ anomalies.T / self.temperature
+        logits = torch.cat([positive, negative], dim=1)
+        targets = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+        return F.cross_entropy(logits, targets)
+
+
+class FewShotContrastiveLoss(nn.Module):
+    """L = L_Con + lambda_PP * L_PP + lambda_NP * L_NP; returns the total and each term."""
+
+    def __init__(self, temperature: float = 0.1, lambda_pp: float = 0.5, lambda_np: float = 1.0) -> None:
+        super().__init__()
+        if lambda_pp < 0 or lambda_np < 0:
+            msg = f"lambda_pp and lambda_np must be >= 0, got {lambda_pp} and {lambda_np}."
+            raise ValueError(msg)
+        self.lambda_pp = lambda_pp
+        self.lambda_np = lambda_np
+        self.con = NTXentLoss(temperature)
+        self.pp = CrossInstancePositiveLoss()
+        self.np = SynthesizedNegativeLoss(temperature)
+
+    def forward(
+        self,
+        z1: torch.Tensor,
+        z2: torch.Tensor,
+        anomalies: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Total loss and its parts (``loss_con``, ``loss_pp``, ``loss_np``)."""
+        n = z1.shape[0]
+        loss_con = self.con(z1, z2)
+        ids = torch.arange(n, device=z1.device).repeat(2)
+        loss_pp = self.pp(torch.cat([z1, z2]), ids) if self.lambda_pp > 0 else z1.sum() * 0.0
+        if anomalies is not None and self.lambda_np > 0:
+            loss_np = self.np(z1, z2, anomalies)
+        else:
+            loss_np = z1.sum() * 0.0
+        total = loss_con + self.lambda_pp * loss_pp + self.lambda_np * loss_np
+        return total, {"loss_con": loss_con.detach(), "loss_pp": loss_pp.detach(), "loss_np": loss_np.detach()}

