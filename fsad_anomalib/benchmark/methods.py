@@ -1,0 +1,42 @@
+"""Methods the benchmark compares, all on the same backbone, weights and image size."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torchvision.transforms.v2 import Compose, Normalize, Resize
+
+from anomalib.models import Padim, Patchcore
+from anomalib.pre_processing import PreProcessor
+
+from fsad_anomalib.backbones import resolve_backbone
+from fsad_anomalib.models import FewShotContrastive
+
+__all__ = ["METHODS", "build_method"]
+
+# FewShotContrastive variants: the default model and the paper's ablations.
+_FSC_VARIANTS: dict[str, dict[str, Any]] = {
+    "FewShotContrastive": {},
+    "frozen": {"fine_tune": False},
+    "L_Con": {"lambda_pp": 0.0, "synthesis": "none"},
+    "L_Con+L_PP": {"synthesis": "none"},
+    "L_Con+L_PP+L_NP": {},
+}
+METHODS = (*_FSC_VARIANTS, "PatchCore", "PaDiM")
+
+
+def build_method(name: str, backbone: str, image_size: int, fsc_args: dict[str, Any] | None = None):  # noqa: ANN201
+    """Instantiate method ``name``; PatchCore and PaDiM get the backbone's normalisation and image size."""
+    if name in _FSC_VARIANTS:
+        return FewShotContrastive(backbone=backbone, image_size=image_size, **{**(fsc_args or {}), **_FSC_VARIANTS[name]})
+    timm_name = resolve_backbone(backbone)
+    probe = FewShotContrastive(backbone=backbone, image_size=image_size, fine_tune=False)
+    mean = probe.model.pixel_mean.flatten().tolist()
+    std = probe.model.pixel_std.flatten().tolist()
+    pre = PreProcessor(transform=Compose([Resize((image_size, image_size), antialias=True), Normalize(mean, std)]))
+    if name == "PatchCore":
+        return Patchcore(backbone=timm_name, layers=[2, 3], pre_processor=pre)
+    if name == "PaDiM":
+        return Padim(backbone=timm_name, layers=[1, 2, 3], pre_processor=pre)
+    msg = f"Unknown method '{name}'. Known: {METHODS}."
+    raise ValueError(msg)

@@ -1,0 +1,159 @@
+"""Few-shot benchmark: every method on the same K-shot support sets, in one process.
+
+Each run (dataset, category, K, seed, method) appends one JSON line to ``runs.jsonl`` in the output
+folder; a run already there is skipped, so an interrupted benchmark resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import json
+import logging
+import resource
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import seed_everything
+
+from anomalib.data.datamodules.base.image import AnomalibDataModule
+from anomalib.engine import Engine
+
+from fsad_anomalib.backbones import resolve_backbone
+from fsad_anomalib.benchmark.methods import METHODS, build_method
+from fsad_anomalib.data import FewShot
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["peak_rss_mb", "run_benchmark", "time_forward"]
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB (Linux ``ru_maxrss`` is in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _trim_heap() -> None:
+    """Give freed heap back to the OS (PatchCore's coreset fragments glibc's heap, see METHOD.md)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:  # not glibc
+        pass
+
+
+@torch.no_grad()
+def time_forward(fn: Callable[[torch.Tensor], Any], batch: int, image_size: int, repeats: int = 5) -> float:
+    """Median milliseconds per image of ``fn`` on random images of ``batch`` x 3 x size x size."""
+    x = torch.rand(batch, 3, image_size, image_size)
+    fn(x)  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn(x)
+        times.append((time.perf_counter() - start) * 1000 / batch)
+    return statistics.median(times)
+
+
+def backbone_floor(backbone: str, image_size: int, repeats: int = 7) -> dict[str, float]:
+    """Bare backbone forward (timm features, no scoring): the floor for every method using it."""
+    import timm  # noqa: PLC0415
+
+    net = timm.create_model(resolve_backbone(backbone), pretrained=True, features_only=True, exportable=True).eval()
+    return {
+        "ms_b1": time_forward(net, 1, image_size, repeats),
+        "ms_b32": time_forward(net, 32, image_size, max(2, repeats // 3)),
+    }
+
+
+def _key(row: dict[str, Any]) -> tuple:
+    return (row["dataset"], row["category"], row["k_shot"], row["seed"], row["method"])
+
+
+def run_benchmark(
+    datamodules: dict[str, Callable[[], AnomalibDataModule]],
+    k_shots: Iterable[int] = (1, 2, 4, 8, 16),
+    seeds: Iterable[int] = (0, 1, 2),
+    methods: Iterable[str] = METHODS,
+    output: str | Path = "benchmark_results",
+    backbone: str = "offline:tf_efficientnet_lite0",
+    image_size: int = 256,
+    fsc_args: dict[str, Any] | None = None,
+    time_inference: bool = True,
+    progress: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
+    """Run every (datamodule, K, seed, method) not yet in ``output/runs.jsonl`` and return all rows."""
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    runs_file = output / "runs.jsonl"
+    rows = [json.loads(line) for line in runs_file.read_text().splitlines() if line.strip()] if runs_file.exists() else []
+    done = {_key(r) for r in rows}
+    methods = list(methods)
+    for method in methods:
+        if method not in METHODS:
+            msg = f"Unknown method '{method}'. Known: {METHODS}."
+            raise ValueError(msg)
+    plan = [(label, k, s, m) for label in datamodules for k in k_shots for s in seeds for m in methods]
+    floor_file = output / "backbone_floor.json"
+    if time_inference and not floor_file.exists():
+        floor_file.write_text(json.dumps(backbone_floor(backbone, image_size), indent=2))
+    for index, (label, k_shot, seed, method) in enumerate(plan, 1):
+        dataset, _, category = label.partition("/")
+        key = (dataset, category, k_shot, seed, method)
+        if key in done:
+            continue
+        progress(f"[{index}/{len(plan)}] {label} K={k_shot} seed={seed} {method}")
+        row = _run_one(datamodules[label](), dataset, category, k_shot, seed, method, backbone, image_size, fsc_args,
+                       time_inference)
+        rows.append(row)
+        with runs_file.open("a") as handle:
+            handle.write(json.dumps(row) + "\n")
+        progress(f"    image AUROC {row['image_AUROC']:.3f}  train {row['train_s']:.1f}s  peak RSS {row['peak_rss_mb']:.0f} MiB")
+        _trim_heap()
+    return rows
+
+
+def _run_one(
+    datamodule: AnomalibDataModule,
+    dataset: str,
+    category: str,
+    k_shot: int,
+    seed: int,
+    method: str,
+    backbone: str,
+    image_size: int,
+    fsc_args: dict[str, Any] | None,
+    time_inference: bool,
+) -> dict[str, Any]:
+    seed_everything(seed, verbose=False)
+    few_shot = FewShot(datamodule, k_shot=k_shot, seed=seed)
+    model = build_method(method, backbone, image_size, fsc_args)
+    with tempfile.TemporaryDirectory(prefix="fsad-bench-") as workdir:
+        engine = Engine(default_root_dir=workdir, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        accelerator="cpu")
+        start = time.perf_counter()
+        engine.fit(model=model, datamodule=few_shot)
+        train_s = time.perf_counter() - start
+        metrics = engine.test(model=model, datamodule=few_shot, verbose=False)[0]
+    row: dict[str, Any] = {
+        "dataset": dataset,
+        "category": category,
+        "k_shot": k_shot,
+        "seed": seed,
+        "method": method,
+        "image_AUROC": float(metrics.get("image_AUROC", float("nan"))),
+        "pixel_AUROC": float(metrics["pixel_AUROC"]) if "pixel_AUROC" in metrics else None,
+        "train_s": train_s,
+        "support_set": few_shot.support_set,
+    }
+    if time_inference:
+        model.eval()
+        row["ms_b1"] = time_forward(model, 1, image_size)
+        row["ms_b32"] = time_forward(model, 32, image_size, repeats=2)
+    row["peak_rss_mb"] = peak_rss_mb()
+    return row

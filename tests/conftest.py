@@ -1,0 +1,74 @@
+"""Shared fixtures: a generated dataset with visible defects and known masks, offline settings."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("OPENVINO_TELEMETRY_DISABLED", "1")
+
+import cv2
+import numpy as np
+import pytest
+
+
+def _normal(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A striped texture with noise (a stand-in for a wafer or cell surface)."""
+    img = np.full((size, size, 3), 110, np.float32)
+    period = max(8, size // 8)
+    for x in range(0, size, period):
+        img[:, x : x + 2] = 50
+    img += rng.normal(0, 5, img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def make_dataset(root: Path, n_train: int = 12, n_test: int = 8, size: int = 96, seed: int = 0) -> Path:
+    """Folder dataset: train/good, test/good, test/bad with bright blobs, mask/bad with their masks."""
+    rng = np.random.default_rng(seed)
+    for sub in ("train/good", "test/good", "test/bad", "mask/bad"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    for i in range(n_train):
+        cv2.imwrite(str(root / f"train/good/{i:03d}.png"), _normal(rng, size))
+    for i in range(n_test):
+        cv2.imwrite(str(root / f"test/good/{i:03d}.png"), _normal(rng, size))
+    for i in range(n_test):
+        img = _normal(rng, size)
+        mask = np.zeros((size, size), np.uint8)
+        x, y = (int(v) for v in rng.integers(size // 5, size - size // 5, 2))
+        radius = max(4, size // 14)
+        cv2.circle(img, (x, y), radius, (245, 245, 245), -1)
+        cv2.circle(mask, (x, y), radius, 255, -1)
+        cv2.imwrite(str(root / f"test/bad/{i:03d}.png"), img)
+        cv2.imwrite(str(root / f"mask/bad/{i:03d}.png"), mask)
+    return root
+
+
+def folder_datamodule(root: Path, **kwargs):  # noqa: ANN201
+    """anomalib Folder over a generated dataset, with few-shot-safe split settings (METHOD.md section 6)."""
+    from anomalib.data import Folder
+
+    return Folder(
+        name="generated",
+        root=root,
+        normal_dir="train/good",
+        abnormal_dir="test/bad",
+        normal_test_dir="test/good",
+        mask_dir="mask/bad",
+        val_split_mode="same_as_test",
+        num_workers=0,
+        **kwargs,
+    )
+
+
+@pytest.fixture(scope="session")
+def generated_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A generated dataset shared by the session (read-only by convention)."""
+    return make_dataset(tmp_path_factory.mktemp("generated"))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Converted weights go to a per-session cache, never the user's."""
+    cache = tmp_path_factory.getbasetemp() / "fsad-cache"
+    monkeypatch.setenv("FSAD_ANOMALIB_CACHE", str(cache))
