@@ -37,6 +37,6 @@ def build_method(name: str, backbone: str, image_size: int, fsc_args: dict[str, 
     if name == "PatchCore":
         return Patchcore(backbone=timm_name, layers=[2, 3], pre_processor=pre)
     if name == "PaDiM":
-        return Padim(backbone=timm_name, layers=[1, 2, 3], pre_processor=pre)
+        return Padim(backbone=timm_name, layers=[1, 2, 3], n_features=100, pre_processor=pre)
     msg = f"Unknown method '{name}'. Known: {METHODS}."
     raise ValueError(msg)
