@@ -1,0 +1,46 @@
+"""PEP 517 backend: setuptools, plus ``fsad_anomalib-plugin.pth`` in the wheel (see ``fsad_anomalib._plugin``).
+
+setuptools has no declarative way to put a ``.pth`` file at the root of a wheel, so this thin wrapper
+adds it (with its RECORD line) to the wheels setuptools builds, editable ones included.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import zipfile
+from pathlib import Path
+
+from setuptools import build_meta as _orig
+from setuptools.build_meta import *  # noqa: F403
+
+PTH_NAME = "fsad_anomalib-plugin.pth"
+PTH_LINE = b"import fsad_anomalib._plugin; fsad_anomalib._plugin.install()\n"
+
+
+def _add_pth(wheel_directory: str, wheel_name: str) -> str:
+    path = Path(wheel_directory) / wheel_name
+    with zipfile.ZipFile(path) as archive:
+        items = [(info, archive.read(info.filename)) for info in archive.infolist()]
+    digest = base64.urlsafe_b64encode(hashlib.sha256(PTH_LINE).digest()).rstrip(b"=").decode()
+    record_line = f"{PTH_NAME},sha256={digest},{len(PTH_LINE)}\n"
+    tmp = path.with_suffix(".tmp")
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr(PTH_NAME, PTH_LINE)
+        for info, data in items:
+            if info.filename == PTH_NAME:
+                continue
+            if info.filename.endswith(".dist-info/RECORD"):
+                data = data.decode().rstrip("\n") + "\n" + record_line
+                data = data.encode()
+            archive.writestr(info, data)
+    tmp.replace(path)
+    return wheel_name
+
+
+def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):  # noqa: ANN001, ANN201, D103
+    return _add_pth(wheel_directory, _orig.build_wheel(wheel_directory, config_settings, metadata_directory))
+
+
+def build_editable(wheel_directory, config_settings=None, metadata_directory=None):  # noqa: ANN001, ANN201, D103
+    return _add_pth(wheel_directory, _orig.build_editable(wheel_directory, config_settings, metadata_directory))

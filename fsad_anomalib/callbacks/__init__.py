@@ -1,0 +1,3 @@
+"""Lightning callbacks of fsad-anomalib."""
+
+__all__: list[str] = []
