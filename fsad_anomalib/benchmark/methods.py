@@ -35,8 +35,8 @@ def build_method(name: str, backbone: str, image_size: int, fsc_args: dict[str, 
     std = probe.model.pixel_std.flatten().tolist()
     pre = PreProcessor(transform=Compose([Resize((image_size, image_size), antialias=True), Normalize(mean, std)]))
     if name == "PatchCore":
-        return Patchcore(backbone=timm_name, layers=[2, 3], pre_processor=pre)
+        return Patchcore(backbone=timm_name, layers=["blocks.2", "blocks.4"], pre_processor=pre)
     if name == "PaDiM":
-        return Padim(backbone=timm_name, layers=[1, 2, 3], n_features=100, pre_processor=pre)
+        return Padim(backbone=timm_name, layers=["blocks.1", "blocks.2", "blocks.4"], n_features=100, pre_processor=pre)
     msg = f"Unknown method '{name}'. Known: {METHODS}."
     raise ValueError(msg)
