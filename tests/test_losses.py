@@ -101,3 +101,22 @@ def test_total_loss_combines_terms():
     assert off.item() == pytest.approx(parts_off["loss_con"].item())
     with pytest.raises(ValueError, match="lambda"):
         FewShotContrastiveLoss(lambda_pp=-1)
+
+
+def test_dense_negative_by_hand_and_gradient():
+    from fsad_anomalib.models.few_shot_contrastive.loss import DenseSynthesizedNegativeLoss
+
+    tau = 1.0
+    # one image, 1x2 feature map: location 0 unchanged, location 1 inside the defect mask
+    normal = unit([1.0, 0.0], [0.0, 1.0]).T.reshape(1, 2, 1, 2)
+    anomalous = unit([1.0, 0.0], [-1.0, 0.0]).T.reshape(1, 2, 1, 2).clone().requires_grad_(True)
+    mask = torch.tensor([[[[0.0, 1.0]]]])
+    loss = DenseSynthesizedNegativeLoss(tau)(normal, anomalous, mask)
+    # anchor u_0 = (1, 0): positive u'_0 = (1, 0) (cos 1), negative u'_1 = (-1, 0) (cos -1)
+    expected = -math.log(math.exp(1) / (math.exp(1) + math.exp(-1)))
+    assert loss.item() == pytest.approx(expected, rel=1e-9)
+    loss.backward()
+    grad_negative = anomalous.grad[0, :, 0, 1]
+    assert (-grad_negative @ normal[0, :, 0, 0]).item() < 0  # the defect patch is pushed away
+    empty = DenseSynthesizedNegativeLoss()(normal, anomalous.detach(), torch.zeros_like(mask))
+    assert empty.item() == 0.0

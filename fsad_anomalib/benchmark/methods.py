@@ -14,13 +14,12 @@ from fsad_anomalib.models import FewShotContrastive
 
 __all__ = ["METHODS", "build_method"]
 
-# FewShotContrastive variants: the default model and the paper's ablations.
+# FewShotContrastive variants: the default model (L_Con + L_PP + L_NP) and the paper's ablations.
 _FSC_VARIANTS: dict[str, dict[str, Any]] = {
     "FewShotContrastive": {},
     "frozen": {"fine_tune": False},
     "L_Con": {"lambda_pp": 0.0, "synthesis": "none"},
     "L_Con+L_PP": {"synthesis": "none"},
-    "L_Con+L_PP+L_NP": {},
 }
 METHODS = (*_FSC_VARIANTS, "PatchCore", "PaDiM")
 

@@ -10,20 +10,25 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 from fsad_anomalib.models.components.augment import ViewAugmentation
 from fsad_anomalib.models.components.synthesis import AnomalySynthesizer
-from fsad_anomalib.models.few_shot_contrastive.loss import FewShotContrastiveLoss
+from fsad_anomalib.models.few_shot_contrastive.loss import DenseSynthesizedNegativeLoss, FewShotContrastiveLoss
 
-__all__ = ["ContrastiveFineTuner"]
+__all__ = ["ContrastiveFineTuner", "EmbedFn"]
+
+# images in [0, 1] -> (global projections (B, D), dense projections (B, D', h, w) or None), all unit norm
+EmbedFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
 
 
 class ContrastiveFineTuner(nn.Module):
     """Computes the fine-tuning loss of a batch of normal images in [0, 1].
 
-    ``project`` maps images to L2-normalised projections ``(B, D)``; it is called once on the two views
-    and the synthesized anomalies together, so BatchNorm-free backbones see one batch.
+    L = L_Con + lambda_PP * L_PP + lambda_NP * (L_NP + L_NP^dense). The synthesized anomalies are made
+    from the first view, so that they share its geometry and the dense term can compare locations.
+    ``embed`` is called once on the two views and the anomalies together.
     """
 
     def __init__(
@@ -37,11 +42,13 @@ class ContrastiveFineTuner(nn.Module):
         vflip: bool = True,
         rot90: bool = True,
         color_jitter: float = 0.2,
+        dense_negatives: bool = True,
     ) -> None:
         super().__init__()
         self.augment = ViewAugmentation(crop_scale, hflip, vflip, rot90, color_jitter)
         self.synthesizer = AnomalySynthesizer(synthesis)
         self.loss = FewShotContrastiveLoss(temperature, lambda_pp, lambda_np)
+        self.dense_loss = DenseSynthesizedNegativeLoss(temperature) if dense_negatives else None
 
     @property
     def uses_negatives(self) -> bool:
@@ -52,20 +59,23 @@ class ContrastiveFineTuner(nn.Module):
         """Whether the loss can move the weights for a batch of ``n_images`` distinct images."""
         return n_images >= 2 or self.uses_negatives  # noqa: PLR2004
 
-    def forward(
-        self,
-        images: torch.Tensor,
-        project: Callable[[torch.Tensor], torch.Tensor],
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(self, images: torch.Tensor, embed: EmbedFn) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss and its parts for a batch of normal images ``(N, C, H, W)``."""
         n = images.shape[0]
         v1 = self.augment(images)
         v2 = self.augment(images)
         parts = [v1, v2]
+        mask = None
         if self.uses_negatives:
-            anomalous, _ = self.synthesizer(images)
-            parts.append(self.augment(anomalous))
-        z = project(torch.cat(parts))
+            anomalous, mask = self.synthesizer(v1)
+            parts.append(anomalous)
+        z, dense = embed(torch.cat(parts))
         z1, z2 = z[:n], z[n : 2 * n]
         anomalies = z[2 * n :] if self.uses_negatives else None
-        return self.loss(z1, z2, anomalies)
+        total, logs = self.loss(z1, z2, anomalies)
+        if self.uses_negatives and self.dense_loss is not None and dense is not None and mask is not None:
+            small = F.interpolate(mask, size=dense.shape[-2:], mode="area")
+            loss_dense = self.dense_loss(dense[:n], dense[2 * n :], (small > 0.25).to(dense.dtype))  # noqa: PLR2004
+            total = total + self.loss.lambda_np * loss_dense
+            logs["loss_np_dense"] = loss_dense.detach()
+        return total, logs

@@ -58,7 +58,10 @@ class FewShotContrastive(AnomalibModule):
         crop_scale, hflip, vflip, rot90, color_jitter: View augmentations (fine-tuning); flips and turns
             also pick the views of the Gaussian fit.
         n_views: N_A, views per normal image in the Gaussian fit.
-        score_mode: ``combined``, ``patch`` or ``global`` (see the torch model).
+        score_mode: ``patch`` (top-k mean of the patch Mahalanobis map), ``global`` (the paper's image-level
+            Mahalanobis score) or ``combined`` (both, each divided by its mean on the training views).
+        topk_ratio: Fraction of the patches whose mean is the image score in ``patch`` mode.
+        dense_negatives: Also apply L_NP at patch level (synthesized anomalous patches as negatives).
         projection_dim: Output size of the projection head.
     """
 
@@ -84,7 +87,9 @@ class FewShotContrastive(AnomalibModule):
         rot90: bool = True,
         color_jitter: float = 0.2,
         n_views: int = 8,
-        score_mode: str = "combined",
+        score_mode: str = "patch",
+        topk_ratio: float = 0.01,
+        dense_negatives: bool = True,
         projection_dim: int = 128,
         pre_processor: nn.Module | bool = True,
         post_processor: nn.Module | bool = True,
@@ -120,6 +125,7 @@ class FewShotContrastive(AnomalibModule):
             global_layer=global_layer,
             score_mode=score_mode,
             projection_dim=projection_dim,
+            topk_ratio=topk_ratio,
         )
         self.fine_tuner = ContrastiveFineTuner(
             temperature=temperature,
@@ -131,6 +137,7 @@ class FewShotContrastive(AnomalibModule):
             vflip=vflip,
             rot90=rot90,
             color_jitter=color_jitter,
+            dense_negatives=dense_negatives,
         )
         self.fine_tune = fine_tune
         self.fine_tune_steps = fine_tune_steps
@@ -180,7 +187,10 @@ class FewShotContrastive(AnomalibModule):
         return torch.optim.AdamW(
             [
                 {"params": self.model.feature_extractor.parameters(), "lr": self.lr_backbone},
-                {"params": self.model.projection.parameters(), "lr": self.lr_head},
+                {
+                    "params": [*self.model.projection.parameters(), *self.model.dense_projection.parameters()],
+                    "lr": self.lr_head,
+                },
             ],
             weight_decay=self.weight_decay,
         )
@@ -207,7 +217,7 @@ class FewShotContrastive(AnomalibModule):
                 )
             return None
         self.model.train()
-        loss, parts = self.fine_tuner(batch.image, self.model.project)
+        loss, parts = self.fine_tuner(batch.image, self.model.embed)
         if not torch.isfinite(loss):
             msg = f"Fine-tuning loss became {loss.item()} at step {self.global_step}; lower lr_backbone/lr_head."
             raise FloatingPointError(msg)

@@ -12,7 +12,13 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
-__all__ = ["CrossInstancePositiveLoss", "FewShotContrastiveLoss", "NTXentLoss", "SynthesizedNegativeLoss"]
+__all__ = [
+    "CrossInstancePositiveLoss",
+    "DenseSynthesizedNegativeLoss",
+    "FewShotContrastiveLoss",
+    "NTXentLoss",
+    "SynthesizedNegativeLoss",
+]
 
 
 class NTXentLoss(nn.Module):
@@ -134,3 +140,49 @@ class FewShotContrastiveLoss(nn.Module):
             loss_np = z1.sum() * 0.0
         total = loss_con + self.lambda_pp * loss_pp + self.lambda_np * loss_np
         return total, {"loss_con": loss_con.detach(), "loss_pp": loss_pp.detach(), "loss_np": loss_np.detach()}
+
+
+class DenseSynthesizedNegativeLoss(nn.Module):
+    r"""L_NP at patch level: synthesized anomalous patches are negatives of the normal patches.
+
+    For a normal view with dense projections :math:`u_i` (one per feature-map location, unit norm) and
+    its synthesized anomalous version :math:`u'_i` (same geometry, defect mask :math:`M`), every normal
+    location :math:`i \notin M` is an anchor whose positive is :math:`u'_i` (the unchanged content) and
+    whose negatives are all anomalous locations :math:`u'_j, j \in M` of the batch:
+
+    .. math::
+        L_{NP}^{dense} = \frac{1}{|\bar M|} \sum_{i \notin M} -\log
+            \frac{\exp(s(u_i, u'_i))}{\exp(s(u_i, u'_i)) + \sum_{j \in M} \exp(s(u_i, u'_j))}
+
+    This trains exactly the patch features that score the anomaly map. ``max_anchors`` and
+    ``max_negatives`` bound the cost by sampling.
+    """
+
+    def __init__(self, temperature: float = 0.1, max_anchors: int = 512, max_negatives: int = 512) -> None:
+        super().__init__()
+        if temperature <= 0:
+            msg = f"temperature must be > 0, got {temperature}."
+            raise ValueError(msg)
+        self.temperature = temperature
+        self.max_anchors = max_anchors
+        self.max_negatives = max_negatives
+
+    def forward(self, normal: torch.Tensor, anomalous: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``normal``, ``anomalous``: ``(B, D, h, w)`` unit-norm dense projections; ``mask``: ``(B, 1, h, w)`` in {0,1}."""
+        d = normal.shape[1]
+        u = normal.permute(0, 2, 3, 1).reshape(-1, d)
+        ua = anomalous.permute(0, 2, 3, 1).reshape(-1, d)
+        m = mask.reshape(-1) > 0.5  # noqa: PLR2004
+        anchors = (~m).nonzero().flatten()
+        negatives = m.nonzero().flatten()
+        if len(anchors) == 0 or len(negatives) == 0:
+            return normal.sum() * 0.0
+        if len(anchors) > self.max_anchors:
+            anchors = anchors[torch.randperm(len(anchors), device=anchors.device)[: self.max_anchors]]
+        if len(negatives) > self.max_negatives:
+            negatives = negatives[torch.randperm(len(negatives), device=negatives.device)[: self.max_negatives]]
+        positive = (u[anchors] * ua[anchors]).sum(-1, keepdim=True) / self.temperature
+        negative = u[anchors] @ ua[negatives].T / self.temperature
+        logits = torch.cat([positive, negative], dim=1)
+        targets = torch.zeros(len(anchors), dtype=torch.long, device=logits.device)
+        return F.cross_entropy(logits, targets)

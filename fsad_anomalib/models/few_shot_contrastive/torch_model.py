@@ -95,14 +95,19 @@ class FewShotContrastiveModel(nn.Module):
         pre_trained: bool = True,
         layers: Sequence[int | str] = (2, 3),
         global_layer: int | str = 4,
-        score_mode: str = "combined",
+        score_mode: str = "patch",
         projection_dim: int = 128,
         blur_sigma: float = 4.0,
+        topk_ratio: float = 0.01,
     ) -> None:
         super().__init__()
         if score_mode not in SCORE_MODES:
             msg = f"score_mode must be one of {SCORE_MODES}, got '{score_mode}'."
             raise ValueError(msg)
+        if not 0 < topk_ratio <= 1:
+            msg = f"topk_ratio must be in (0, 1], got {topk_ratio}."
+            raise ValueError(msg)
+        self.topk_ratio = topk_ratio
         if not layers:
             msg = "layers must name at least one feature layer."
             raise ValueError(msg)
@@ -120,6 +125,11 @@ class FewShotContrastiveModel(nn.Module):
             nn.Linear(self.global_dim, 512),
             nn.ReLU(inplace=True),
             nn.Linear(512, projection_dim),
+        )
+        self.dense_projection = nn.Sequential(
+            nn.Conv2d(self.patch_dim, 256, kernel_size=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(256, projection_dim, kernel_size=1),
         )
         self.register_buffer("global_mean", torch.zeros(self.global_dim))
         self.register_buffer("global_precision", torch.eye(self.global_dim))
@@ -156,6 +166,13 @@ class FewShotContrastiveModel(nn.Module):
         """L2-normalised projection of the global embedding, for the contrastive losses."""
         _, embedding = self.features(images)
         return F.normalize(self.projection(embedding), dim=-1)
+
+    def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Global ``(B, D)`` and dense ``(B, D, h, w)`` L2-normalised projections, for the losses."""
+        patch, embedding = self.features(images)
+        z = F.normalize(self.projection(embedding), dim=-1)
+        dense = F.normalize(self.dense_projection(patch), dim=1)
+        return z, dense
 
     # ------------------------------------------------------------------ fit
     @torch.no_grad()
@@ -207,8 +224,14 @@ class FewShotContrastiveModel(nn.Module):
     def _scores(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         patch, emb = self.features(images)
         g_score = mahalanobis(emb, self.global_mean, self.global_precision)
-        p_score = self._patch_map(patch).amax(dim=(-3, -2, -1))
+        p_score = self._aggregate(self._patch_map(patch))
         return g_score, p_score
+
+    def _aggregate(self, patch_map: torch.Tensor) -> torch.Tensor:
+        """Image score from a patch map: mean of its top ``topk_ratio`` patches (at least one)."""
+        flat = patch_map.flatten(1)
+        k = max(1, int(round(self.topk_ratio * flat.shape[1])))
+        return flat.topk(k, dim=1).values.mean(dim=1)
 
     def forward(self, images: torch.Tensor) -> InferenceBatch | torch.Tensor:
         """Train mode: projections for the contrastive loss. Eval mode: scores and anomaly maps."""
@@ -217,7 +240,7 @@ class FewShotContrastiveModel(nn.Module):
         patch, emb = self.features(images)
         g_score = mahalanobis(emb, self.global_mean, self.global_precision) / self.score_scale[0]
         patch_map = self._patch_map(patch) / self.score_scale[1]
-        p_score = patch_map.amax(dim=(-3, -2, -1))
+        p_score = self._aggregate(patch_map)
         if self.score_mode == "global":
             score = g_score
         elif self.score_mode == "patch":

@@ -1,0 +1,1 @@
+"""Side-by-side benchmark of FewShotContrastive, its ablations, PatchCore and PaDiM."""

@@ -1,0 +1,113 @@
+"""Tables and plots from ``runs.jsonl``."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+__all__ = ["summarise", "write_plots", "write_table"]
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return float("nan"), float("nan")
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def summarise(rows: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
+    """Mean/std over seeds per (dataset, category, K, method)."""
+    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        groups[(row["dataset"], row["category"], row["k_shot"], row["method"])].append(row)
+    out = {}
+    for key, group in groups.items():
+        out[key] = {
+            "n": len(group),
+            "auroc": _mean_std([r["image_AUROC"] for r in group]),
+            "nan_runs": sum(1 for r in group if r["image_AUROC"] is None or math.isnan(r["image_AUROC"])),
+            "train_s": _mean_std([r["train_s"] for r in group]),
+            "ms_b1": _mean_std([r.get("ms_b1", float("nan")) for r in group]),
+        }
+    return out
+
+
+def write_table(rows: list[dict[str, Any]], path: str | Path, methods: list[str] | None = None) -> str:
+    """Markdown table: one row per set and method, one column per K, mean +- std image AUROC."""
+    summary = summarise(rows)
+    sets = sorted({(k[0], k[1]) for k in summary})
+    ks = sorted({k[2] for k in summary})
+    methods = methods or sorted({k[3] for k in summary})
+    lines = ["| set | method | " + " | ".join(f"K={k}" for k in ks) + " |", "|---|---|" + "---|" * len(ks)]
+    for dataset, category in sets:
+        for method in methods:
+            cells = []
+            for k in ks:
+                entry = summary.get((dataset, category, k, method))
+                if entry is None:
+                    cells.append("")
+                elif entry["nan_runs"]:
+                    mean, std = entry["auroc"]
+                    cells.append(f"NaN in {entry['nan_runs']}/{entry['n']}" + ("" if math.isnan(mean) else f" ({mean:.3f})"))
+                else:
+                    mean, std = entry["auroc"]
+                    cells.append(f"{mean:.3f} +- {std:.3f}")
+            if any(cells):
+                lines.append(f"| {dataset} {category} | {method} | " + " | ".join(cells) + " |")
+    text = "\n".join(lines) + "\n"
+    Path(path).write_text(text)
+    return text
+
+
+def write_plots(rows: list[dict[str, Any]], folder: str | Path) -> list[Path]:
+    """PNG plots: image AUROC against K per set (std bands) and inference ms per image per method."""
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    folder = Path(folder)
+    summary = summarise(rows)
+    written = []
+    for dataset, category in sorted({(k[0], k[1]) for k in summary}):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for method in sorted({k[3] for k in summary}):
+            ks = sorted(k[2] for k in summary if k[:2] == (dataset, category) and k[3] == method)
+            means = [summary[(dataset, category, k, method)]["auroc"][0] for k in ks]
+            stds = [summary[(dataset, category, k, method)]["auroc"][1] for k in ks]
+            ax.plot(ks, means, marker="o", label=method)
+            ax.fill_between(ks, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)], alpha=0.15)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("K (normal training images)")
+        ax.set_ylabel("image AUROC")
+        ax.set_title(f"{dataset} {category}")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = folder / f"auroc_{dataset}_{category}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    timed = [r for r in rows if "ms_b1" in r]
+    if timed:
+        by_method: dict[str, list[float]] = defaultdict(list)
+        for row in timed:
+            by_method[row["method"]].append(row["ms_b1"])
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        names = sorted(by_method)
+        ax.bar(names, [statistics.median(by_method[n]) for n in names])
+        floor = folder / "backbone_floor.json"
+        if floor.exists():
+            ax.axhline(json.loads(floor.read_text())["ms_b1"], color="k", ls="--", label="bare backbone")
+            ax.legend()
+        ax.set_ylabel("ms per image, batch 1 (median)")
+        ax.tick_params(axis="x", rotation=30, labelsize=7)
+        fig.tight_layout()
+        path = folder / "inference_ms.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
