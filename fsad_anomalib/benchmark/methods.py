@@ -27,15 +27,17 @@ METHODS = (*_FSC_VARIANTS, "PatchCore", "PaDiM")
 def build_method(name: str, backbone: str, image_size: int, fsc_args: dict[str, Any] | None = None):  # noqa: ANN201
     """Instantiate method ``name``; PatchCore and PaDiM get the backbone's normalisation and image size."""
     if name in _FSC_VARIANTS:
-        return FewShotContrastive(backbone=backbone, image_size=image_size, **{**(fsc_args or {}), **_FSC_VARIANTS[name]})
+        args = {"visualizer": False, **(fsc_args or {}), **_FSC_VARIANTS[name]}
+        return FewShotContrastive(backbone=backbone, image_size=image_size, **args)
     timm_name = resolve_backbone(backbone)
     probe = FewShotContrastive(backbone=backbone, image_size=image_size, fine_tune=False)
     mean = probe.model.pixel_mean.flatten().tolist()
     std = probe.model.pixel_std.flatten().tolist()
     pre = PreProcessor(transform=Compose([Resize((image_size, image_size), antialias=True), Normalize(mean, std)]))
     if name == "PatchCore":
-        return Patchcore(backbone=timm_name, layers=["blocks.2", "blocks.4"], pre_processor=pre)
+        return Patchcore(backbone=timm_name, layers=["blocks.2", "blocks.4"], pre_processor=pre, visualizer=False)
     if name == "PaDiM":
-        return Padim(backbone=timm_name, layers=["blocks.1", "blocks.2", "blocks.4"], n_features=100, pre_processor=pre)
+        return Padim(backbone=timm_name, layers=["blocks.1", "blocks.2", "blocks.4"], n_features=100, pre_processor=pre,
+                     visualizer=False)
     msg = f"Unknown method '{name}'. Known: {METHODS}."
     raise ValueError(msg)

@@ -1,0 +1,72 @@
+"""Export to torch, ONNX and OpenVINO gives the eager model's scores, labels and maps."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch import seed_everything
+
+from anomalib.engine import Engine
+
+from fsad_anomalib.data import FewShot
+from fsad_anomalib.models import FewShotContrastive
+
+from .conftest import folder_datamodule
+
+IMAGE_SIZE = 96
+
+
+@pytest.fixture(scope="module")
+def trained(generated_root, tmp_path_factory):
+    seed_everything(0)
+    root = tmp_path_factory.mktemp("export")
+    datamodule = FewShot(folder_datamodule(generated_root), k_shot=4, seed=0)
+    model = FewShotContrastive(image_size=IMAGE_SIZE, fine_tune_steps=3, n_views=4)
+    engine = Engine(default_root_dir=root, logger=False, enable_progress_bar=False, accelerator="cpu")
+    engine.fit(model=model, datamodule=datamodule)
+    model.eval()
+    images = torch.stack([datamodule.test_data[i].image for i in range(len(datamodule.test_data))])
+    with torch.no_grad():
+        eager = model(images)
+    return {"model": model, "engine": engine, "root": root, "images": images, "eager": eager}
+
+
+def test_onnx_runtime_matches_eager(trained):
+    import onnxruntime as ort
+
+    path = trained["engine"].export(model=trained["model"], export_type="onnx", export_root=trained["root"] / "onnx")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    eager = trained["eager"]
+    for index in range(trained["images"].shape[0]):  # batch 1, as deployed
+        out = dict(zip(names, session.run(None, {session.get_inputs()[0].name: trained["images"][index : index + 1].numpy()})))
+        np.testing.assert_allclose(out["pred_score"], eager.pred_score[index : index + 1].numpy(), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(out["anomaly_map"], eager.anomaly_map[index : index + 1].numpy(), rtol=1e-3, atol=1e-4)
+        assert bool(out["pred_label"].item()) == bool(eager.pred_label[index].item())
+
+
+def test_openvino_matches_eager(trained):
+    from anomalib.deploy import OpenVINOInferencer
+
+    path = trained["engine"].export(model=trained["model"], export_type="openvino", export_root=trained["root"] / "ov")
+    inferencer = OpenVINOInferencer(path=path, device="CPU")
+    eager = trained["eager"]
+    for index in range(3):
+        result = inferencer.predict(trained["images"][index])
+        np.testing.assert_allclose(np.asarray(result.pred_score).ravel(), eager.pred_score[index : index + 1].numpy(), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(result.anomaly_map).reshape(-1), eager.anomaly_map[index].numpy().reshape(-1), rtol=1e-3, atol=1e-4)
+        assert bool(np.asarray(result.pred_label).item()) == bool(eager.pred_label[index].item())
+
+
+def test_onnx_accepts_other_image_sizes(trained):
+    import onnxruntime as ort
+
+    path = trained["root"] / "onnx" / "weights" / "onnx" / "model.onnx"
+    if not path.exists():
+        path = trained["engine"].export(model=trained["model"], export_type="onnx", export_root=trained["root"] / "onnx")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for size in ((64, 80), (200, 150)):
+        image = torch.rand(2, 3, *size).numpy()
+        outputs = session.run(None, {session.get_inputs()[0].name: image})
+        assert all(np.isfinite(o).all() for o in outputs if o.dtype.kind == "f")
