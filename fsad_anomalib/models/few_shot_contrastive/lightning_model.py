@@ -289,7 +289,8 @@ class FewShotContrastive(AnomalibModule):
 
     def forward(self, batch: torch.Tensor, *args, **kwargs) -> Any:  # noqa: ANN401
         """Refuse to export or run an unfitted model, then defer to anomalib."""
-        if not bool(self.model.is_fitted):
+        tracing = torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
+        if not tracing and not bool(self.model.is_fitted):
             msg = "FewShotContrastive: the model was never fitted; train it or load a trained checkpoint first."
             raise NotFittedError(msg)
         return super().forward(batch, *args, **kwargs)
