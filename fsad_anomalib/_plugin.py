@@ -13,6 +13,7 @@ Set ``FSAD_ANOMALIB_NO_PLUGIN=1`` to switch the hook off.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import sys
 import warnings
@@ -37,7 +38,10 @@ class _AnomalibModelsHook(MetaPathFinder):
         if fullname != _TRIGGER:
             return None
         self._remove()
-        spec = importlib.util.find_spec(fullname)
+        try:
+            spec = importlib.util.find_spec(fullname)
+        except Exception:  # noqa: BLE001 - never break the import of anomalib itself
+            return None
         if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return spec
         loader = spec.loader
