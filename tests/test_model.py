@@ -140,3 +140,31 @@ def test_supported_backbones_and_errors(tmp_path):
     unfitted = FewShotContrastive(image_size=64)
     with pytest.raises(NotFittedError, match="never fitted"):
         unfitted(torch.rand(1, 3, 64, 64))
+
+
+def _train_once(root: Path, generated_root: Path) -> torch.Tensor:
+    seed_everything(123)
+    datamodule = FewShot(folder_datamodule(generated_root), k_shot=3, seed=5)
+    model = make_model(fine_tune_steps=2, n_views=2, image_size=64)
+    engine(root).fit(model=model, datamodule=datamodule)
+    seed_everything(0)
+    images = torch.rand(4, 3, 64, 64)
+    return scores(model, images)[0]
+
+
+def test_same_seed_gives_identical_scores(generated_root, tmp_path):
+    first = _train_once(tmp_path / "a", generated_root)
+    second = _train_once(tmp_path / "b", generated_root)
+    assert torch.equal(first, second)
+
+
+def test_predict_on_a_folder_writes_one_overlay_per_image(trained, generated_root, tmp_path):
+    eng = Engine(default_root_dir=tmp_path, logger=False, enable_progress_bar=False, accelerator="cpu")
+    folder = generated_root / "test" / "bad"
+    ckpt = trained["engine"].trainer.checkpoint_callback.best_model_path
+    model = FewShotContrastive.load_from_checkpoint(ckpt)  # as `anomalib predict --ckpt_path` does
+    predictions = eng.predict(model=model, data_path=folder)
+    n_images = len(list(folder.glob("*.png")))
+    assert sum(len(p.pred_score) for p in predictions) == n_images
+    overlays = [p for p in tmp_path.rglob("*.png")]
+    assert len(overlays) == n_images
