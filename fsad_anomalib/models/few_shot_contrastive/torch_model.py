@@ -138,7 +138,13 @@ class FewShotContrastiveModel(nn.Module):
         # mean score of each part on the training views, to put them on one scale in "combined" mode
         self.register_buffer("score_scale", torch.ones(2))
         self.register_buffer("is_fitted", torch.tensor(False))
-        self.blur = GaussianBlur2d(sigma=blur_sigma, channels=1) if blur_sigma > 0 else nn.Identity()
+        # The anomaly map is smoothed at feature resolution (sigma divided by the layer's stride), then
+        # upsampled: the same smoothing as a blur at input resolution at a fraction of the cost.
+        with torch.no_grad():
+            probe = self.feature_extractor(torch.zeros(1, 3, 64, 64))[self.layers[0]]
+        self.map_stride = 64 / probe.shape[-1]
+        feature_sigma = blur_sigma / self.map_stride
+        self.blur = GaussianBlur2d(sigma=feature_sigma, channels=1) if feature_sigma > 0 else nn.Identity()
 
     # ------------------------------------------------------------------ features
     def train(self, mode: bool = True) -> FewShotContrastiveModel:
@@ -247,6 +253,5 @@ class FewShotContrastiveModel(nn.Module):
             score = p_score
         else:
             score = 0.5 * (g_score + p_score)
-        anomaly_map = F.interpolate(patch_map, size=images.shape[-2:], mode="bilinear", align_corners=False)
-        anomaly_map = self.blur(anomaly_map)
+        anomaly_map = F.interpolate(self.blur(patch_map), size=images.shape[-2:], mode="bilinear", align_corners=False)
         return InferenceBatch(pred_score=score, anomaly_map=anomaly_map)
