@@ -11,6 +11,8 @@ import numpy as np
 from anomalib.data.datamodules.base.image import AnomalibDataModule
 from anomalib.data.datasets.base.image import AnomalibDataset
 
+from fsad_anomalib.data.validation import check_image_files
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["FewShot", "load_support_set", "sample_support_set"]
@@ -70,6 +72,8 @@ class FewShot(AnomalibDataModule):
         support_list: A JSON file written by a previous run, or a text file with one image path per line.
             Paths must belong to the wrapped datamodule's normal training pool. Overrides ``k_shot``/``seed``.
         train_batch_size: Batch size of the training loader; ``None`` puts the whole support set in one batch.
+        check_images: Open every support and evaluation image once at set-up, so a corrupt, empty, truncated
+            or 16-bit file fails with its name (instead of deep inside a data loader).
     """
 
     def __init__(
@@ -79,6 +83,7 @@ class FewShot(AnomalibDataModule):
         seed: int = 0,
         support_list: str | None = None,
         train_batch_size: int | None = None,
+        check_images: bool = True,
     ) -> None:
         if not isinstance(datamodule, AnomalibDataModule):
             msg = f"datamodule must be an anomalib AnomalibDataModule, got {type(datamodule).__name__}."
@@ -100,6 +105,7 @@ class FewShot(AnomalibDataModule):
         self.support_list = support_list
         self._batch_size_given = train_batch_size is not None
         self.support_set: list[str] = []
+        self.check_images = check_images
 
     @property
     def name(self) -> str:
@@ -127,6 +133,13 @@ class FewShot(AnomalibDataModule):
             if hasattr(self.datamodule, "val_data"):
                 self.val_data = self.datamodule.val_data
             self.train_data = self._select(self.train_data)
+            if self.check_images:
+                check_image_files(self.support_set, f"support set of {self.name}/{self.category}")
+                for split in ("test_data", "val_data"):
+                    dataset = getattr(self, split, None)
+                    if dataset is not None:
+                        paths = dataset.samples.image_path.astype(str).tolist()
+                        check_image_files(paths, f"{split.removesuffix('_data')} set of {self.name}/{self.category}")
             self._is_setup = True
         self._update_augmentations()
         self.save_support_set()

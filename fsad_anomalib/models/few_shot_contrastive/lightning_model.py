@@ -279,6 +279,34 @@ class FewShotContrastive(AnomalibModule):
             msg = f"{what}: images contain NaN or inf."
             raise ValueError(msg)
 
+    # ------------------------------------------------------------------ checkpoints
+    _ARCHITECTURE_ARGS = ("backbone", "layers", "global_layer", "projection_dim")
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint written by a model of another architecture, naming what differs."""
+        saved = checkpoint.get("hyper_parameters", {})
+        if checkpoint.get("state_dict") is not None and not any(k.startswith("model.") for k in checkpoint["state_dict"]):
+            msg = "The checkpoint was not written by FewShotContrastive (no 'model.' weights in its state_dict)."
+            raise ValueError(msg)
+        differences = []
+        for name in self._ARCHITECTURE_ARGS:
+            if name in saved and name in self.hparams:
+                mine, theirs = self.hparams[name], saved[name]
+                if isinstance(mine, nn.Module) or isinstance(theirs, nn.Module):
+                    continue
+                if isinstance(mine, (list, tuple)) and isinstance(theirs, (list, tuple)):
+                    mine, theirs = list(mine), list(theirs)
+                if mine != theirs:
+                    differences.append(f"{name}: checkpoint {theirs!r}, model {mine!r}")
+        if differences:
+            msg = (
+                "The checkpoint comes from a FewShotContrastive of another configuration ("
+                + "; ".join(differences)
+                + "). Build the model with the checkpoint's arguments, or use FewShotContrastive.load_from_checkpoint."
+            )
+            raise ValueError(msg)
+        super().on_load_checkpoint(checkpoint)
+
     # ------------------------------------------------------------------ evaluation
     def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         """Score a validation batch."""

@@ -157,6 +157,9 @@ class FewShotContrastiveModel(nn.Module):
 
     def features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Patch features ``(B, C, h, w)`` (locally averaged, upsampled to the first layer) and global ``(B, D)``."""
+        if images.ndim != 4 or images.shape[1] != 3:  # noqa: PLR2004
+            msg = f"FewShotContrastive expects RGB images of shape (B, 3, H, W), got {tuple(images.shape)}."
+            raise ValueError(msg)
         x = (images - self.pixel_mean) / self.pixel_std
         feats = self.feature_extractor(x)
         first = feats[self.layers[0]]
