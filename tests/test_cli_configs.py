@@ -84,6 +84,22 @@ def test_anomalib_executable_trains_and_tests_by_short_name(generated_root, tmp_
     )  # fmt: skip
     assert test.returncode == 0, test.stdout[-3000:] + test.stderr[-3000:]
     assert "image_AUROC" in test.stdout
+    folder = generated_root / "test" / "bad"
+    predict = subprocess.run(
+        [exe, "predict", "--model", "FewShotContrastive", "--model.image_size", "64", "--ckpt_path", str(ckpts[0]),
+         "--data", str(folder), "--default_root_dir", str(tmp_path / "predict")],
+        capture_output=True, text=True, env=env, timeout=600, check=False,
+    )  # fmt: skip
+    assert predict.returncode == 0, predict.stdout[-3000:] + predict.stderr[-3000:]
+    overlays = list((tmp_path / "predict").rglob("*.png"))
+    assert len(overlays) == len(list(folder.glob("*.png")))
+    export = subprocess.run(
+        [exe, "export", "--model", "FewShotContrastive", "--model.image_size", "64", "--export_type", "onnx",
+         "--ckpt_path", str(ckpts[0]), "--default_root_dir", str(tmp_path / "export")],
+        capture_output=True, text=True, env={**env, "OPENVINO_TELEMETRY_DISABLED": "1"}, timeout=600, check=False,
+    )  # fmt: skip
+    assert export.returncode == 0, export.stdout[-3000:] + export.stderr[-3000:]
+    assert list(tmp_path.rglob("model.onnx"))
 
 
 def test_plugin_hook_is_lazy_and_optional():

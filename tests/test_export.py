@@ -73,3 +73,26 @@ def test_onnx_accepts_other_image_sizes(trained):
         image = torch.rand(2, 3, *size).numpy()
         outputs = session.run(None, {session.get_inputs()[0].name: image})
         assert all(np.isfinite(o).all() for o in outputs if o.dtype.kind == "f")
+
+
+def test_inferencers_run_on_a_folder_of_mixed_sizes(trained, tmp_path, monkeypatch):
+    import cv2
+
+    from anomalib.deploy import OpenVINOInferencer, TorchInferencer
+
+    folder = tmp_path / "line_camera"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for index, size in enumerate([(96, 96), (120, 80), (300, 200)]):
+        cv2.imwrite(str(folder / f"{index}.png"), (rng.random((*size, 3)) * 255).astype(np.uint8))
+    monkeypatch.setenv("TRUST_REMOTE_CODE", "1")  # the file was written by this test
+    torch_path = trained["engine"].export(model=trained["model"], export_type="torch", export_root=tmp_path / "pt")
+    ov_path = trained["engine"].export(model=trained["model"], export_type="openvino", export_root=tmp_path / "ov")
+    torch_inferencer = TorchInferencer(path=torch_path, device="cpu")
+    ov_inferencer = OpenVINOInferencer(path=ov_path, device="CPU", config={"INFERENCE_PRECISION_HINT": "f32"})
+    files = sorted(folder.glob("*.png"))
+    for path in files:
+        a = torch_inferencer.predict(path)
+        b = ov_inferencer.predict(path)
+        assert np.isfinite(float(a.pred_score)) and np.isfinite(float(np.asarray(b.pred_score).ravel()[0]))
+        np.testing.assert_allclose(np.asarray(b.pred_score).ravel()[0], float(a.pred_score), rtol=1e-3)
