@@ -1,3 +1,5 @@
 """Lightning callbacks of fsad-anomalib."""
 
-__all__: list[str] = []
+from .contrastive_fine_tuning import ContrastiveFineTuning, find_feature_extractor
+
+__all__ = ["ContrastiveFineTuning", "find_feature_extractor"]

@@ -1,0 +1,171 @@
+"""Contrastive fine-tuning of any anomalib model's feature extractor, as a Lightning callback.
+
+Before a model such as PatchCore or PaDiM builds its memory bank or Gaussian from the K normal
+training images, :class:`ContrastiveFineTuning` adapts its timm feature extractor to those images with
+exactly the losses, views and synthesis of FewShotContrastive (the shared
+:class:`~fsad_anomalib.models.components.ContrastiveFineTuner`). Projection heads live in the callback
+and are thrown away; only the extractor's weights change, so the model's fit, test, checkpoint and
+export work unchanged and carry the fine-tuned weights.
+
+Usage::
+
+    Engine(callbacks=[ContrastiveFineTuning(steps=30)]).fit(Patchcore(...), datamodule=FewShot(...))
+    anomalib train --model Patchcore ... --trainer.callbacks+=fsad_anomalib.callbacks.ContrastiveFineTuning
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from lightning.pytorch import Callback, LightningModule, Trainer
+from torch import nn
+
+from fsad_anomalib.models.components.fine_tuning import ContrastiveFineTuner
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ContrastiveFineTuning", "find_feature_extractor"]
+
+
+def find_feature_extractor(pl_module: LightningModule) -> nn.Module:
+    """The timm network inside the model's ``TimmFeatureExtractor`` (``model.feature_extractor``)."""
+    model = getattr(pl_module, "model", None)
+    extractor = getattr(model, "feature_extractor", None)
+    inner = getattr(extractor, "feature_extractor", None)
+    if inner is None:
+        msg = (
+            f"ContrastiveFineTuning needs a model with a TimmFeatureExtractor at model.feature_extractor "
+            f"(PatchCore, PaDiM, FewShotContrastive, ...); {type(pl_module).__name__} has none."
+        )
+        raise TypeError(msg)
+    return inner
+
+
+class ContrastiveFineTuning(Callback):
+    """Fine-tune a model's feature extractor on the K normal training images before it is fitted.
+
+    Args:
+        steps: AdamW steps (the whole support set is one batch).
+        lr_backbone, lr_head, weight_decay: Optimiser settings (as in FewShotContrastive).
+        temperature, lambda_pp, lambda_np, synthesis, crop_scale, hflip, vflip, rot90, color_jitter,
+        dense_negatives: Loss, views and synthesis, with FewShotContrastive's meaning and defaults.
+        projection_dim: Output size of the (temporary) projection heads.
+        max_images: At most this many training images are used (few-shot: all of them).
+    """
+
+    def __init__(
+        self,
+        steps: int = 30,
+        lr_backbone: float = 1e-4,
+        lr_head: float = 1e-3,
+        weight_decay: float = 1e-4,
+        temperature: float = 0.1,
+        lambda_pp: float = 0.5,
+        lambda_np: float = 1.0,
+        synthesis: str = "cutpaste",
+        crop_scale: float = 0.8,
+        hflip: bool = True,
+        vflip: bool = True,
+        rot90: bool = True,
+        color_jitter: float = 0.2,
+        dense_negatives: bool = True,
+        projection_dim: int = 128,
+        max_images: int = 64,
+    ) -> None:
+        super().__init__()
+        if steps < 1:
+            msg = f"steps must be >= 1, got {steps}."
+            raise ValueError(msg)
+        self.steps = steps
+        self.lr_backbone, self.lr_head, self.weight_decay = lr_backbone, lr_head, weight_decay
+        self.projection_dim = projection_dim
+        self.max_images = max_images
+        self.tuner = ContrastiveFineTuner(
+            temperature, lambda_pp, lambda_np, synthesis, crop_scale, hflip, vflip, rot90, color_jitter, dense_negatives
+        )
+        self.history: list[float] = []
+
+    def _support_images(self, trainer: Trainer) -> torch.Tensor:
+        loader = trainer.train_dataloader
+        if loader is None:
+            msg = "ContrastiveFineTuning: the trainer has no training data loader."
+            raise RuntimeError(msg)
+        images = []
+        for batch in loader:
+            images.append(batch.image)
+            if sum(len(i) for i in images) >= self.max_images:
+                break
+        return torch.cat(images)[: self.max_images]
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Fine-tune before the first training step (where PatchCore/PaDiM collect their embeddings)."""
+        self.fine_tune(pl_module, self._support_images(trainer).to(pl_module.device))
+
+    def fine_tune(self, pl_module: LightningModule, images: torch.Tensor) -> None:
+        """Run the fine-tuning on ``images`` (``(K, 3, H, W)`` in [0, 1], resized as the model expects)."""
+        network = find_feature_extractor(pl_module)
+        pre = getattr(getattr(pl_module, "pre_processor", None), "transform", None)
+        normalise = pre if pre is not None else nn.Identity()
+        if not self.tuner.has_signal(images.shape[0]):
+            logger.warning("ContrastiveFineTuning: one image and L_NP off, no loss has a negative: skipped.")
+            return
+        with torch.no_grad():
+            feats = network(normalise(images[:1]))
+        dims = [f.shape[1] for f in feats]
+        patch_dim = sum(dims[:-1]) if len(dims) > 1 else dims[0]
+        device = images.device
+        head = nn.Sequential(nn.Linear(dims[-1], 512), nn.ReLU(), nn.Linear(512, self.projection_dim)).to(device)
+        dense_head = nn.Sequential(nn.Conv2d(patch_dim, 256, 1), nn.ReLU(), nn.Conv2d(256, self.projection_dim, 1)).to(
+            device
+        )
+
+        def embed(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            features = network(normalise(batch))
+            pooled = F.normalize(features[-1].mean(dim=(-2, -1)), dim=-1)
+            patch_layers = features[:-1] if len(features) > 1 else features
+            size = patch_layers[0].shape[-2:]
+            patch = torch.cat(
+                [patch_layers[0]]
+                + [F.interpolate(f, size=size, mode="bilinear", align_corners=False) for f in patch_layers[1:]],
+                dim=1,
+            )
+            return F.normalize(head(pooled), dim=-1), F.normalize(dense_head(patch), dim=1)
+
+        was_training = network.training
+        grad_flags = {name: p.requires_grad for name, p in network.named_parameters()}
+        network.train()
+        for module in network.modules():  # K images cannot estimate BatchNorm statistics
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):  # noqa: SLF001
+                module.eval()
+        for parameter in network.parameters():
+            parameter.requires_grad_(True)
+        optimizer = torch.optim.AdamW(
+            [
+                {"params": network.parameters(), "lr": self.lr_backbone},
+                {"params": [*head.parameters(), *dense_head.parameters()], "lr": self.lr_head},
+            ],
+            weight_decay=self.weight_decay,
+        )
+        self.history = []
+        try:
+            with torch.enable_grad(), torch.inference_mode(mode=False):
+                for step in range(self.steps):
+                    loss, parts = self.tuner(images, embed)
+                    if not torch.isfinite(loss):
+                        msg = f"ContrastiveFineTuning: loss became {loss.item()} at step {step}; lower the rates."
+                        raise FloatingPointError(msg)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(network.parameters(), 1.0)
+                    optimizer.step()
+                    self.history.append(float(loss.detach()))
+        finally:
+            for name, parameter in network.named_parameters():
+                parameter.requires_grad_(grad_flags[name])
+            network.train(was_training)
+            optimizer.zero_grad(set_to_none=True)
+        logger.info("ContrastiveFineTuning: %d steps, loss %.3f -> %.3f", self.steps, self.history[0], self.history[-1])
+        if pl_module.logger is not None:
+            pl_module.logger.log_metrics({"fine_tune_loss": self.history[-1]})

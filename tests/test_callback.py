@@ -1,0 +1,68 @@
+"""ContrastiveFineTuning adapts PatchCore's and PaDiM's feature extractors, and only those."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch import seed_everything
+
+from anomalib.engine import Engine
+
+from fsad_anomalib.benchmark.methods import build_method
+from fsad_anomalib.callbacks import ContrastiveFineTuning
+from fsad_anomalib.data import FewShot
+
+from .conftest import folder_datamodule
+
+
+@pytest.mark.parametrize("method", ["PatchCore", "PaDiM"])
+def test_callback_changes_only_the_feature_extractor(method):
+    seed_everything(0)
+    model = build_method(method, "offline:tf_efficientnet_lite0", image_size=64)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = [p.requires_grad for p in model.model.feature_extractor.parameters()]
+    ContrastiveFineTuning(steps=2).fine_tune(model, torch.rand(3, 3, 64, 64))
+    after = model.state_dict()
+    def same(a: torch.Tensor, b: torch.Tensor) -> bool:  # NaN-initialised buffers compare equal to themselves
+        return a.shape == b.shape and bool(((a == b) | (a.isnan() & b.isnan()) if a.is_floating_point() else a == b).all())
+
+    changed = {k for k, v in before.items() if not same(v, after[k])}
+    assert changed, "no weight changed"
+    assert all(k.startswith("model.feature_extractor.") for k in changed), changed - {
+        k for k in changed if k.startswith("model.feature_extractor.")
+    }
+    assert not any("running_" in k for k in changed)
+    # requires_grad flags are restored as they were
+    assert [p.requires_grad for p in model.model.feature_extractor.parameters()] == flags
+
+
+def test_fine_tuned_patchcore_checkpoint_and_onnx_match_eager(generated_root, tmp_path):
+    import onnxruntime as ort
+
+    from anomalib.models import Patchcore
+
+    seed_everything(0)
+    model = build_method("PatchCore", "offline:tf_efficientnet_lite0", image_size=64)
+    initial = {k: v.clone() for k, v in model.model.feature_extractor.state_dict().items()}
+    datamodule = FewShot(folder_datamodule(generated_root), k_shot=3)
+    callback = ContrastiveFineTuning(steps=2)
+    engine = Engine(default_root_dir=tmp_path, logger=False, enable_progress_bar=False, accelerator="cpu",
+                    callbacks=[callback])  # fmt: skip
+    engine.fit(model=model, datamodule=datamodule)
+    assert len(callback.history) == 2
+    tuned = model.model.feature_extractor.state_dict()
+    assert any(not torch.equal(v, tuned[k]) for k, v in initial.items() if v.is_floating_point())
+    model.eval()
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        eager = model(images)
+    reloaded = Patchcore.load_from_checkpoint(engine.trainer.checkpoint_callback.best_model_path).eval()
+    with torch.no_grad():
+        again = reloaded(images)
+    assert torch.allclose(eager.pred_score, again.pred_score, rtol=1e-5)
+    path = engine.export(model=model, export_type="onnx", export_root=tmp_path / "onnx")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    out = dict(zip(names, session.run(None, {session.get_inputs()[0].name: images.numpy()})))
+    np.testing.assert_allclose(out["pred_score"], eager.pred_score.numpy(), rtol=1e-4, atol=1e-6)
