@@ -29,6 +29,8 @@ SMALL_OFFLINE = ["--data.datamodule.init_args.n_test_normal=6", "--data.datamodu
 def _overrides(config: Path, root: Path, workdir: Path) -> list[str]:
     text = config.read_text()
     args = ["--default_root_dir", str(workdir), "--trainer.enable_progress_bar=false"]
+    if "ContrastiveFineTuning" in text:
+        args += ["--trainer.callbacks.init_args.steps=2"]
     if "class_path: FewShotContrastive" in text:
         args += ["--model.init_args.image_size=64", "--model.init_args.fine_tune_steps=2", "--model.init_args.n_views=2"]
     else:

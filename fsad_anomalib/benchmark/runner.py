@@ -25,7 +25,7 @@ from anomalib.data.datamodules.base.image import AnomalibDataModule
 from anomalib.engine import Engine
 
 from fsad_anomalib.backbones import resolve_backbone
-from fsad_anomalib.benchmark.methods import METHODS, build_method
+from fsad_anomalib.benchmark.methods import METHODS, build_method, method_callbacks
 from fsad_anomalib.data import FewShot
 
 logger = logging.getLogger(__name__)
@@ -135,7 +135,7 @@ def _run_one(
     model = build_method(method, backbone, image_size, fsc_args)
     with tempfile.TemporaryDirectory(prefix="fsad-bench-") as workdir:
         engine = Engine(default_root_dir=workdir, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                        accelerator="cpu")
+                        accelerator="cpu", callbacks=method_callbacks(method))
         start = time.perf_counter()
         engine.fit(model=model, datamodule=few_shot)
         train_s = time.perf_counter() - start
