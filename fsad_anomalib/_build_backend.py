@@ -15,7 +15,14 @@ from setuptools import build_meta as _orig
 from setuptools.build_meta import *  # noqa: F403
 
 PTH_NAME = "fsad_anomalib-plugin.pth"
-PTH_LINE = b"import fsad_anomalib._plugin; fsad_anomalib._plugin.install()\n"
+# One line, run by site.py at start-up: defines a finder that waits for ``import anomalib.models`` and
+# only then imports fsad_anomalib._plugin (see that module). It imports nothing itself.
+PTH_LINE = (
+    b"import os, sys; exec(\"class _FsadAnomalibHook:\\n def find_spec(self, name, path=None, target=None):\\n"
+    b"  if name != 'anomalib.models': return None\\n  sys.meta_path.remove(self)\\n"
+    b"  from fsad_anomalib._plugin import hook_spec\\n  return hook_spec(name)\\n"
+    b"if not os.environ.get('FSAD_ANOMALIB_NO_PLUGIN'): sys.meta_path.insert(0, _FsadAnomalibHook())\")\n"
+)
 
 
 def _add_pth(wheel_directory: str, wheel_name: str) -> str:

@@ -1,29 +1,33 @@
 """Make the ``anomalib`` CLI know fsad-anomalib's models and datamodules by short name.
 
 anomalib resolves ``--model NAME`` / ``--data NAME`` among the subclasses that are already imported and
-has no plugin registry. Installing fsad-anomalib adds ``fsad_anomalib-plugin.pth`` to site-packages,
-which calls :func:`install` at interpreter start. ``install`` only puts a small finder at the front of
-``sys.meta_path``; the finder does nothing until some code imports ``anomalib.models``, and right after
-that module has executed it imports ``fsad_anomalib.models`` and ``fsad_anomalib.data`` (which subclass
-anomalib's ``AnomalibModule`` and ``AnomalibDataModule``), then removes itself. Processes that never
-import anomalib pay for one tiny module import; without anomalib installed the finder never fires.
+has no plugin registry. Installing fsad-anomalib adds ``fsad_anomalib-plugin.pth`` to site-packages.
+Its one line (see ``fsad_anomalib._build_backend.PTH_LINE``) defines, without importing anything, a
+tiny finder at the front of ``sys.meta_path``; the finder does nothing until some code imports
+``anomalib.models``. Then it imports this module, whose :func:`hook_spec` makes the import of
+``anomalib.models`` be followed by the import of ``fsad_anomalib.models``, ``fsad_anomalib.data`` and
+``fsad_anomalib.callbacks`` (which subclass anomalib's ``AnomalibModule``, ``AnomalibDataModule`` and
+Lightning's ``Callback``), and removes itself. Processes that never import anomalib import nothing;
+without anomalib installed the finder never fires. :func:`install` does the same from Python code.
 Set ``FSAD_ANOMALIB_NO_PLUGIN=1`` to switch the hook off.
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import os
 import sys
-import warnings
-from importlib.abc import MetaPathFinder
+
+# Only sys and os (already loaded at start-up) are imported here: everything else is imported lazily,
+# so that processes that never import anomalib pay (almost) nothing for this hook.
 
 _TRIGGER = "anomalib.models"
 _PLUGIN_MODULES = ("fsad_anomalib.models", "fsad_anomalib.data", "fsad_anomalib.callbacks")
 
 
 def _load_plugin() -> None:
+    import importlib  # noqa: PLC0415
+    import warnings  # noqa: PLC0415
+
     for name in _PLUGIN_MODULES:
         try:
             importlib.import_module(name)
@@ -31,28 +35,35 @@ def _load_plugin() -> None:
             warnings.warn(f"fsad-anomalib: could not register {name} with anomalib: {exc}", stacklevel=2)
 
 
-class _AnomalibModelsHook(MetaPathFinder):
-    """Post-import hook on ``anomalib.models``."""
+def hook_spec(fullname: str):  # noqa: ANN201
+    """The spec of ``fullname`` whose loader imports fsad-anomalib's plugin modules right after executing it."""
+    try:
+        import importlib.util  # noqa: PLC0415
+
+        spec = importlib.util.find_spec(fullname)
+    except Exception:  # noqa: BLE001 - never break the import of anomalib itself
+        return None
+    if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+        return spec
+    loader = spec.loader
+    original = loader.exec_module
+
+    def exec_module(module) -> None:  # noqa: ANN001
+        original(module)
+        _load_plugin()
+
+    loader.exec_module = exec_module
+    return spec
+
+
+class _AnomalibModelsHook:
+    """Post-import hook on ``anomalib.models`` (a meta path finder; duck-typed to avoid importing importlib.abc)."""
 
     def find_spec(self, fullname, path, target=None):  # noqa: ANN001, ANN201
         if fullname != _TRIGGER:
             return None
         self._remove()
-        try:
-            spec = importlib.util.find_spec(fullname)
-        except Exception:  # noqa: BLE001 - never break the import of anomalib itself
-            return None
-        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
-            return spec
-        loader = spec.loader
-        original = loader.exec_module
-
-        def exec_module(module) -> None:  # noqa: ANN001
-            original(module)
-            _load_plugin()
-
-        loader.exec_module = exec_module
-        return spec
+        return hook_spec(fullname)
 
     def _remove(self) -> None:
         if self in sys.meta_path:
