@@ -162,12 +162,15 @@ class FewShotContrastiveModel(nn.Module):
             raise ValueError(msg)
         x = (images - self.pixel_mean) / self.pixel_std
         feats = self.feature_extractor(x)
-        first = feats[self.layers[0]]
-        size = first.shape[-2:]
-        patch = [first] + [
-            F.interpolate(feats[layer], size=size, mode="bilinear", align_corners=False) for layer in self.layers[1:]
-        ]
-        patch = F.avg_pool2d(torch.cat(patch, dim=1), kernel_size=3, stride=1, padding=1)
+        # 3x3 local averaging (PatchCore's neighbourhood aggregation) at each layer's own resolution, then
+        # bilinear upsampling to the first layer's: cheaper than averaging after upsampling.
+        pooled_maps = [F.avg_pool2d(feats[layer], kernel_size=3, stride=1, padding=1) for layer in self.layers]
+        size = pooled_maps[0].shape[-2:]
+        patch = torch.cat(
+            [pooled_maps[0]]
+            + [F.interpolate(f, size=size, mode="bilinear", align_corners=False) for f in pooled_maps[1:]],
+            dim=1,
+        )
         pooled = feats[self.global_layer].mean(dim=(-2, -1))
         return patch, F.normalize(pooled, dim=-1)
 
