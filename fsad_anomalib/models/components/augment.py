@@ -34,7 +34,7 @@ class ViewAugmentation(nn.Module):
         self.crop_scale = crop_scale
         self.hflip, self.vflip, self.rot90 = hflip, vflip, rot90
         self.color_jitter = color_jitter
-        self._ops: list[nn.Module] = []
+        self._pipelines: dict[tuple[int, int], K.AugmentationSequential] = {}
 
     def _build(self, size: tuple[int, int]) -> K.AugmentationSequential:
         ops: list[nn.Module] = []
@@ -52,8 +52,10 @@ class ViewAugmentation(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """One random view of each image."""
-        aug = self._build(tuple(images.shape[-2:]))
-        return aug(images).clamp(0.0, 1.0)
+        size = tuple(images.shape[-2:])
+        if size not in self._pipelines:
+            self._pipelines[size] = self._build(size)
+        return self._pipelines[size](images).clamp(0.0, 1.0)
 
 
 def fit_views(images: torch.Tensor, n_views: int, hflip: bool = True, vflip: bool = True, rot90: bool = True):  # noqa: ANN201

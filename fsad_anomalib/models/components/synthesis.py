@@ -27,7 +27,7 @@ __all__ = ["SYNTHESIS_MODES", "AnomalySynthesizer", "cutpaste", "cutpaste_scar",
 SYNTHESIS_MODES = ("cutpaste", "cutpaste_scar", "perlin", "mixed", "none")
 
 
-def _uniform(low: float, high: float, device: torch.device) -> float:
+def _uniform(low: float, high: float) -> float:
     return float(torch.empty(1).uniform_(low, high).item())
 
 
@@ -50,8 +50,8 @@ def _paste(
         # half extent of the rotated box, to keep it inside the image
         ext_x = 0.5 * (abs(box_w * math.cos(theta)) + abs(box_h * math.sin(theta)))
         ext_y = 0.5 * (abs(box_w * math.sin(theta)) + abs(box_h * math.cos(theta)))
-        cx = _uniform(ext_x, max(ext_x, w - 1 - ext_x), device)
-        cy = _uniform(ext_y, max(ext_y, h - 1 - ext_y), device)
+        cx = _uniform(ext_x, max(ext_x, w - 1 - ext_x))
+        cy = _uniform(ext_y, max(ext_y, h - 1 - ext_y))
         u = (xs - cx) * math.cos(theta) + (ys - cy) * math.sin(theta)
         v = -(xs - cx) * math.sin(theta) + (ys - cy) * math.cos(theta)
         mask = ((u.abs() <= box_w / 2) & (v.abs() <= box_h / 2)).to(images.dtype)
@@ -61,8 +61,8 @@ def _paste(
         dy = int(torch.randint(int(ext_y) + 1, max(int(ext_y) + 2, h - int(ext_y)), (1,)).item())
         dx = int(torch.randint(int(ext_x) + 1, max(int(ext_x) + 2, w - int(ext_x)), (1,)).item())
         source = torch.roll(images[i], shifts=(dy, dx), dims=(-2, -1))
-        gain = _uniform(1 - jitter, 1 + jitter, device)
-        offset = _uniform(-jitter / 2, jitter / 2, device)
+        gain = _uniform(1 - jitter, 1 + jitter)
+        offset = _uniform(-jitter / 2, jitter / 2)
         mean = source.mean()
         source = ((source - mean) * gain + mean + offset).clamp(0.0, 1.0)
         out[i] = images[i] * (1 - mask) + source * mask
@@ -81,8 +81,8 @@ def cutpaste(
     b, _, h, w = images.shape
     sizes = []
     for _ in range(b):
-        area = _uniform(*area_ratio, images.device) * h * w
-        log_ar = _uniform(math.log(aspect_ratio), math.log(1 / aspect_ratio), images.device)
+        area = _uniform(*area_ratio) * h * w
+        log_ar = _uniform(math.log(aspect_ratio), math.log(1 / aspect_ratio))
         ar = math.exp(log_ar)
         sizes.append((min(w - 2, math.sqrt(area * ar)), min(h - 2, math.sqrt(area / ar))))
     return _paste(images, sizes, [0.0] * b, jitter)
@@ -100,10 +100,10 @@ def cutpaste_scar(
     b, _, h, w = images.shape
     scale = min(h, w) / 256.0
     sizes = [
-        (max(1.0, _uniform(*width, images.device) * scale), max(2.0, _uniform(*length, images.device) * scale))
+        (max(1.0, _uniform(*width) * scale), max(2.0, _uniform(*length) * scale))
         for _ in range(b)
     ]
-    angles = [_uniform(-rotation, rotation, images.device) for _ in range(b)]
+    angles = [_uniform(-rotation, rotation) for _ in range(b)]
     return _paste(images, sizes, angles, jitter)
 
 

@@ -12,6 +12,13 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
+def _check_temperature(temperature: float) -> float:
+    if temperature <= 0:
+        msg = f"temperature must be > 0, got {temperature}."
+        raise ValueError(msg)
+    return temperature
+
+
 __all__ = [
     "CrossInstancePositiveLoss",
     "DenseSynthesizedNegativeLoss",
@@ -37,10 +44,7 @@ class NTXentLoss(nn.Module):
 
     def __init__(self, temperature: float = 0.1) -> None:
         super().__init__()
-        if temperature <= 0:
-            msg = f"temperature must be > 0, got {temperature}."
-            raise ValueError(msg)
-        self.temperature = temperature
+        self.temperature = _check_temperature(temperature)
 
     def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
         """Compute the loss from the two views' projections, each ``(N, D)``."""
@@ -91,10 +95,7 @@ class SynthesizedNegativeLoss(nn.Module):
 
     def __init__(self, temperature: float = 0.1) -> None:
         super().__init__()
-        if temperature <= 0:
-            msg = f"temperature must be > 0, got {temperature}."
-            raise ValueError(msg)
-        self.temperature = temperature
+        self.temperature = _check_temperature(temperature)
 
     def forward(self, z1: torch.Tensor, z2: torch.Tensor, anomalies: torch.Tensor) -> torch.Tensor:
         """``z1``, ``z2``: ``(N, D)`` normal views; ``anomalies``: ``(A, D)`` synthesized anomalies."""
@@ -160,10 +161,7 @@ class DenseSynthesizedNegativeLoss(nn.Module):
 
     def __init__(self, temperature: float = 0.1, max_anchors: int = 512, max_negatives: int = 512) -> None:
         super().__init__()
-        if temperature <= 0:
-            msg = f"temperature must be > 0, got {temperature}."
-            raise ValueError(msg)
-        self.temperature = temperature
+        self.temperature = _check_temperature(temperature)
         self.max_anchors = max_anchors
         self.max_negatives = max_negatives
 

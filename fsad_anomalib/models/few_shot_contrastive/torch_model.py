@@ -250,14 +250,11 @@ class FewShotContrastiveModel(nn.Module):
         if self.training:
             return self.project(images)
         patch, emb = self.features(images)
-        g_score = mahalanobis(emb, self.global_mean, self.global_precision) / self.score_scale[0]
         patch_map = self._patch_map(patch) / self.score_scale[1]
-        p_score = self._aggregate(patch_map)
-        if self.score_mode == "global":
-            score = g_score
-        elif self.score_mode == "patch":
-            score = p_score
+        if self.score_mode == "patch":  # the default: no global Mahalanobis pass on the hot path
+            score = self._aggregate(patch_map)
         else:
-            score = 0.5 * (g_score + p_score)
+            g_score = mahalanobis(emb, self.global_mean, self.global_precision) / self.score_scale[0]
+            score = g_score if self.score_mode == "global" else 0.5 * (g_score + self._aggregate(patch_map))
         anomaly_map = F.interpolate(self.blur(patch_map), size=images.shape[-2:], mode="bilinear", align_corners=False)
         return InferenceBatch(pred_score=score, anomaly_map=anomaly_map)
