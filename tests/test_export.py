@@ -47,7 +47,8 @@ def test_onnx_runtime_matches_eager(trained):
             assert bool(out["pred_label"].item()) == bool(eager.pred_label[index].item())
 
 
-def test_openvino_matches_eager(trained):
+def test_openvino_matches_eager(trained, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # anomalib's OpenVINOInferencer writes ./openvino_cache
     from anomalib.deploy import OpenVINOInferencer
 
     path = trained["engine"].export(model=trained["model"], export_type="openvino", export_root=trained["root"] / "ov")
@@ -86,6 +87,7 @@ def test_inferencers_run_on_a_folder_of_mixed_sizes(trained, tmp_path, monkeypat
     for index, size in enumerate([(96, 96), (120, 80), (300, 200)]):
         cv2.imwrite(str(folder / f"{index}.png"), (rng.random((*size, 3)) * 255).astype(np.uint8))
     monkeypatch.setenv("TRUST_REMOTE_CODE", "1")  # the file was written by this test
+    monkeypatch.chdir(tmp_path)  # anomalib's OpenVINOInferencer writes ./openvino_cache
     torch_path = trained["engine"].export(model=trained["model"], export_type="torch", export_root=tmp_path / "pt")
     ov_path = trained["engine"].export(model=trained["model"], export_type="openvino", export_root=tmp_path / "ov")
     torch_inferencer = TorchInferencer(path=torch_path, device="cpu")
