@@ -104,6 +104,28 @@ def test_offline_datasets_documented_counts_and_disjoint(cls, category, pool):
     assert set(again.train_data.samples.image_path) == train
 
 
+@pytest.mark.parametrize(("cls", "category"), [(ELPV, "mono"), (ELPV, "poly"), (Textile, "local")])
+def test_development_set_never_touches_the_test_set(cls, category):
+    test_module, dev_module = cls(category), cls(category, evaluation="dev")
+    test_module.setup()
+    dev_module.setup()
+    test_images = set(test_module.test_data.samples.image_path)
+    dev = dev_module.test_data.samples
+    dev_pool = set(dev_module.train_data.samples.image_path)
+    assert (dev.label_index == 0).sum() == 100 and (dev.label_index == 1).sum() == 100
+    assert not set(dev.image_path) & test_images
+    assert not set(dev.image_path) & dev_pool
+    assert dev_pool < set(test_module.train_data.samples.image_path)
+    assert len(dev_pool) == len(test_module.train_data.samples) - 100
+
+
+def test_bad_evaluation_set_is_refused():
+    with pytest.raises(ValueError, match="evaluation must be one of"):
+        ELPV("mono", evaluation="validation")
+    with pytest.raises(ValueError, match="n_dev"):
+        ELPV("mono", evaluation="dev", n_dev=10_000).setup()
+
+
 def test_unknown_category_is_refused():
     with pytest.raises(ValueError, match="mono"):
         ELPV("amorphous")

@@ -2,6 +2,7 @@
 
 Examples:
     python -m fsad_anomalib.benchmark --sets ELPV/mono ELPV/poly Textile/local --k 1 2 4 8 16 --seeds 0 1 2
+    python -m fsad_anomalib.benchmark --sets ELPV/mono --k 4 --evaluation dev --methods frozen FewShotContrastive
     python -m fsad_anomalib.benchmark --sets MVTecAD/bottle --mvtec-root ./datasets/MVTecAD
 """
 
@@ -22,11 +23,14 @@ def _datamodule(label: str, args: argparse.Namespace):  # noqa: ANN202
     if dataset == "ELPV":
         from fsad_anomalib.data import ELPV
 
-        return ELPV(category or "mono", eval_batch_size=args.eval_batch_size)
+        return ELPV(category or "mono", eval_batch_size=args.eval_batch_size, evaluation=args.evaluation)
     if dataset == "Textile":
         from fsad_anomalib.data import Textile
 
-        return Textile(category or "local", eval_batch_size=args.eval_batch_size)
+        return Textile(category or "local", eval_batch_size=args.eval_batch_size, evaluation=args.evaluation)
+    if args.evaluation != "test":
+        msg = f"--evaluation {args.evaluation}: only the offline sets (ELPV, Textile) have a development set."
+        raise SystemExit(msg)
     if dataset == "MVTecAD":
         from anomalib.data import MVTecAD
 
@@ -60,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--model-args", default="{}", help="JSON dict of FewShotContrastive arguments")
     parser.add_argument("--no-timing", action="store_true", help="skip inference timing per run")
+    parser.add_argument("--evaluation", choices=["test", "dev"], default="test",
+                        help="offline sets: score on the test set, or on the development set (images the test set "
+                        "never uses) to choose settings")
     parser.add_argument("--eval-batch-size", type=int, default=32)
     parser.add_argument("--mvtec-root", default="./datasets/MVTecAD")
     parser.add_argument("--visa-root", default="./datasets/visa")

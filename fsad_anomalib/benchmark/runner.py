@@ -146,6 +146,7 @@ def _run_one(
         "k_shot": k_shot,
         "seed": seed,
         "method": method,
+        "evaluation": getattr(datamodule, "evaluation", "test"),
         "image_AUROC": float(metrics.get("image_AUROC", float("nan"))),
         "pixel_AUROC": float(metrics["pixel_AUROC"]) if "pixel_AUROC" in metrics else None,
         "train_s": train_s,

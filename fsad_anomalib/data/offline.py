@@ -7,6 +7,10 @@
 Both define a **pool** of normal training images and a **fixed test set** (``n_test_normal``
 normals plus ``n_test_abnormal`` anomalies, drawn once with ``split_seed``) that never overlaps
 the pool. Few-shot training sets are drawn from the pool with :class:`fsad_anomalib.data.FewShot`.
+
+``evaluation="dev"`` swaps the test set for a **development set** made only of images the test set
+never uses: ``n_dev`` normals taken off the pool and up to ``n_dev`` of the anomalies left out of the
+test set. Choose a method's settings there, then report on the test set.
 """
 
 from __future__ import annotations
@@ -23,7 +27,9 @@ from anomalib.data.datasets.base.image import AnomalibDataset
 from anomalib.data.utils import Split, TestSplitMode, ValSplitMode
 from torchvision.transforms.v2 import Transform
 
-__all__ = ["ELPV", "SamplesDataset", "Textile", "elpv_samples", "textile_samples"]
+EVALUATION_SETS = ("test", "dev")
+
+__all__ = ["ELPV", "EVALUATION_SETS", "SamplesDataset", "Textile", "elpv_samples", "textile_samples"]
 
 
 class SamplesDataset(AnomalibDataset):
@@ -68,8 +74,17 @@ def _split(
     n_test_abnormal: int,
     split_seed: int,
     what: str,
+    evaluation: str = "test",
+    n_dev: int = 100,
 ) -> DataFrame:
-    """Sorted, seeded, fixed split: test normals + test anomalies, the remaining normals form the pool."""
+    """Sorted, seeded, fixed split: test normals + test anomalies, the remaining normals form the pool.
+
+    With ``evaluation="dev"`` the rows marked test are the development set instead: the last ``n_dev``
+    normals of the pool and up to ``n_dev`` anomalies outside the test set; the pool loses those normals.
+    """
+    if evaluation not in EVALUATION_SETS:
+        msg = f"{what}: evaluation must be one of {EVALUATION_SETS}, got '{evaluation}'."
+        raise ValueError(msg)
     normal_paths = sorted(normal_paths)
     abnormal_paths = sorted(abnormal_paths)
     if n_test_normal >= len(normal_paths):
@@ -84,13 +99,30 @@ def _split(
     test_normal = [normal_paths[i] for i in normal_order[:n_test_normal]]
     pool = [normal_paths[i] for i in normal_order[n_test_normal:]]
     test_abnormal = [abnormal_paths[i] for i in abnormal_order[:n_test_abnormal]]
+    if evaluation == "dev":
+        spare = [abnormal_paths[i] for i in abnormal_order[n_test_abnormal:]]
+        if n_dev < 1 or n_dev >= len(pool) or not spare:
+            msg = (
+                f"{what}: the development set needs 1 <= n_dev < {len(pool)} (pool size) and anomalies outside "
+                f"the test set ({len(spare)} left); got n_dev={n_dev}."
+            )
+            raise ValueError(msg)
+        test_normal, pool = pool[-n_dev:], pool[:-n_dev]
+        test_abnormal = spare[:n_dev]
     rows = [(p, "normal", 0, "", Split.TRAIN.value) for p in pool]
     rows += [(p, "normal", 0, "", Split.TEST.value) for p in test_normal]
     rows += [(p, "abnormal", 1, "", Split.TEST.value) for p in test_abnormal]
     return DataFrame(rows, columns=["image_path", "label", "label_index", "mask_path", "split"])
 
 
-def elpv_samples(category: str, n_test_normal: int = 150, n_test_abnormal: int = 150, split_seed: int = 0) -> DataFrame:
+def elpv_samples(
+    category: str,
+    n_test_normal: int = 150,
+    n_test_abnormal: int = 150,
+    split_seed: int = 0,
+    evaluation: str = "test",
+    n_dev: int = 100,
+) -> DataFrame:
     """Samples of one ELPV cell type: normals have defect probability 0, anomalies probability 1."""
     _require("elpv_dataset", "elpv-dataset", "ELPV")
     if category not in ELPV.CATEGORIES:
@@ -104,7 +136,7 @@ def elpv_samples(category: str, n_test_normal: int = 150, n_test_abnormal: int =
     types = np.char.decode(data["type"])
     normal = [p for p, pr, t in zip(paths, probs, types, strict=True) if t == category and pr == 0.0]
     abnormal = [p for p, pr, t in zip(paths, probs, types, strict=True) if t == category and pr == 1.0]
-    return _split(normal, abnormal, n_test_normal, n_test_abnormal, split_seed, f"ELPV {category}")
+    return _split(normal, abnormal, n_test_normal, n_test_abnormal, split_seed, f"ELPV {category}", evaluation, n_dev)
 
 
 def textile_samples(
@@ -112,6 +144,8 @@ def textile_samples(
     n_test_normal: int = 150,
     n_test_abnormal: int = 150,
     split_seed: int = 0,
+    evaluation: str = "test",
+    n_dev: int = 100,
 ) -> DataFrame:
     """Samples of the simulated textile set: nominal images vs ``local`` (small defects) or ``global`` shift."""
     ccd = _require("conformal_clip_data", "conformal-clip-data", "Textile")
@@ -122,7 +156,8 @@ def textile_samples(
     normal = [str(p) for p in Path(ccd.nominal_dir()).iterdir() if p.suffix.lower() in exts]
     abnormal_dir = ccd.local_dir() if category == "local" else ccd.global_dir()
     abnormal = [str(p) for p in Path(abnormal_dir).iterdir() if p.suffix.lower() in exts]
-    return _split(normal, abnormal, n_test_normal, n_test_abnormal, split_seed, f"Textile {category}")
+    return _split(normal, abnormal, n_test_normal, n_test_abnormal, split_seed, f"Textile {category}", evaluation,
+                  n_dev)
 
 
 class _OfflineDataModule(AnomalibDataModule):
@@ -135,6 +170,8 @@ class _OfflineDataModule(AnomalibDataModule):
         n_test_normal: int = 150,
         n_test_abnormal: int = 150,
         split_seed: int = 0,
+        evaluation: str = "test",
+        n_dev: int = 100,
         train_batch_size: int = 32,
         eval_batch_size: int = 32,
         num_workers: int = 0,
@@ -166,6 +203,11 @@ class _OfflineDataModule(AnomalibDataModule):
         self.n_test_normal = n_test_normal
         self.n_test_abnormal = n_test_abnormal
         self.split_seed = split_seed
+        if evaluation not in EVALUATION_SETS:
+            msg = f"{self.DATASET_NAME}: evaluation must be one of {EVALUATION_SETS}, got '{evaluation}'."
+            raise ValueError(msg)
+        self.evaluation = evaluation
+        self.n_dev = n_dev
 
     def _samples_frame(self) -> DataFrame:
         raise NotImplementedError
@@ -188,7 +230,8 @@ class ELPV(_OfflineDataModule):
 
     Normals: defect probability 0; anomalies: probability 1 (1/3 and 2/3 are left out). With the defaults
     the test set holds 150 normal and 150 anomalous cells and the pool the remaining normals
-    (mono: 588 normals -> pool 438; poly: 920 normals -> pool 770). No pixel masks.
+    (mono: 588 normals -> pool 438; poly: 920 normals -> pool 770). No pixel masks. ``evaluation="dev"``:
+    100 pool normals and 100 anomalies the test set leaves out (mono has 313, poly 402) form a development set.
     """
 
     CATEGORIES = ("mono", "poly")
@@ -198,7 +241,8 @@ class ELPV(_OfflineDataModule):
         super().__init__(category=category, **kwargs)
 
     def _samples_frame(self) -> DataFrame:
-        return elpv_samples(self.category, self.n_test_normal, self.n_test_abnormal, self.split_seed)
+        return elpv_samples(self.category, self.n_test_normal, self.n_test_abnormal, self.split_seed, self.evaluation,
+                            self.n_dev)
 
 
 class Textile(_OfflineDataModule):
@@ -206,6 +250,7 @@ class Textile(_OfflineDataModule):
 
     1,000 nominal images; 500 with small local defects, 500 with a global texture shift. With the
     defaults the test set holds 150 nominal and 150 defective images and the pool 850 nominals. No masks.
+    ``evaluation="dev"``: 100 pool nominals and 100 defective images outside the test set.
     """
 
     CATEGORIES = ("local", "global")
@@ -215,4 +260,5 @@ class Textile(_OfflineDataModule):
         super().__init__(category=category, **kwargs)
 
     def _samples_frame(self) -> DataFrame:
-        return textile_samples(self.category, self.n_test_normal, self.n_test_abnormal, self.split_seed)
+        return textile_samples(self.category, self.n_test_normal, self.n_test_abnormal, self.split_seed,
+                               self.evaluation, self.n_dev)
