@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from fsad_anomalib.benchmark.report import write_plots, write_table
 from fsad_anomalib.benchmark.runner import run_benchmark
 
@@ -34,3 +36,27 @@ def test_benchmark_end_to_end_and_resume(generated_root, tmp_path):
     assert "PatchCore" in table and "K=2" in table
     plots = write_plots(again, out)
     assert all(p.exists() and p.stat().st_size > 0 for p in plots)
+
+
+def test_benchmark_auroc_is_the_ranking_auroc_of_raw_scores():
+    """Large raw distances (PatchCore's are 30 to 60) keep their order through the benchmark's post-processor."""
+    import torch
+    from sklearn.metrics import roc_auc_score
+
+    from anomalib.data import ImageBatch
+    from anomalib.metrics import AUROC
+
+    from fsad_anomalib.benchmark.methods import OrderPreservingPostProcessor
+
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.arange(64) % 2 == 0
+    raw = 40 + 5 * torch.randn(64, generator=generator) + 0.8 * labels  # every score far above sigmoid's range
+    batch = ImageBatch(image=torch.zeros(64, 3, 8, 8), gt_label=labels, pred_score=raw.clone())
+    OrderPreservingPostProcessor().post_process_batch(batch)
+    assert ((batch.pred_score > 0) & (batch.pred_score < 1)).all()
+    assert torch.equal(torch.argsort(batch.pred_score), torch.argsort(raw))
+    metric = AUROC(fields=["pred_score", "gt_label"])
+    metric.update(batch)
+    expected = roc_auc_score(labels.numpy(), raw.numpy())
+    assert float(metric.compute()) == pytest.approx(expected, abs=1e-6)
+    assert 0.55 < expected < 0.95  # a ranking that ties would give 0.5

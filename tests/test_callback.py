@@ -66,3 +66,32 @@ def test_fine_tuned_patchcore_checkpoint_and_onnx_match_eager(generated_root, tm
     names = [o.name for o in session.get_outputs()]
     out = dict(zip(names, session.run(None, {session.get_inputs()[0].name: images.numpy()})))
     np.testing.assert_allclose(out["pred_score"], eager.pred_score.numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_few_shot_contrastive_fine_tunes_through_the_callback(generated_root, tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    from fsad_anomalib.models import FewShotContrastive
+
+    seed_everything(0)
+    model = FewShotContrastive(image_size=64, fine_tune_steps=3, visualizer=False)
+    assert any(isinstance(c, ContrastiveFineTuning) for c in model.configure_callbacks())
+    assert not any(
+        isinstance(c, ContrastiveFineTuning) for c in FewShotContrastive(image_size=64, fine_tune=False).configure_callbacks()
+    )
+    initial = {k: v.clone() for k, v in model.model.feature_extractor.state_dict().items()}
+    engine = Engine(default_root_dir=tmp_path, logger=CSVLogger(tmp_path, name="log"), enable_progress_bar=False,
+                    accelerator="cpu")  # fmt: skip
+    engine.fit(model=model, datamodule=FewShot(folder_datamodule(generated_root), k_shot=3))
+    # the callback ran its three steps on the model's own extractor, and the Gaussians were fitted afterwards
+    assert len(model.fine_tuning.history) == 3
+    tuned = model.model.feature_extractor.state_dict()
+    assert any(not torch.equal(v, tuned[k]) for k, v in initial.items() if v.is_floating_point())
+    assert bool(model.model.is_fitted)
+    # every step's losses reach the trainer's logger
+    import csv
+
+    rows = list(csv.DictReader((tmp_path / "log" / "version_0" / "metrics.csv").open()))
+    losses = [float(r["fine_tune/loss"]) for r in rows if r.get("fine_tune/loss")]
+    assert losses == pytest.approx(model.fine_tuning.history)
+    assert all(r.get("fine_tune/loss_con") for r in rows if r.get("fine_tune/loss"))

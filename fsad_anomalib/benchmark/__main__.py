@@ -23,28 +23,32 @@ def _datamodule(label: str, args: argparse.Namespace):  # noqa: ANN202
     if dataset == "ELPV":
         from fsad_anomalib.data import ELPV
 
-        return ELPV(category or "mono", eval_batch_size=args.eval_batch_size, evaluation=args.evaluation)
+        return ELPV(category or "mono", eval_batch_size=args.eval_batch_size, evaluation=args.evaluation,
+                    val_split_mode="none")
     if dataset == "Textile":
         from fsad_anomalib.data import Textile
 
-        return Textile(category or "local", eval_batch_size=args.eval_batch_size, evaluation=args.evaluation)
+        return Textile(category or "local", eval_batch_size=args.eval_batch_size, evaluation=args.evaluation,
+                       val_split_mode="none")
     if args.evaluation != "test":
         msg = f"--evaluation {args.evaluation}: only the offline sets (ELPV, Textile) have a development set."
         raise SystemExit(msg)
     if dataset == "MVTecAD":
         from anomalib.data import MVTecAD
 
-        return MVTecAD(root=args.mvtec_root, category=category, eval_batch_size=args.eval_batch_size, num_workers=0)
+        return MVTecAD(root=args.mvtec_root, category=category, eval_batch_size=args.eval_batch_size, num_workers=0,
+                       val_split_mode="none")
     if dataset == "Visa":
         from anomalib.data import Visa
 
-        return Visa(root=args.visa_root, category=category, eval_batch_size=args.eval_batch_size, num_workers=0)
+        return Visa(root=args.visa_root, category=category, eval_batch_size=args.eval_batch_size, num_workers=0,
+                       val_split_mode="none")
     if dataset == "Folder":
         from anomalib.data import Folder
 
         return Folder(
             name="folder", root=category, normal_dir="train/good", abnormal_dir="test/bad",
-            normal_test_dir="test/good", val_split_mode="same_as_test", num_workers=0,
+            normal_test_dir="test/good", val_split_mode="none", num_workers=0,
             eval_batch_size=args.eval_batch_size,
         )  # fmt: skip
     msg = f"--sets: unknown set '{label}'. Use ELPV/mono, ELPV/poly, Textile/local, MVTecAD/<cat>, Visa/<cat>, Folder/<root>."
@@ -63,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backbone", default="offline:tf_efficientnet_lite0")
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--model-args", default="{}", help="JSON dict of FewShotContrastive arguments")
+    parser.add_argument("--set-model-args", nargs="+", default=[], metavar="SET=JSON",
+                        help="FewShotContrastive arguments for one set only, over --model-args, "
+                        "e.g. 'Textile/local={\"layers\": [1, 2]}'")
     parser.add_argument("--no-timing", action="store_true", help="skip inference timing per run")
     parser.add_argument("--evaluation", choices=["test", "dev"], default="test",
                         help="offline sets: score on the test set, or on the development set (images the test set "
@@ -73,12 +80,23 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("OPENVINO_TELEMETRY_DISABLED", "1")
     logging.basicConfig(level=logging.ERROR)
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "anomalib"):
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "lightning_fabric", "anomalib"):
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
         fsc_args = json.loads(args.model_args)
     except json.JSONDecodeError as exc:
         parser.error(f"--model-args is not valid JSON: {exc}")
+    set_args: dict[str, dict] = {}
+    for item in args.set_model_args:
+        label, sep, text = item.partition("=")
+        if not sep or label not in args.sets:
+            parser.error(f"--set-model-args '{item}': expected SET=JSON with SET one of --sets {args.sets}.")
+        try:
+            set_args[label] = json.loads(text)
+        except json.JSONDecodeError as exc:
+            parser.error(f"--set-model-args '{item}': the JSON is not valid: {exc}")
+        if not isinstance(set_args[label], dict):
+            parser.error(f"--set-model-args '{item}': expected a JSON object of FewShotContrastive arguments.")
 
     from fsad_anomalib.benchmark.report import write_plots, write_table
     from fsad_anomalib.benchmark.runner import run_benchmark
@@ -86,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     builders = {label: partial(_datamodule, label, args) for label in args.sets}
     rows = run_benchmark(
         builders, k_shots=args.k, seeds=args.seeds, methods=args.methods, output=args.output,
-        backbone=args.backbone, image_size=args.image_size, fsc_args=fsc_args, time_inference=not args.no_timing,
+        backbone=args.backbone, image_size=args.image_size, fsc_args=fsc_args, set_fsc_args=set_args, time_inference=not args.no_timing,
         progress=lambda line: print(line, flush=True),
     )  # fmt: skip
     table = write_table(rows, f"{args.output}/results.md", methods=args.methods)

@@ -6,13 +6,55 @@ from typing import Any
 
 from torchvision.transforms.v2 import Compose, Normalize, Resize
 
+from anomalib.metrics import AUROC, Evaluator
 from anomalib.models import Padim, Patchcore
+from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 
 from fsad_anomalib.backbones import resolve_backbone
 from fsad_anomalib.models import FewShotContrastive
 
-__all__ = ["METHODS", "build_method", "method_callbacks"]
+__all__ = ["FSC_VARIANTS", "METHODS", "OrderPreservingPostProcessor", "build_method", "method_callbacks",
+           "ranking_components"]
+
+
+class OrderPreservingPostProcessor(PostProcessor):
+    """Maps scores and anomaly maps into (0, 1) with ``0.5 + 0.5 * s / (1 + |s|)``, which keeps their order.
+
+    No statistics, so no validation pass is needed. The map matters: torchmetrics' AUROC passes scores
+    outside [0, 1] through a sigmoid, which rounds every distance above about 17 to 1.0 in float32 and
+    turns the ranking into ties.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(enable_normalization=False, enable_thresholding=False)
+
+    def post_process_batch(self, batch) -> None:  # noqa: ANN001
+        """Squash ``pred_score`` and ``anomaly_map`` in place, in float64 to keep close scores apart."""
+        for field in ("pred_score", "anomaly_map"):
+            value = getattr(batch, field, None)
+            if value is not None:
+                v = value.double()
+                setattr(batch, field, (0.5 + 0.5 * v / (1 + v.abs())).to(value.dtype))
+
+
+def ranking_components() -> dict[str, Any]:
+    """Post-processor and evaluator for the benchmark: anomalib's AUROC, one pass over the test set.
+
+    anomalib's default post-processor normalises scores with statistics from a validation pass, and its
+    evaluator needs thresholds from it. AUROC is a ranking metric: any increasing map of the scores gives
+    the same value, so the benchmark maps the scores with :class:`OrderPreservingPostProcessor` and skips
+    the validation pass, which scored the same test images a second time.
+    """
+    return {
+        "post_processor": OrderPreservingPostProcessor(),
+        "evaluator": Evaluator(
+            test_metrics=[
+                AUROC(fields=["pred_score", "gt_label"], prefix="image_"),
+                AUROC(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False),
+            ],
+        ),
+    }
 
 
 def method_callbacks(name: str) -> list:
@@ -24,19 +66,19 @@ def method_callbacks(name: str) -> list:
     return []
 
 # FewShotContrastive variants: the default model (L_Con + L_PP + L_NP) and the paper's ablations.
-_FSC_VARIANTS: dict[str, dict[str, Any]] = {
+FSC_VARIANTS: dict[str, dict[str, Any]] = {
     "FewShotContrastive": {},
     "frozen": {"fine_tune": False},
     "L_Con": {"lambda_pp": 0.0, "synthesis": "none"},
     "L_Con+L_PP": {"synthesis": "none"},
 }
-METHODS = (*_FSC_VARIANTS, "PatchCore", "PaDiM", "PatchCore+fine-tuning", "PaDiM+fine-tuning")
+METHODS = (*FSC_VARIANTS, "PatchCore", "PaDiM", "PatchCore+fine-tuning", "PaDiM+fine-tuning")
 
 
 def build_method(name: str, backbone: str, image_size: int, fsc_args: dict[str, Any] | None = None):  # noqa: ANN201
     """Instantiate method ``name``; PatchCore and PaDiM get the backbone's normalisation and image size."""
-    if name in _FSC_VARIANTS:
-        args = {"visualizer": False, **(fsc_args or {}), **_FSC_VARIANTS[name]}
+    if name in FSC_VARIANTS:
+        args = {"visualizer": False, **ranking_components(), **(fsc_args or {}), **FSC_VARIANTS[name]}
         return FewShotContrastive(backbone=backbone, image_size=image_size, **args)
     name = name.removesuffix("+fine-tuning")
     timm_name = resolve_backbone(backbone)
@@ -45,9 +87,10 @@ def build_method(name: str, backbone: str, image_size: int, fsc_args: dict[str, 
     std = probe.model.pixel_std.flatten().tolist()
     pre = PreProcessor(transform=Compose([Resize((image_size, image_size), antialias=True), Normalize(mean, std)]))
     if name == "PatchCore":
-        return Patchcore(backbone=timm_name, layers=["blocks.2", "blocks.4"], pre_processor=pre, visualizer=False)
+        return Patchcore(backbone=timm_name, layers=["blocks.2", "blocks.4"], pre_processor=pre, visualizer=False,
+                         **ranking_components())
     if name == "PaDiM":
         return Padim(backbone=timm_name, layers=["blocks.1", "blocks.2", "blocks.4"], n_features=100, pre_processor=pre,
-                     visualizer=False)
+                     visualizer=False, **ranking_components())
     msg = f"Unknown method '{name}'. Known: {METHODS}."
     raise ValueError(msg)

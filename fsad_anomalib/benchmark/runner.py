@@ -25,7 +25,7 @@ from anomalib.data.datamodules.base.image import AnomalibDataModule
 from anomalib.engine import Engine
 
 from fsad_anomalib.backbones import resolve_backbone
-from fsad_anomalib.benchmark.methods import METHODS, build_method, method_callbacks
+from fsad_anomalib.benchmark.methods import FSC_VARIANTS, METHODS, build_method, method_callbacks
 from fsad_anomalib.data import FewShot
 
 logger = logging.getLogger(__name__)
@@ -85,9 +85,14 @@ def run_benchmark(
     image_size: int = 256,
     fsc_args: dict[str, Any] | None = None,
     time_inference: bool = True,
+    set_fsc_args: dict[str, dict[str, Any]] | None = None,
     progress: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
-    """Run every (datamodule, K, seed, method) not yet in ``output/runs.jsonl`` and return all rows."""
+    """Run every (datamodule, K, seed, method) not yet in ``output/runs.jsonl`` and return all rows.
+
+    ``fsc_args`` go to every FewShotContrastive variant; ``set_fsc_args[label]`` override them on one set.
+    Each row records the arguments its model was built with.
+    """
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     runs_file = output / "runs.jsonl"
@@ -108,7 +113,8 @@ def run_benchmark(
         if key in done:
             continue
         progress(f"[{index}/{len(plan)}] {label} K={k_shot} seed={seed} {method}")
-        row = _run_one(datamodules[label](), dataset, category, k_shot, seed, method, backbone, image_size, fsc_args,
+        args = {**(fsc_args or {}), **(set_fsc_args or {}).get(label, {})}
+        row = _run_one(datamodules[label](), dataset, category, k_shot, seed, method, backbone, image_size, args,
                        time_inference)
         rows.append(row)
         with runs_file.open("a") as handle:
@@ -151,6 +157,7 @@ def _run_one(
         "pixel_AUROC": float(metrics["pixel_AUROC"]) if "pixel_AUROC" in metrics else None,
         "train_s": train_s,
         "support_set": few_shot.support_set,
+        "model_args": (fsc_args or {}) if method in FSC_VARIANTS else {},
     }
     if time_inference:
         model.eval()

@@ -2,10 +2,16 @@
 
 Before a model such as PatchCore or PaDiM builds its memory bank or Gaussian from the K normal
 training images, :class:`ContrastiveFineTuning` adapts its timm feature extractor to those images with
-exactly the losses, views and synthesis of FewShotContrastive (the shared
-:class:`~fsad_anomalib.models.components.ContrastiveFineTuner`). Projection heads live in the callback
-and are thrown away; only the extractor's weights change, so the model's fit, test, checkpoint and
-export work unchanged and carry the fine-tuned weights.
+L_Con + L_PP + L_NP (the shared :class:`~fsad_anomalib.models.components.ContrastiveFineTuner`).
+FewShotContrastive fine-tunes through this same callback (it adds one from ``configure_callbacks``).
+Projection heads live in the callback and are thrown away; only the extractor's weights change, so the
+model's fit, test, checkpoint and export work unchanged and carry the fine-tuned weights.
+
+Which features are trained: a model whose torch model has ``contrastive_features(images)`` (images as the
+pre-processor resizes them, returning patch features and a unit-norm embedding) is trained on exactly
+those, as FewShotContrastive is. Otherwise the extractor's last output layer gives the embedding and
+the others the patch features, both through the shared
+:func:`~fsad_anomalib.models.components.fine_tuning.patch_and_global`.
 
 Usage::
 
@@ -20,9 +26,10 @@ import logging
 import torch
 import torch.nn.functional as F  # noqa: N812
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from torch import nn
 
-from fsad_anomalib.models.components.fine_tuning import ContrastiveFineTuner
+from fsad_anomalib.models.components.fine_tuning import ContrastiveFineTuner, patch_and_global
 
 logger = logging.getLogger(__name__)
 
@@ -100,40 +107,52 @@ class ContrastiveFineTuning(Callback):
         return torch.cat(images)[: self.max_images]
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Fine-tune before the first training step (where PatchCore/PaDiM collect their embeddings)."""
-        self.fine_tune(pl_module, self._support_images(trainer).to(pl_module.device))
+        """Fine-tune before the first training step (where models collect their embeddings or support set)."""
+        self.fine_tune(pl_module, self._support_images(trainer).to(pl_module.device), trainer)
 
-    def fine_tune(self, pl_module: LightningModule, images: torch.Tensor) -> None:
-        """Run the fine-tuning on ``images`` (``(K, 3, H, W)`` in [0, 1], resized as the model expects)."""
-        network = find_feature_extractor(pl_module)
+    @staticmethod
+    def _features_fn(pl_module: LightningModule, network: nn.Module):  # noqa: ANN205
+        """images in [0, 1] -> (patch features, unit-norm embedding), through the model's own pre-processing."""
         pre = getattr(getattr(pl_module, "pre_processor", None), "transform", None)
-        normalise = pre if pre is not None else nn.Identity()
+        transform = pre if pre is not None else nn.Identity()
+        tap = getattr(getattr(pl_module, "model", None), "contrastive_features", None)
+        if tap is not None:
+            return lambda batch: tap(transform(batch))
+
+        def features(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            maps = network(transform(batch))
+            return patch_and_global(maps[:-1] if len(maps) > 1 else maps, maps[-1])
+
+        return features
+
+    def fine_tune(self, pl_module: LightningModule, images: torch.Tensor, trainer: Trainer | None = None) -> None:
+        """Run the fine-tuning on ``images`` (``(K, 3, H, W)`` in [0, 1]; the model's pre-processor resizes them).
+
+        With a ``trainer``, the steps show in a progress bar (when the trainer has one) and each step's losses
+        go to the trainer's logger as ``fine_tune/<loss>``.
+        """
+        network = find_feature_extractor(pl_module)
         if not self.tuner.has_signal(images.shape[0]):
-            logger.warning("ContrastiveFineTuning: one image and L_NP off, no loss has a negative: skipped.")
+            logger.warning(
+                "ContrastiveFineTuning: K = 1 with L_NP switched off: no loss term has a negative, fine-tuning is "
+                "skipped and the model keeps its pretrained backbone."
+            )
             return
+        features = self._features_fn(pl_module, network)
+        was_training = network.training
+        network.eval()
         with torch.no_grad():
-            feats = network(normalise(images[:1]))
-        dims = [f.shape[1] for f in feats]
-        patch_dim = sum(dims[:-1]) if len(dims) > 1 else dims[0]
+            patch, pooled = features(images[:1])
         device = images.device
-        head = nn.Sequential(nn.Linear(dims[-1], 512), nn.ReLU(), nn.Linear(512, self.projection_dim)).to(device)
-        dense_head = nn.Sequential(nn.Conv2d(patch_dim, 256, 1), nn.ReLU(), nn.Conv2d(256, self.projection_dim, 1)).to(
-            device
-        )
+        head = nn.Sequential(nn.Linear(pooled.shape[1], 512), nn.ReLU(), nn.Linear(512, self.projection_dim)).to(device)
+        dense_head = nn.Sequential(
+            nn.Conv2d(patch.shape[1], 256, 1), nn.ReLU(), nn.Conv2d(256, self.projection_dim, 1)
+        ).to(device)
 
         def embed(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            features = network(normalise(batch))
-            pooled = F.normalize(features[-1].mean(dim=(-2, -1)), dim=-1)
-            patch_layers = features[:-1] if len(features) > 1 else features
-            size = patch_layers[0].shape[-2:]
-            patch = torch.cat(
-                [patch_layers[0]]
-                + [F.interpolate(f, size=size, mode="bilinear", align_corners=False) for f in patch_layers[1:]],
-                dim=1,
-            )
+            patch, pooled = features(batch)
             return F.normalize(head(pooled), dim=-1), F.normalize(dense_head(patch), dim=1)
 
-        was_training = network.training
         grad_flags = {name: p.requires_grad for name, p in network.named_parameters()}
         network.train()
         for module in network.modules():  # K images cannot estimate BatchNorm statistics
@@ -149,23 +168,34 @@ class ContrastiveFineTuning(Callback):
             weight_decay=self.weight_decay,
         )
         self.history = []
+        show_bar = trainer is not None and trainer.progress_bar_callback is not None and trainer.is_global_zero
+        bar = Tqdm(total=self.steps, desc="Contrastive fine-tuning", leave=False, disable=not show_bar)
+        run_logger = trainer.logger if trainer is not None else None
         try:
             with torch.enable_grad(), torch.inference_mode(mode=False):
                 for step in range(self.steps):
                     loss, parts = self.tuner(images, embed)
                     if not torch.isfinite(loss):
-                        msg = f"ContrastiveFineTuning: loss became {loss.item()} at step {step}; lower the rates."
+                        msg = (
+                            f"ContrastiveFineTuning: the loss became {loss.item()} at step {step}; lower lr_backbone "
+                            "and lr_head."
+                        )
                         raise FloatingPointError(msg)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     torch.nn.utils.clip_grad_norm_(network.parameters(), 1.0)
                     optimizer.step()
                     self.history.append(float(loss.detach()))
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{self.history[-1]:.3f}")
+                    if run_logger is not None:
+                        metrics = {"fine_tune/loss": self.history[-1]}
+                        metrics.update({f"fine_tune/{k}": float(v) for k, v in parts.items()})
+                        run_logger.log_metrics(metrics, step=step)
         finally:
+            bar.close()
             for name, parameter in network.named_parameters():
                 parameter.requires_grad_(grad_flags[name])
             network.train(was_training)
             optimizer.zero_grad(set_to_none=True)
         logger.info("ContrastiveFineTuning: %d steps, loss %.3f -> %.3f", self.steps, self.history[0], self.history[-1])
-        if pl_module.logger is not None:
-            pl_module.logger.log_metrics({"fine_tune_loss": self.history[-1]})

@@ -144,6 +144,12 @@ class FewShot(AnomalibDataModule):
         self._update_augmentations()
         self.save_support_set()
 
+    def val_dataloader(self):  # noqa: ANN201
+        """The wrapped datamodule's validation data; none (no validation pass) with ``val_split_mode="none"``."""
+        if getattr(self, "val_data", None) is None:
+            return []
+        return super().val_dataloader()
+
     def pool(self, dataset: AnomalibDataset | None = None) -> list[str]:
         """Paths of the normal images of the wrapped training split (the pool K images are drawn from)."""
         dataset = dataset if dataset is not None else self.datamodule.train_data

@@ -7,7 +7,7 @@ backbones, so both run exactly the same code.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -17,10 +17,30 @@ from fsad_anomalib.models.components.augment import ViewAugmentation
 from fsad_anomalib.models.components.synthesis import AnomalySynthesizer
 from fsad_anomalib.models.few_shot_contrastive.loss import DenseSynthesizedNegativeLoss, FewShotContrastiveLoss
 
-__all__ = ["ContrastiveFineTuner", "EmbedFn"]
+__all__ = ["ContrastiveFineTuner", "EmbedFn", "patch_and_global"]
 
 # images in [0, 1] -> (global projections (B, D), dense projections (B, D', h, w) or None), all unit norm
 EmbedFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
+
+
+def patch_and_global(patch_maps: Sequence[torch.Tensor], global_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Patch features and the image embedding from a backbone's feature maps.
+
+    Each patch map gets a 3x3 local average (PatchCore's neighbourhood aggregation) at its own resolution and
+    is then upsampled bilinearly to the first map's resolution; the maps are concatenated along channels.
+    The image embedding is the L2-normalised global average pool of ``global_map``. FewShotContrastive
+    scores these features and the fine-tuning callback trains them, for every model.
+
+    Returns:
+        ``(B, sum of channels, h, w)`` patch features and ``(B, C_global)`` unit-norm embeddings.
+    """
+    pooled_maps = [F.avg_pool2d(f, kernel_size=3, stride=1, padding=1) for f in patch_maps]
+    size = pooled_maps[0].shape[-2:]
+    patch = torch.cat(
+        [pooled_maps[0]] + [F.interpolate(f, size=size, mode="bilinear", align_corners=False) for f in pooled_maps[1:]],
+        dim=1,
+    )
+    return patch, F.normalize(global_map.mean(dim=(-2, -1)), dim=-1)
 
 
 class ContrastiveFineTuner(nn.Module):

@@ -1,9 +1,12 @@
 """FewShotContrastive: few-shot anomaly detection through contrastive fine-tuning, as an anomalib model.
 
-Training (Lightning's fit loop, ``fine_tune_steps`` optimiser steps) adapts the pretrained backbone to the
-K normal images with L = L_Con + lambda_PP * L_PP + lambda_NP * L_NP. When the steps are done, the model
-embeds ``n_views`` flipped/turned views of the K images and fits two Ledoit-Wolf Gaussians: one on the
-global embedding (the paper's score) and one on the patch features (anomaly map). See README.md.
+Training adapts the pretrained backbone to the K normal images with L = L_Con + lambda_PP * L_PP +
+lambda_NP * L_NP: ``fine_tune_steps`` optimiser steps run by the
+:class:`~fsad_anomalib.callbacks.ContrastiveFineTuning` callback, the same code that adapts PatchCore's or
+PaDiM's backbone, which this model adds to the trainer through ``configure_callbacks``. The single training
+epoch then collects the K images; before validation (or when training ends) the model embeds ``n_views``
+views of them and fits two Ledoit-Wolf Gaussians: one on the global embedding (the paper's score) and one
+on the patch features (anomaly map). See README.md.
 
 The model declares ``LearningType.ONE_CLASS`` although it is a few-shot method: anomalib's Engine skips the
 fit loop for FEW_SHOT models, and this one trains.
@@ -16,6 +19,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from lightning.pytorch import Callback
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 from torchvision.transforms.v2 import Compose, Resize
@@ -28,7 +32,7 @@ from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 
-from fsad_anomalib.models.components.fine_tuning import ContrastiveFineTuner
+from fsad_anomalib.callbacks.contrastive_fine_tuning import ContrastiveFineTuning
 from fsad_anomalib.models.few_shot_contrastive.torch_model import FewShotContrastiveModel, NotFittedError
 
 logger = logging.getLogger(__name__)
@@ -47,7 +51,7 @@ class FewShotContrastive(AnomalibModule):
         global_layer: Layer whose average pool is the image embedding.
         image_size: Side of the square input after resizing.
         fine_tune: Contrastive fine-tuning on (False: frozen backbone + Gaussian, the paper's baseline).
-        fine_tune_steps: Optimiser steps of fine-tuning.
+        fine_tune_steps: Optimiser steps of fine-tuning (the K images form one batch).
         lr_backbone: Learning rate of the backbone.
         lr_head: Learning rate of the projection head.
         weight_decay: AdamW weight decay.
@@ -62,7 +66,7 @@ class FewShotContrastive(AnomalibModule):
             Mahalanobis score) or ``combined`` (both, each divided by its mean on the training views).
         topk_ratio: Fraction of the patches whose mean is the image score in ``patch`` mode.
         dense_negatives: Also apply L_NP at patch level (synthesized anomalous patches as negatives).
-        projection_dim: Output size of the projection head.
+        projection_dim: Output size of the (temporary) projection heads of fine-tuning.
     """
 
     def __init__(
@@ -86,7 +90,7 @@ class FewShotContrastive(AnomalibModule):
         vflip: bool = True,
         rot90: bool = True,
         color_jitter: float = 0.2,
-        n_views: int = 8,
+        n_views: int = 1,
         score_mode: str = "patch",
         topk_ratio: float = 0.01,
         dense_negatives: bool = True,
@@ -124,10 +128,13 @@ class FewShotContrastive(AnomalibModule):
             layers=layers,
             global_layer=global_layer,
             score_mode=score_mode,
-            projection_dim=projection_dim,
             topk_ratio=topk_ratio,
         )
-        self.fine_tuner = ContrastiveFineTuner(
+        self.fine_tuning = ContrastiveFineTuning(
+            steps=fine_tune_steps,
+            lr_backbone=lr_backbone,
+            lr_head=lr_head,
+            weight_decay=weight_decay,
             temperature=temperature,
             lambda_pp=lambda_pp,
             lambda_np=lambda_np,
@@ -138,12 +145,9 @@ class FewShotContrastive(AnomalibModule):
             rot90=rot90,
             color_jitter=color_jitter,
             dense_negatives=dense_negatives,
+            projection_dim=projection_dim,
         )
         self.fine_tune = fine_tune
-        self.fine_tune_steps = fine_tune_steps
-        self.lr_backbone = lr_backbone
-        self.lr_head = lr_head
-        self.weight_decay = weight_decay
         self.n_views = n_views
         self.hflip, self.vflip, self.rot90 = hflip, vflip, rot90
         self._support: dict[str, torch.Tensor] = {}
@@ -169,31 +173,19 @@ class FewShotContrastive(AnomalibModule):
 
     @property
     def trainer_arguments(self) -> dict[str, Any]:
-        """Training length comes from ``fine_tune_steps``; validation runs once, after the last step."""
-        steps = self.fine_tune_steps if self.fine_tune else 1
-        return {
-            "max_steps": steps,
-            "max_epochs": -1 if self.fine_tune else 1,
-            "check_val_every_n_epoch": None if self.fine_tune else 1,
-            "val_check_interval": steps if self.fine_tune else 1.0,
-            "num_sanity_val_steps": 0,
-            "gradient_clip_val": 1.0 if self.fine_tune else None,
-        }
+        """One epoch collects the K images (fine-tuning runs before it, in the callback); validation follows."""
+        return {"max_epochs": 1, "check_val_every_n_epoch": 1, "num_sanity_val_steps": 0}
 
-    def configure_optimizers(self) -> torch.optim.Optimizer | None:
-        """AdamW with separate learning rates for backbone and projection head; none when frozen."""
-        if not self.fine_tune:
-            return None
-        return torch.optim.AdamW(
-            [
-                {"params": self.model.feature_extractor.parameters(), "lr": self.lr_backbone},
-                {
-                    "params": [*self.model.projection.parameters(), *self.model.dense_projection.parameters()],
-                    "lr": self.lr_head,
-                },
-            ],
-            weight_decay=self.weight_decay,
-        )
+    def configure_optimizers(self) -> None:
+        """No optimiser here: the ContrastiveFineTuning callback owns the fine-tuning optimiser."""
+        return
+
+    def configure_callbacks(self) -> list[Callback]:
+        """anomalib's components, plus the fine-tuning callback unless ``fine_tune`` is off."""
+        callbacks = list(super().configure_callbacks())
+        if self.fine_tune:
+            callbacks.append(self.fine_tuning)
+        return callbacks
 
     # ------------------------------------------------------------------ training
     def _remember(self, batch: Batch) -> None:
@@ -203,27 +195,10 @@ class FewShotContrastive(AnomalibModule):
             self._support[key] = batch.image[index].detach().cpu()
 
     def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
-        """One contrastive step on the batch of normals (or, frozen, only collect them)."""
+        """Collect the K normal images (fine-tuning already ran in ContrastiveFineTuning.on_train_start)."""
         del args, kwargs
         self._check_images(batch.image, "training batch")
         self._remember(batch)
-        if not self.fine_tune:
-            return None
-        if not self.fine_tuner.has_signal(len(self._support)):
-            if self.global_step == 0:
-                logger.warning(
-                    "K = 1 with L_NP switched off: no loss term has a negative, fine-tuning is skipped and the "
-                    "model is the frozen backbone + Gaussian."
-                )
-            return None
-        self.model.train()
-        loss, parts = self.fine_tuner(batch.image, self.model.embed)
-        if not torch.isfinite(loss):
-            msg = f"Fine-tuning loss became {loss.item()} at step {self.global_step}; lower lr_backbone/lr_head."
-            raise FloatingPointError(msg)
-        self.log("train_loss", loss, on_step=True, prog_bar=True, batch_size=batch.image.shape[0])
-        self.log_dict(parts, on_step=True, batch_size=batch.image.shape[0])
-        return loss
 
     def fit(self) -> None:
         """Fit the Gaussians on views of every support image seen in training."""
@@ -280,7 +255,7 @@ class FewShotContrastive(AnomalibModule):
             raise ValueError(msg)
 
     # ------------------------------------------------------------------ checkpoints
-    _ARCHITECTURE_ARGS = ("backbone", "layers", "global_layer", "projection_dim")
+    _ARCHITECTURE_ARGS = ("backbone", "layers", "global_layer")
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint written by a model of another architecture, naming what differs."""

@@ -1,4 +1,4 @@
-"""PyTorch model of FewShotContrastive: backbone, projection head, Gaussian scoring and anomaly map."""
+"""PyTorch model of FewShotContrastive: backbone, Gaussian scoring and anomaly map."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from anomalib.models.components.filters import GaussianBlur2d
 
 from fsad_anomalib.backbones import resolve_backbone
 from fsad_anomalib.models.components.augment import fit_views
+from fsad_anomalib.models.components.fine_tuning import patch_and_global
 from fsad_anomalib.models.components.gaussian import fit_gaussian, mahalanobis
 
 logger = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ def build_feature_extractor(
 
 
 class FewShotContrastiveModel(nn.Module):
-    """Backbone + projection head + two Gaussians (global embedding and patch features).
+    """Backbone + two Gaussians (global embedding and patch features).
 
     Forward in eval mode takes images in [0, 1] (resized by the pre-processor) and returns an
     ``InferenceBatch`` with ``pred_score`` and ``anomaly_map``. Normalisation with the backbone's
@@ -86,7 +87,8 @@ class FewShotContrastiveModel(nn.Module):
             global Gaussian).
         score_mode: ``combined`` (global + patch, each divided by its mean on the training views),
             ``patch`` (max of the patch Mahalanobis map) or ``global`` (the paper's image-level score).
-        projection_dim: Output size of the projection head.
+        blur_sigma: Gaussian smoothing of the anomaly map, in input pixels.
+        topk_ratio: Fraction of the patches whose mean is the image score in ``patch`` mode.
     """
 
     def __init__(
@@ -96,7 +98,6 @@ class FewShotContrastiveModel(nn.Module):
         layers: Sequence[int | str] = (2, 3),
         global_layer: int | str = 4,
         score_mode: str = "patch",
-        projection_dim: int = 128,
         blur_sigma: float = 4.0,
         topk_ratio: float = 0.01,
     ) -> None:
@@ -121,16 +122,6 @@ class FewShotContrastiveModel(nn.Module):
         self.score_mode = score_mode
         self.register_buffer("pixel_mean", torch.tensor(mean).view(1, -1, 1, 1))
         self.register_buffer("pixel_std", torch.tensor(std).view(1, -1, 1, 1))
-        self.projection = nn.Sequential(
-            nn.Linear(self.global_dim, 512),
-            nn.ReLU(inplace=True),
-            nn.Linear(512, projection_dim),
-        )
-        self.dense_projection = nn.Sequential(
-            nn.Conv2d(self.patch_dim, 256, kernel_size=1),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(256, projection_dim, kernel_size=1),
-        )
         self.register_buffer("global_mean", torch.zeros(self.global_dim))
         self.register_buffer("global_precision", torch.eye(self.global_dim))
         self.register_buffer("patch_mean", torch.zeros(self.patch_dim))
@@ -156,42 +147,26 @@ class FewShotContrastiveModel(nn.Module):
         return self
 
     def features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Patch features ``(B, C, h, w)`` (locally averaged, upsampled to the first layer) and global ``(B, D)``."""
+        """Patch features ``(B, C, h, w)`` (locally averaged, upsampled to the first layer) and global ``(B, D)``.
+
+        The same features the :class:`~fsad_anomalib.callbacks.ContrastiveFineTuning` callback trains
+        (:func:`~fsad_anomalib.models.components.fine_tuning.patch_and_global`).
+        """
         if images.ndim != 4 or images.shape[1] != 3:  # noqa: PLR2004
             msg = f"FewShotContrastive expects RGB images of shape (B, 3, H, W), got {tuple(images.shape)}."
             raise ValueError(msg)
-        x = (images - self.pixel_mean) / self.pixel_std
-        feats = self.feature_extractor(x)
-        # 3x3 local averaging (PatchCore's neighbourhood aggregation) at each layer's own resolution, then
-        # bilinear upsampling to the first layer's: cheaper than averaging after upsampling.
-        pooled_maps = [F.avg_pool2d(feats[layer], kernel_size=3, stride=1, padding=1) for layer in self.layers]
-        size = pooled_maps[0].shape[-2:]
-        patch = torch.cat(
-            [pooled_maps[0]]
-            + [F.interpolate(f, size=size, mode="bilinear", align_corners=False) for f in pooled_maps[1:]],
-            dim=1,
-        )
-        pooled = feats[self.global_layer].mean(dim=(-2, -1))
-        return patch, F.normalize(pooled, dim=-1)
+        feats = self.feature_extractor((images - self.pixel_mean) / self.pixel_std)
+        return patch_and_global([feats[layer] for layer in self.layers], feats[self.global_layer])
 
-    def project(self, images: torch.Tensor) -> torch.Tensor:
-        """L2-normalised projection of the global embedding, for the contrastive losses."""
-        _, embedding = self.features(images)
-        return F.normalize(self.projection(embedding), dim=-1)
-
-    def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Global ``(B, D)`` and dense ``(B, D, h, w)`` L2-normalised projections, for the losses."""
-        patch, embedding = self.features(images)
-        z = F.normalize(self.projection(embedding), dim=-1)
-        dense = F.normalize(self.dense_projection(patch), dim=1)
-        return z, dense
+    # the fine-tuning callback trains exactly the scored features (see ContrastiveFineTuning)
+    contrastive_features = features
 
     # ------------------------------------------------------------------ fit
     @torch.no_grad()
     def fit(
         self,
         images: torch.Tensor,
-        n_views: int = 8,
+        n_views: int = 1,
         hflip: bool = True,
         vflip: bool = True,
         rot90: bool = True,
@@ -245,10 +220,8 @@ class FewShotContrastiveModel(nn.Module):
         k = max(1, int(round(self.topk_ratio * flat.shape[1])))
         return flat.topk(k, dim=1).values.mean(dim=1)
 
-    def forward(self, images: torch.Tensor) -> InferenceBatch | torch.Tensor:
-        """Train mode: projections for the contrastive loss. Eval mode: scores and anomaly maps."""
-        if self.training:
-            return self.project(images)
+    def forward(self, images: torch.Tensor) -> InferenceBatch:
+        """Image scores and anomaly maps of images in [0, 1] (BatchNorm is frozen, so train mode changes nothing)."""
         patch, emb = self.features(images)
         patch_map = self._patch_map(patch) / self.score_scale[1]
         if self.score_mode == "patch":  # the default: no global Mahalanobis pass on the hot path
