@@ -55,9 +55,8 @@ def folder_datamodule(root: Path, **kwargs):  # noqa: ANN201
         abnormal_dir="test/bad",
         normal_test_dir="test/good",
         mask_dir="mask/bad",
-        val_split_mode="same_as_test",
         num_workers=0,
-        **kwargs,
+        **{"val_split_mode": "same_as_test", **kwargs},
     )
 
 

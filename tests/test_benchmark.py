@@ -14,7 +14,8 @@ from .conftest import folder_datamodule
 
 def test_benchmark_end_to_end_and_resume(generated_root, tmp_path):
     out = tmp_path / "bench"
-    sets = {"generated/toy": lambda: folder_datamodule(generated_root)}
+    # as the command line builds them: no validation split, the test set is scored once
+    sets = {"generated/toy": lambda: folder_datamodule(generated_root, val_split_mode="none")}
     methods = ["FewShotContrastive", "frozen", "PatchCore", "PaDiM"]
     args = {"fine_tune_steps": 2, "n_views": 2}
     rows = run_benchmark(sets, k_shots=[1, 2], seeds=[0], methods=methods, output=out, image_size=64,
@@ -26,6 +27,11 @@ def test_benchmark_end_to_end_and_resume(generated_root, tmp_path):
     for key in ("image_AUROC", "pixel_AUROC", "train_s", "ms_b1", "ms_b32", "peak_rss_mb", "support_set"):
         assert key in row
     assert len(row["support_set"]) == row["k_shot"]
+    # the generated defects are plain to see: real rankings, not the 0.5 of tied or constant scores
+    by_method = {r["method"]: r for r in rows if r["k_shot"] == 2}
+    assert by_method["FewShotContrastive"]["image_AUROC"] > 0.9
+    assert by_method["PatchCore"]["image_AUROC"] > 0.9
+    assert by_method["FewShotContrastive"]["pixel_AUROC"] > 0.9
     assert json.loads((out / "backbone_floor.json").read_text())["ms_b1"] > 0
     # resuming runs nothing new
     again = run_benchmark(sets, k_shots=[1, 2], seeds=[0], methods=methods, output=out, image_size=64,
