@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -32,6 +33,10 @@ def test_benchmark_end_to_end_and_resume(generated_root, tmp_path):
     assert by_method["FewShotContrastive"]["image_AUROC"] > 0.9
     assert by_method["PatchCore"]["image_AUROC"] > 0.9
     assert by_method["FewShotContrastive"]["pixel_AUROC"] > 0.9
+    # stock PaDiM cannot fit a covariance from one image: its NaN scores are flagged and give no AUROC
+    padim_1 = next(r for r in rows if r["method"] == "PaDiM" and r["k_shot"] == 1)
+    assert padim_1["non_finite_scores"] > 0 and math.isnan(padim_1["image_AUROC"])
+    assert all(r["non_finite_scores"] == 0 for r in rows if r is not padim_1)
     assert json.loads((out / "backbone_floor.json").read_text())["ms_b1"] > 0
     # resuming runs nothing new
     again = run_benchmark(sets, k_shots=[1, 2], seeds=[0], methods=methods, output=out, image_size=64,
@@ -40,6 +45,7 @@ def test_benchmark_end_to_end_and_resume(generated_root, tmp_path):
     assert len((out / "runs.jsonl").read_text().splitlines()) == len(lines)
     table = write_table(again, out / "results.md", methods=methods)
     assert "PatchCore" in table and "K=2" in table
+    assert "NaN in 1/1" in table  # PaDiM at K = 1
     plots = write_plots(again, out)
     assert all(p.exists() and p.stat().st_size > 0 for p in plots)
 

@@ -37,6 +37,30 @@ def test_callback_changes_only_the_feature_extractor(method):
     assert [p.requires_grad for p in model.model.feature_extractor.parameters()] == flags
 
 
+def test_larger_support_sets_are_fine_tuned_in_random_batches_of_batch_size():
+    """K above batch_size: each step sees batch_size distinct images, drawn anew, so all K take part."""
+    seed_everything(0)
+    model = build_method("PatchCore", "offline:tf_efficientnet_lite0", image_size=64)
+    images = torch.rand(6, 3, 64, 64)
+    callback = ContrastiveFineTuning(steps=4, batch_size=4, synthesis="none", lambda_pp=0.0)
+    seen: list[torch.Tensor] = []
+    forward = callback.tuner.forward
+
+    def spy(batch, embed):  # noqa: ANN001, ANN202
+        seen.append(batch)
+        return forward(batch, embed)
+
+    callback.tuner.forward = spy
+    callback.fine_tune(model, images)
+    assert len(seen) == 4 and all(b.shape[0] == 4 for b in seen)
+    # every batch is made of distinct support images, and over the steps more than one subset is drawn
+    rows = [{int((images - img).abs().flatten(1).sum(1).argmin()) for img in b} for b in seen]
+    assert all(len(r) == 4 for r in rows)
+    assert len(set().union(*rows)) > 4
+    with pytest.raises(ValueError, match="batch_size"):
+        ContrastiveFineTuning(batch_size=0)
+
+
 def test_fine_tuned_patchcore_checkpoint_and_onnx_match_eager(generated_root, tmp_path):
     import onnxruntime as ort
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch import seed_everything
+from lightning.pytorch import Callback, seed_everything
 
 from anomalib.data.datamodules.base.image import AnomalibDataModule
 from anomalib.engine import Engine
@@ -30,7 +30,7 @@ from fsad_anomalib.data import FewShot
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["peak_rss_mb", "run_benchmark", "time_forward"]
+__all__ = ["NonFiniteScoreCounter", "peak_rss_mb", "run_benchmark", "time_forward"]
 
 
 def peak_rss_mb() -> float:
@@ -69,6 +69,28 @@ def backbone_floor(backbone: str, image_size: int, repeats: int = 7) -> dict[str
         "ms_b1": time_forward(net, 1, image_size, repeats),
         "ms_b32": time_forward(net, 32, image_size, max(2, repeats // 3)),
     }
+
+
+class NonFiniteScoreCounter(Callback):
+    """Counts test images whose score (or anomaly map) is NaN or infinite.
+
+    torchmetrics' AUROC takes NaN scores without complaint and returns a number (stock PaDiM at K = 1,
+    whose per-patch covariance of a single sample is NaN, scored 0.299 that way). The benchmark records
+    NaN for such a run instead, with the count of the images concerned.
+    """
+
+    def __init__(self) -> None:
+        self.scores = 0
+        self.maps = 0
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:  # noqa: ANN001, ARG002, PLR0913
+        """Count the batch's images with a non-finite score or map."""
+        score = getattr(outputs, "pred_score", None)
+        if score is not None:
+            self.scores += int((~torch.isfinite(score.reshape(score.shape[0], -1))).any(dim=1).sum())
+        anomaly_map = getattr(outputs, "anomaly_map", None)
+        if anomaly_map is not None:
+            self.maps += int((~torch.isfinite(anomaly_map.reshape(anomaly_map.shape[0], -1))).any(dim=1).sum())
 
 
 def _key(row: dict[str, Any]) -> tuple:
@@ -119,6 +141,9 @@ def run_benchmark(
         rows.append(row)
         with runs_file.open("a") as handle:
             handle.write(json.dumps(row) + "\n")
+        if row["non_finite_scores"] or row["non_finite_maps"]:
+            progress(f"    {method} gave non-finite scores on {row['non_finite_scores']} and non-finite maps on "
+                     f"{row['non_finite_maps']} test images: AUROC recorded as NaN")
         progress(f"    image AUROC {row['image_AUROC']:.3f}  train {row['train_s']:.1f}s  peak RSS {row['peak_rss_mb']:.0f} MiB")
         _trim_heap()
     return rows
@@ -141,7 +166,7 @@ def _run_one(
     model = build_method(method, backbone, image_size, fsc_args)
     with tempfile.TemporaryDirectory(prefix="fsad-bench-") as workdir:
         engine = Engine(default_root_dir=workdir, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                        accelerator="cpu", callbacks=method_callbacks(method))
+                        accelerator="cpu", callbacks=[*method_callbacks(method), counter := NonFiniteScoreCounter()])
         start = time.perf_counter()
         engine.fit(model=model, datamodule=few_shot)
         train_s = time.perf_counter() - start
@@ -153,8 +178,11 @@ def _run_one(
         "seed": seed,
         "method": method,
         "evaluation": getattr(datamodule, "evaluation", "test"),
-        "image_AUROC": float(metrics.get("image_AUROC", float("nan"))),
-        "pixel_AUROC": float(metrics["pixel_AUROC"]) if "pixel_AUROC" in metrics else None,
+        "image_AUROC": float(metrics.get("image_AUROC", float("nan"))) if not counter.scores else float("nan"),
+        "pixel_AUROC": (float(metrics["pixel_AUROC"]) if not counter.maps else float("nan"))
+        if "pixel_AUROC" in metrics else None,
+        "non_finite_scores": counter.scores,
+        "non_finite_maps": counter.maps,
         "train_s": train_s,
         "support_set": few_shot.support_set,
         "model_args": (fsc_args or {}) if method in FSC_VARIANTS else {},

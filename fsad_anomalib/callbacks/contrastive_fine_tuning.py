@@ -54,7 +54,9 @@ class ContrastiveFineTuning(Callback):
     """Fine-tune a model's feature extractor on the K normal training images before it is fitted.
 
     Args:
-        steps: AdamW steps (the whole support set is one batch).
+        steps: AdamW steps.
+        batch_size: Images per step. Up to this many training images form one batch; with more (K = 16),
+            each step draws a random subset of ``batch_size`` of them, which keeps the cost of a step flat in K.
         lr_backbone, lr_head, weight_decay: Optimiser settings (as in FewShotContrastive).
         temperature, lambda_pp, lambda_np, synthesis, crop_scale, hflip, vflip, rot90, color_jitter,
         dense_negatives: Loss, views and synthesis, with FewShotContrastive's meaning and defaults.
@@ -65,6 +67,7 @@ class ContrastiveFineTuning(Callback):
     def __init__(
         self,
         steps: int = 30,
+        batch_size: int = 8,
         lr_backbone: float = 1e-4,
         lr_head: float = 1e-3,
         weight_decay: float = 1e-4,
@@ -85,7 +88,11 @@ class ContrastiveFineTuning(Callback):
         if steps < 1:
             msg = f"steps must be >= 1, got {steps}."
             raise ValueError(msg)
+        if batch_size < 1:
+            msg = f"batch_size must be >= 1, got {batch_size}."
+            raise ValueError(msg)
         self.steps = steps
+        self.batch_size = batch_size
         self.lr_backbone, self.lr_head, self.weight_decay = lr_backbone, lr_head, weight_decay
         self.projection_dim = projection_dim
         self.max_images = max_images
@@ -132,7 +139,7 @@ class ContrastiveFineTuning(Callback):
         go to the trainer's logger as ``fine_tune/<loss>``.
         """
         network = find_feature_extractor(pl_module)
-        if not self.tuner.has_signal(images.shape[0]):
+        if not self.tuner.has_signal(min(images.shape[0], self.batch_size)):
             logger.warning(
                 "ContrastiveFineTuning: K = 1 with L_NP switched off: no loss term has a negative, fine-tuning is "
                 "skipped and the model keeps its pretrained backbone."
@@ -174,7 +181,10 @@ class ContrastiveFineTuning(Callback):
         try:
             with torch.enable_grad(), torch.inference_mode(mode=False):
                 for step in range(self.steps):
-                    loss, parts = self.tuner(images, embed)
+                    batch = images
+                    if images.shape[0] > self.batch_size:
+                        batch = images[torch.randperm(images.shape[0], device=device)[: self.batch_size]]
+                    loss, parts = self.tuner(batch, embed)
                     if not torch.isfinite(loss):
                         msg = (
                             f"ContrastiveFineTuning: the loss became {loss.item()} at step {step}; lower lr_backbone "

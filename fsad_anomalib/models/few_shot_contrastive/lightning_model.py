@@ -51,7 +51,9 @@ class FewShotContrastive(AnomalibModule):
         global_layer: Layer whose average pool is the image embedding.
         image_size: Side of the square input after resizing.
         fine_tune: Contrastive fine-tuning on (False: frozen backbone + Gaussian, the paper's baseline).
-        fine_tune_steps: Optimiser steps of fine-tuning (the K images form one batch).
+        fine_tune_steps: Optimiser steps of fine-tuning.
+        fine_tune_batch_size: Images per fine-tuning step: the K images form one batch up to this size; beyond
+            it each step draws a random subset.
         lr_backbone: Learning rate of the backbone.
         lr_head: Learning rate of the projection head.
         weight_decay: AdamW weight decay.
@@ -78,6 +80,7 @@ class FewShotContrastive(AnomalibModule):
         image_size: int = 256,
         fine_tune: bool = True,
         fine_tune_steps: int = 30,
+        fine_tune_batch_size: int = 8,
         lr_backbone: float = 1e-4,
         lr_head: float = 1e-3,
         weight_decay: float = 1e-4,
@@ -106,6 +109,9 @@ class FewShotContrastive(AnomalibModule):
         if fine_tune_steps < 1:
             msg = f"fine_tune_steps must be >= 1, got {fine_tune_steps}."
             raise ValueError(msg)
+        if fine_tune_batch_size < 1:
+            msg = f"fine_tune_batch_size must be >= 1, got {fine_tune_batch_size}."
+            raise ValueError(msg)
         if n_views < 1:
             msg = f"n_views must be >= 1, got {n_views}."
             raise ValueError(msg)
@@ -132,6 +138,7 @@ class FewShotContrastive(AnomalibModule):
         )
         self.fine_tuning = ContrastiveFineTuning(
             steps=fine_tune_steps,
+            batch_size=fine_tune_batch_size,
             lr_backbone=lr_backbone,
             lr_head=lr_head,
             weight_decay=weight_decay,
