@@ -119,3 +119,29 @@ def test_few_shot_contrastive_fine_tunes_through_the_callback(generated_root, tm
     losses = [float(r["fine_tune/loss"]) for r in rows if r.get("fine_tune/loss")]
     assert losses == pytest.approx(model.fine_tuning.history)
     assert all(r.get("fine_tune/loss_con") for r in rows if r.get("fine_tune/loss"))
+
+
+def test_fine_tuning_settings_have_one_default_across_model_callback_and_tuner():
+    """FewShotContrastive forwards its settings to the callback and the callback to the tuner by name."""
+    import inspect
+
+    from fsad_anomalib.models import FewShotContrastive
+    from fsad_anomalib.models.components import ContrastiveFineTuner
+
+    def defaults(target, renames=None):  # noqa: ANN001, ANN202
+        renames = renames or {}
+        return {renames.get(n, n): p.default for n, p in inspect.signature(target).parameters.items()}
+
+    model = defaults(FewShotContrastive)
+    callback = defaults(ContrastiveFineTuning, {"steps": "fine_tune_steps", "batch_size": "fine_tune_batch_size"})
+    tuner = defaults(ContrastiveFineTuner)
+    assert tuner.keys() <= callback.keys()
+    assert all(callback[name] == value for name, value in tuner.items())
+    shared = callback.keys() & model.keys()
+    assert shared >= {"fine_tune_steps", "fine_tune_batch_size", "lr_backbone", "lambda_np", "synthesis"}
+    assert all(model[name] == callback[name] for name in shared)
+    # and the values really arrive
+    fsc = FewShotContrastive(image_size=64, fine_tune_steps=3, fine_tune_batch_size=5, lambda_pp=0.25, synthesis="perlin")
+    assert (fsc.fine_tuning.steps, fsc.fine_tuning.batch_size) == (3, 5)
+    assert fsc.fine_tuning.tuner.loss.lambda_pp == 0.25
+    assert fsc.fine_tuning.tuner.synthesizer.mode == "perlin"

@@ -141,6 +141,14 @@ def test_supported_backbones_and_errors(tmp_path):
     unfitted = FewShotContrastive(image_size=64)
     with pytest.raises(NotFittedError, match="never fitted"):
         unfitted(torch.rand(1, 3, 64, 64))
+    # the normalisation PatchCore and PaDiM get in the benchmark is the one the model reads from its weights
+    from fsad_anomalib.backbones import backbone_normalization
+
+    for net, built in (("offline:tf_efficientnet_lite0", unfitted), ("resnet18", model)):
+        mean, std = backbone_normalization(net)
+        assert torch.allclose(built.model.pixel_mean.flatten(), torch.tensor(mean))
+        assert torch.allclose(built.model.pixel_std.flatten(), torch.tensor(std))
+    assert backbone_normalization("offline:tf_efficientnet_lite0")[0] == (0.5, 0.5, 0.5)  # not ImageNet's
 
 
 def _train_once(root: Path, generated_root: Path) -> torch.Tensor:

@@ -90,6 +90,7 @@ def test_wrong_tensor_shapes_and_unfitted_model():
     ("kwargs", "message"),
     [
         ({"fine_tune_steps": 0}, "fine_tune_steps"),
+        ({"fine_tune_batch_size": 0}, "fine_tune_batch_size"),
         ({"n_views": 0}, "n_views"),
         ({"lr_backbone": 0.0}, "lr_backbone"),
         ({"synthesis": "glitter"}, "synthesis must be one of"),

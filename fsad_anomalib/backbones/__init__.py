@@ -1,19 +1,6 @@
 """Backbones and pretrained weights that work without network access."""
 
-from .offline import (
-    OFFLINE_PREFIX,
-    OfflineWeightsError,
-    available_offline_backbones,
-    cache_dir,
-    offline_backbone,
-    resolve_backbone,
-)
+from . import offline
+from .offline import *  # noqa: F403
 
-__all__ = [
-    "OFFLINE_PREFIX",
-    "OfflineWeightsError",
-    "available_offline_backbones",
-    "cache_dir",
-    "offline_backbone",
-    "resolve_backbone",
-]
+__all__ = list(offline.__all__)

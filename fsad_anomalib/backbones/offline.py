@@ -19,8 +19,11 @@ import tempfile
 from pathlib import Path
 
 __all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
     "OFFLINE_PREFIX",
     "OfflineWeightsError",
+    "backbone_normalization",
     "available_offline_backbones",
     "cache_dir",
     "offline_backbone",
@@ -143,3 +146,25 @@ def resolve_backbone(backbone: str) -> str:
     if backbone.startswith(OFFLINE_PREFIX):
         return offline_backbone(backbone)
     return backbone
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def backbone_normalization(backbone: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Mean and std the backbone's weights expect, from its timm pretrained config, without building it.
+
+    ``local-dir:`` folders (and ``offline:`` names) carry the config in ``config.json``; other names use timm's
+    registry. ImageNet's when neither knows the backbone.
+    """
+    import timm  # noqa: PLC0415
+
+    name = resolve_backbone(backbone)
+    if name.startswith("local-dir:"):
+        config = Path(name.removeprefix("local-dir:")) / "config.json"
+        cfg = json.loads(config.read_text()).get("pretrained_cfg", {}) if config.exists() else {}
+    else:
+        found = timm.models.get_pretrained_cfg(name) or timm.models.get_pretrained_cfg(name.split(".")[0])
+        cfg = found.to_dict() if found is not None else {}
+    return tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD))

@@ -11,7 +11,7 @@ from anomalib.models import Padim, Patchcore
 from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 
-from fsad_anomalib.backbones import resolve_backbone
+from fsad_anomalib.backbones import backbone_normalization, resolve_backbone
 from fsad_anomalib.models import FewShotContrastive
 
 __all__ = ["FSC_VARIANTS", "METHODS", "OrderPreservingPostProcessor", "build_method", "method_callbacks",
@@ -82,9 +82,7 @@ def build_method(name: str, backbone: str, image_size: int, fsc_args: dict[str, 
         return FewShotContrastive(backbone=backbone, image_size=image_size, **args)
     name = name.removesuffix("+fine-tuning")
     timm_name = resolve_backbone(backbone)
-    probe = FewShotContrastive(backbone=backbone, image_size=image_size, fine_tune=False)
-    mean = probe.model.pixel_mean.flatten().tolist()
-    std = probe.model.pixel_std.flatten().tolist()
+    mean, std = backbone_normalization(backbone)
     pre = PreProcessor(transform=Compose([Resize((image_size, image_size), antialias=True), Normalize(mean, std)]))
     if name == "PatchCore":
         return Patchcore(backbone=timm_name, layers=["blocks.2", "blocks.4"], pre_processor=pre, visualizer=False,

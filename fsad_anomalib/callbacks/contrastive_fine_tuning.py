@@ -29,7 +29,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from torch import nn
 
-from fsad_anomalib.models.components.fine_tuning import ContrastiveFineTuner, patch_and_global
+from fsad_anomalib.models.components.fine_tuning import ContrastiveFineTuner, forwarded_arguments, patch_and_global
 
 logger = logging.getLogger(__name__)
 
@@ -91,14 +91,16 @@ class ContrastiveFineTuning(Callback):
         if batch_size < 1:
             msg = f"batch_size must be >= 1, got {batch_size}."
             raise ValueError(msg)
+        for name, value in {"lr_backbone": lr_backbone, "lr_head": lr_head}.items():
+            if value <= 0:
+                msg = f"{name} must be > 0, got {value}."
+                raise ValueError(msg)
         self.steps = steps
         self.batch_size = batch_size
         self.lr_backbone, self.lr_head, self.weight_decay = lr_backbone, lr_head, weight_decay
         self.projection_dim = projection_dim
         self.max_images = max_images
-        self.tuner = ContrastiveFineTuner(
-            temperature, lambda_pp, lambda_np, synthesis, crop_scale, hflip, vflip, rot90, color_jitter, dense_negatives
-        )
+        self.tuner = ContrastiveFineTuner(**forwarded_arguments(locals(), ContrastiveFineTuner))
         self.history: list[float] = []
 
     def _support_images(self, trainer: Trainer) -> torch.Tensor:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pandas import DataFrame
@@ -29,7 +30,17 @@ from torchvision.transforms.v2 import Transform
 
 EVALUATION_SETS = ("test", "dev")
 
-__all__ = ["ELPV", "EVALUATION_SETS", "SamplesDataset", "Textile", "elpv_samples", "textile_samples"]
+__all__ = [
+    "ELPV",
+    "EVALUATION_SETS",
+    "SamplesDataset",
+    "Textile",
+    "elpv_paths",
+    "elpv_samples",
+    "split_samples",
+    "textile_paths",
+    "textile_samples",
+]
 
 
 class SamplesDataset(AnomalibDataset):
@@ -67,17 +78,19 @@ def _require(module: str, pip_name: str, dataset: str):  # noqa: ANN202
         raise ImportError(msg) from exc
 
 
-def _split(
+def split_samples(
     normal_paths: list[str],
     abnormal_paths: list[str],
-    n_test_normal: int,
-    n_test_abnormal: int,
-    split_seed: int,
     what: str,
+    n_test_normal: int = 150,
+    n_test_abnormal: int = 150,
+    split_seed: int = 0,
     evaluation: str = "test",
     n_dev: int = 100,
 ) -> DataFrame:
     """Sorted, seeded, fixed split: test normals + test anomalies, the remaining normals form the pool.
+
+    ``what`` names the set in error messages (``"ELPV mono"``).
 
     With ``evaluation="dev"`` the rows marked test are the development set instead: the last ``n_dev``
     normals of the pool and up to ``n_dev`` anomalies outside the test set; the pool loses those normals.
@@ -115,15 +128,8 @@ def _split(
     return DataFrame(rows, columns=["image_path", "label", "label_index", "mask_path", "split"])
 
 
-def elpv_samples(
-    category: str,
-    n_test_normal: int = 150,
-    n_test_abnormal: int = 150,
-    split_seed: int = 0,
-    evaluation: str = "test",
-    n_dev: int = 100,
-) -> DataFrame:
-    """Samples of one ELPV cell type: normals have defect probability 0, anomalies probability 1."""
+def elpv_paths(category: str) -> tuple[list[str], list[str]]:
+    """Normal and anomalous images of one ELPV cell type: defect probability 0 and 1 (1/3 and 2/3 left out)."""
     _require("elpv_dataset", "elpv-dataset", "ELPV")
     if category not in ELPV.CATEGORIES:
         msg = f"ELPV category must be one of {ELPV.CATEGORIES}, got '{category}'."
@@ -136,18 +142,11 @@ def elpv_samples(
     types = np.char.decode(data["type"])
     normal = [p for p, pr, t in zip(paths, probs, types, strict=True) if t == category and pr == 0.0]
     abnormal = [p for p, pr, t in zip(paths, probs, types, strict=True) if t == category and pr == 1.0]
-    return _split(normal, abnormal, n_test_normal, n_test_abnormal, split_seed, f"ELPV {category}", evaluation, n_dev)
+    return normal, abnormal
 
 
-def textile_samples(
-    category: str = "local",
-    n_test_normal: int = 150,
-    n_test_abnormal: int = 150,
-    split_seed: int = 0,
-    evaluation: str = "test",
-    n_dev: int = 100,
-) -> DataFrame:
-    """Samples of the simulated textile set: nominal images vs ``local`` (small defects) or ``global`` shift."""
+def textile_paths(category: str = "local") -> tuple[list[str], list[str]]:
+    """Nominal images and ``local`` (small defects) or ``global`` (texture shift) images of the textile set."""
     ccd = _require("conformal_clip_data", "conformal-clip-data", "Textile")
     if category not in Textile.CATEGORIES:
         msg = f"Textile category must be one of {Textile.CATEGORIES}, got '{category}'."
@@ -156,8 +155,17 @@ def textile_samples(
     normal = [str(p) for p in Path(ccd.nominal_dir()).iterdir() if p.suffix.lower() in exts]
     abnormal_dir = ccd.local_dir() if category == "local" else ccd.global_dir()
     abnormal = [str(p) for p in Path(abnormal_dir).iterdir() if p.suffix.lower() in exts]
-    return _split(normal, abnormal, n_test_normal, n_test_abnormal, split_seed, f"Textile {category}", evaluation,
-                  n_dev)
+    return normal, abnormal
+
+
+def elpv_samples(category: str, **split: Any) -> DataFrame:  # noqa: ANN401
+    """Samples of one ELPV cell type; ``split``: keyword arguments of :func:`split_samples`."""
+    return split_samples(*elpv_paths(category), f"ELPV {category}", **split)
+
+
+def textile_samples(category: str = "local", **split: Any) -> DataFrame:  # noqa: ANN401
+    """Samples of the textile set; ``split``: keyword arguments of :func:`split_samples`."""
+    return split_samples(*textile_paths(category), f"Textile {category}", **split)
 
 
 class _OfflineDataModule(AnomalibDataModule):
@@ -209,8 +217,16 @@ class _OfflineDataModule(AnomalibDataModule):
         self.evaluation = evaluation
         self.n_dev = n_dev
 
-    def _samples_frame(self) -> DataFrame:
+    def _paths(self) -> tuple[list[str], list[str]]:
+        """Normal and anomalous image paths of ``self.category``."""
         raise NotImplementedError
+
+    def _samples_frame(self) -> DataFrame:
+        return split_samples(
+            *self._paths(), f"{self.DATASET_NAME} {self.category}", n_test_normal=self.n_test_normal,
+            n_test_abnormal=self.n_test_abnormal, split_seed=self.split_seed, evaluation=self.evaluation,
+            n_dev=self.n_dev,
+        )  # fmt: skip
 
     def _setup(self, _stage: str | None = None) -> None:
         samples = self._samples_frame()
@@ -240,9 +256,8 @@ class ELPV(_OfflineDataModule):
     def __init__(self, category: str = "mono", **kwargs) -> None:  # noqa: D107
         super().__init__(category=category, **kwargs)
 
-    def _samples_frame(self) -> DataFrame:
-        return elpv_samples(self.category, self.n_test_normal, self.n_test_abnormal, self.split_seed, self.evaluation,
-                            self.n_dev)
+    def _paths(self) -> tuple[list[str], list[str]]:
+        return elpv_paths(self.category)
 
 
 class Textile(_OfflineDataModule):
@@ -259,6 +274,5 @@ class Textile(_OfflineDataModule):
     def __init__(self, category: str = "local", **kwargs) -> None:  # noqa: D107
         super().__init__(category=category, **kwargs)
 
-    def _samples_frame(self) -> DataFrame:
-        return textile_samples(self.category, self.n_test_normal, self.n_test_abnormal, self.split_seed,
-                               self.evaluation, self.n_dev)
+    def _paths(self) -> tuple[list[str], list[str]]:
+        return textile_paths(self.category)

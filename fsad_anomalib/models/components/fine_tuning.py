@@ -7,7 +7,9 @@ backbones, so both run exactly the same code.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -17,10 +19,24 @@ from fsad_anomalib.models.components.augment import ViewAugmentation
 from fsad_anomalib.models.components.synthesis import AnomalySynthesizer
 from fsad_anomalib.models.few_shot_contrastive.loss import DenseSynthesizedNegativeLoss, FewShotContrastiveLoss
 
-__all__ = ["ContrastiveFineTuner", "EmbedFn", "patch_and_global"]
+__all__ = ["ContrastiveFineTuner", "EmbedFn", "forwarded_arguments", "patch_and_global"]
 
 # images in [0, 1] -> (global projections (B, D), dense projections (B, D', h, w) or None), all unit norm
 EmbedFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
+
+
+def forwarded_arguments(
+    values: Mapping[str, Any], target: Callable, renames: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """The arguments of ``target`` found in ``values`` (a caller's ``locals()``), by name.
+
+    FewShotContrastive hands its fine-tuning settings to the callback, and the callback its loss settings to
+    :class:`ContrastiveFineTuner`, through this, so each setting is passed on in one place. ``renames`` maps a
+    parameter of ``target`` to the caller's name for it (``{"steps": "fine_tune_steps"}``).
+    """
+    renames = renames or {}
+    names = [n for n, p in inspect.signature(target).parameters.items() if p.kind is p.POSITIONAL_OR_KEYWORD]
+    return {name: values[renames.get(name, name)] for name in names if renames.get(name, name) in values}
 
 
 def patch_and_global(patch_maps: Sequence[torch.Tensor], global_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

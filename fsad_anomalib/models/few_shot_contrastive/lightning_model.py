@@ -33,6 +33,7 @@ from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 
 from fsad_anomalib.callbacks.contrastive_fine_tuning import ContrastiveFineTuning
+from fsad_anomalib.models.components.fine_tuning import forwarded_arguments
 from fsad_anomalib.models.few_shot_contrastive.torch_model import FewShotContrastiveModel, NotFittedError
 
 logger = logging.getLogger(__name__)
@@ -115,10 +116,12 @@ class FewShotContrastive(AnomalibModule):
         if n_views < 1:
             msg = f"n_views must be >= 1, got {n_views}."
             raise ValueError(msg)
-        for name, value in {"lr_backbone": lr_backbone, "lr_head": lr_head}.items():
-            if value <= 0:
-                msg = f"{name} must be > 0, got {value}."
-                raise ValueError(msg)
+        # every fine-tuning setting goes to the callback (which checks them) under the callback's name for it
+        fine_tuning = ContrastiveFineTuning(
+            **forwarded_arguments(
+                locals(), ContrastiveFineTuning, {"steps": "fine_tune_steps", "batch_size": "fine_tune_batch_size"}
+            )
+        )
         self.image_size = image_size
         if pre_processor is True:
             pre_processor = self.configure_pre_processor(image_size)
@@ -136,24 +139,7 @@ class FewShotContrastive(AnomalibModule):
             score_mode=score_mode,
             topk_ratio=topk_ratio,
         )
-        self.fine_tuning = ContrastiveFineTuning(
-            steps=fine_tune_steps,
-            batch_size=fine_tune_batch_size,
-            lr_backbone=lr_backbone,
-            lr_head=lr_head,
-            weight_decay=weight_decay,
-            temperature=temperature,
-            lambda_pp=lambda_pp,
-            lambda_np=lambda_np,
-            synthesis=synthesis,
-            crop_scale=crop_scale,
-            hflip=hflip,
-            vflip=vflip,
-            rot90=rot90,
-            color_jitter=color_jitter,
-            dense_negatives=dense_negatives,
-            projection_dim=projection_dim,
-        )
+        self.fine_tuning = fine_tuning
         self.fine_tune = fine_tune
         self.n_views = n_views
         self.hflip, self.vflip, self.rot90 = hflip, vflip, rot90

@@ -13,7 +13,7 @@ from anomalib.data import InferenceBatch
 from anomalib.models.components import TimmFeatureExtractor
 from anomalib.models.components.filters import GaussianBlur2d
 
-from fsad_anomalib.backbones import resolve_backbone
+from fsad_anomalib.backbones import IMAGENET_MEAN, IMAGENET_STD, resolve_backbone
 from fsad_anomalib.models.components.augment import fit_views
 from fsad_anomalib.models.components.fine_tuning import patch_and_global
 from fsad_anomalib.models.components.gaussian import fit_gaussian, mahalanobis
@@ -23,8 +23,6 @@ logger = logging.getLogger(__name__)
 __all__ = ["SCORE_MODES", "FewShotContrastiveModel", "NotFittedError"]
 
 SCORE_MODES = ("combined", "patch", "global")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class NotFittedError(RuntimeError):
