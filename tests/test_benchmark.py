@@ -48,6 +48,15 @@ def test_benchmark_end_to_end_and_resume(generated_root, tmp_path):
     assert "NaN in 1/1" in table  # PaDiM at K = 1
     plots = write_plots(again, out)
     assert all(p.exists() and p.stat().st_size > 0 for p in plots)
+    # the command line rewrites the table from the runs alone, for a subset, without running anything
+    from fsad_anomalib.benchmark.__main__ import main
+
+    (out / "results.md").unlink()
+    assert main(["--report-only", "--sets", "generated/toy", "--k", "2", "--methods", "PatchCore", "PaDiM",
+                 "--output", str(out)]) == 0  # fmt: skip
+    report = (out / "results.md").read_text()
+    assert "| generated toy | PatchCore |" in report and "K=1" not in report and "FewShotContrastive" not in report
+    assert len((out / "runs.jsonl").read_text().splitlines()) == len(lines)
 
 
 def test_benchmark_auroc_is_the_ranking_auroc_of_raw_scores():

@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 from functools import partial
+from pathlib import Path
 
 from fsad_anomalib.benchmark.methods import METHODS
 
@@ -75,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="offline sets: score on the test set, or on the development set (images the test set "
                         "never uses) to choose settings")
     parser.add_argument("--eval-batch-size", type=int, default=32)
+    parser.add_argument("--accelerator", default="auto",
+                        help="Lightning accelerator of every run (auto, cpu, gpu, ...); one device per run")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: write results.md and the plots from the runs already in --output")
     parser.add_argument("--mvtec-root", default="./datasets/MVTecAD")
     parser.add_argument("--visa-root", default="./datasets/visa")
     args = parser.parse_args(argv)
@@ -102,11 +107,21 @@ def main(argv: list[str] | None = None) -> int:
     from fsad_anomalib.benchmark.runner import run_benchmark
 
     builders = {label: partial(_datamodule, label, args) for label in args.sets}
-    rows = run_benchmark(
+    if args.report_only:
+        runs_file = Path(args.output) / "runs.jsonl"
+        if not runs_file.exists():
+            parser.error(f"--report-only: {runs_file} does not exist; run the benchmark first.")
+        rows = [json.loads(line) for line in runs_file.read_text().splitlines() if line.strip()]
+        wanted = {tuple(label.partition("/")[::2]) for label in args.sets}
+        rows = [r for r in rows if (r["dataset"], r["category"]) in wanted and r["k_shot"] in args.k
+                and r["seed"] in args.seeds and r["method"] in args.methods]  # fmt: skip
+    else:
+        rows = run_benchmark(
         builders, k_shots=args.k, seeds=args.seeds, methods=args.methods, output=args.output,
-        backbone=args.backbone, image_size=args.image_size, fsc_args=fsc_args, set_fsc_args=set_args, time_inference=not args.no_timing,
-        progress=lambda line: print(line, flush=True),
-    )  # fmt: skip
+            backbone=args.backbone, image_size=args.image_size, fsc_args=fsc_args, set_fsc_args=set_args,
+            time_inference=not args.no_timing, accelerator=args.accelerator,
+            progress=lambda line: print(line, flush=True),
+        )  # fmt: skip
     table = write_table(rows, f"{args.output}/results.md", methods=args.methods)
     write_plots(rows, args.output)
     print(table)

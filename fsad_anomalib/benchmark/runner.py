@@ -48,14 +48,24 @@ def _trim_heap() -> None:
 
 
 @torch.no_grad()
-def time_forward(fn: Callable[[torch.Tensor], Any], batch: int, image_size: int, repeats: int = 5) -> float:
-    """Median milliseconds per image of ``fn`` on random images of ``batch`` x 3 x size x size."""
-    x = torch.rand(batch, 3, image_size, image_size)
+def time_forward(
+    fn: Callable[[torch.Tensor], Any], batch: int, image_size: int, repeats: int = 5, device: torch.device | str = "cpu"
+) -> float:
+    """Median milliseconds per image of ``fn`` on random images of ``batch`` x 3 x size x size on ``device``."""
+    device = torch.device(device)
+    x = torch.rand(batch, 3, image_size, image_size, device=device)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     fn(x)  # warm-up
     times = []
     for _ in range(repeats):
+        sync()
         start = time.perf_counter()
         fn(x)
+        sync()
         times.append((time.perf_counter() - start) * 1000 / batch)
     return statistics.median(times)
 
@@ -108,11 +118,14 @@ def run_benchmark(
     fsc_args: dict[str, Any] | None = None,
     time_inference: bool = True,
     set_fsc_args: dict[str, dict[str, Any]] | None = None,
+    accelerator: str = "auto",
     progress: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
     """Run every (datamodule, K, seed, method) not yet in ``output/runs.jsonl`` and return all rows.
 
     ``fsc_args`` go to every FewShotContrastive variant; ``set_fsc_args[label]`` override them on one set.
+    Each run trains and tests on one device of ``accelerator`` (Lightning's name: ``auto``, ``cpu``, ``gpu``);
+    spread a large sweep by giving each process its own ``--sets`` or ``--seeds`` and output folder.
     Each row records the arguments its model was built with.
     """
     output = Path(output)
@@ -137,7 +150,7 @@ def run_benchmark(
         progress(f"[{index}/{len(plan)}] {label} K={k_shot} seed={seed} {method}")
         args = {**(fsc_args or {}), **(set_fsc_args or {}).get(label, {})}
         row = _run_one(datamodules[label](), dataset, category, k_shot, seed, method, backbone, image_size, args,
-                       time_inference)
+                       time_inference, accelerator)
         rows.append(row)
         with runs_file.open("a") as handle:
             handle.write(json.dumps(row) + "\n")
@@ -160,13 +173,14 @@ def _run_one(
     image_size: int,
     fsc_args: dict[str, Any] | None,
     time_inference: bool,
+    accelerator: str = "auto",
 ) -> dict[str, Any]:
     seed_everything(seed, verbose=False)
     few_shot = FewShot(datamodule, k_shot=k_shot, seed=seed)
     model = build_method(method, backbone, image_size, fsc_args)
     with tempfile.TemporaryDirectory(prefix="fsad-bench-") as workdir:
         engine = Engine(default_root_dir=workdir, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                        accelerator="cpu", callbacks=[*method_callbacks(method), counter := NonFiniteScoreCounter()])
+                        accelerator=accelerator, devices=1, callbacks=[*method_callbacks(method), counter := NonFiniteScoreCounter()])
         start = time.perf_counter()
         engine.fit(model=model, datamodule=few_shot)
         train_s = time.perf_counter() - start
@@ -189,7 +203,8 @@ def _run_one(
     }
     if time_inference:
         model.eval()
-        row["ms_b1"] = time_forward(model, 1, image_size)
-        row["ms_b32"] = time_forward(model, 32, image_size, repeats=2)
+        device = next(model.parameters()).device
+        row["ms_b1"] = time_forward(model, 1, image_size, device=device)
+        row["ms_b32"] = time_forward(model, 32, image_size, repeats=2, device=device)
     row["peak_rss_mb"] = peak_rss_mb()
     return row
