@@ -52,6 +52,10 @@ def test_save_and_reload_support_list(few_shot, tmp_path, generated_root):
     text.write_text("\n".join(module.support_set) + "\n")
     assert few_shot(support_list=str(text)).support_set == module.support_set
     assert load_support_set(path) == module.support_set
+    # a list written on another machine (other dataset root) names the same images by their tails
+    moved = tmp_path / "moved.txt"
+    moved.write_text("\n".join("/elsewhere/data" + p[len(str(generated_root)):] for p in module.support_set) + "\n")
+    assert few_shot(support_list=str(moved)).support_set == module.support_set
 
 
 def test_clear_errors(few_shot, tmp_path):

@@ -57,6 +57,36 @@ def load_support_set(path: str | Path) -> list[str]:
     return paths
 
 
+def _path_matcher(pool: list[str]):  # noqa: ANN202
+    """A function from a listed path to the pool image it names, or None.
+
+    Exact and resolved paths match first. A list written on another machine (another install prefix or
+    dataset root) matches by its trailing path components: the longest tail, at least the file and its
+    folder, that names exactly one pool image.
+    """
+    known = set(pool)
+    resolved = {str(Path(p).resolve()): p for p in pool}
+    tails: dict[tuple[str, ...], list[str]] = {}
+    for p in pool:
+        parts = Path(p).parts
+        for n in range(2, len(parts) + 1):
+            tails.setdefault(parts[-n:], []).append(p)
+
+    def match(path: str) -> str | None:
+        if path in known:
+            return path
+        if str(Path(path).resolve()) in resolved:
+            return resolved[str(Path(path).resolve())]
+        parts = Path(path).parts
+        for n in range(len(parts), 1, -1):
+            candidates = tails.get(parts[-n:])
+            if candidates:
+                return candidates[0] if len(candidates) == 1 else None
+        return None
+
+    return match
+
+
 class FewShot(AnomalibDataModule):
     """Keep only ``k_shot`` normal training images of a wrapped anomalib datamodule.
 
@@ -160,17 +190,15 @@ class FewShot(AnomalibDataModule):
         pool = self.pool(train_data)
         if self.support_list is not None:
             wanted = load_support_set(self.support_list)
-            known = set(pool)
-            resolved = {str(Path(p).resolve()): p for p in pool}
+            match = _path_matcher(pool)
             chosen = []
             missing = []
             for path in wanted:
-                if path in known:
-                    chosen.append(path)
-                elif str(Path(path).resolve()) in resolved:
-                    chosen.append(resolved[str(Path(path).resolve())])
-                else:
+                found = match(path)
+                if found is None:
                     missing.append(path)
+                else:
+                    chosen.append(found)
             if missing:
                 shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
                 msg = (
