@@ -177,3 +177,42 @@ def test_predict_on_a_folder_writes_one_overlay_per_image(trained, generated_roo
     assert sum(len(p.pred_score) for p in predictions) == n_images
     overlays = [p for p in tmp_path.rglob("*.png")]
     assert len(overlays) == n_images
+
+
+def test_knn_score_mode_coreset_checkpoint_and_onnx(tmp_path):
+    """score_mode="knn": a coreset memory bank that travels with the state dict and exports with any batch size."""
+    import onnxruntime as ort
+
+    from fsad_anomalib.models.few_shot_contrastive.torch_model import FewShotContrastiveModel
+
+    torch.manual_seed(0)
+    model = FewShotContrastiveModel(score_mode="knn", coreset_ratio=0.25).eval()
+    stats = model.fit(0.4 + 0.2 * torch.rand(3, 3, 64, 64))
+    assert stats["memory_bank"] == int(0.25 * stats["n_patch"]) and model.memory_bank.shape[1] == model.patch_dim
+    normals = 0.4 + 0.2 * torch.rand(4, 3, 64, 64)
+    defects = normals.clone()
+    defects[:, :, 20:36, 20:36] = 1.0
+    with torch.no_grad():
+        normal_scores, defect_scores = model(normals).pred_score, model(defects).pred_score
+    assert torch.isfinite(normal_scores).all() and (defect_scores > normal_scores.max()).all()
+    # a fresh model takes the bank's size from the state dict (anomalib's DynamicBufferMixin)
+    fresh = FewShotContrastiveModel(score_mode="knn", coreset_ratio=0.25).eval()
+    fresh.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(defects).pred_score, defect_scores)
+
+    class Scores(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            out = self.inner(x)
+            return out.pred_score, out.anomaly_map
+
+    path = tmp_path / "knn.onnx"
+    torch.onnx.export(Scores(model), (normals[:1],), str(path), input_names=["image"], dynamo=False,
+                      dynamic_axes={"image": {0: "batch"}})  # fmt: skip
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    onnx_scores = session.run(None, {"image": defects.numpy()})[0]
+    torch.testing.assert_close(torch.from_numpy(onnx_scores), defect_scores, rtol=1e-4, atol=1e-4)

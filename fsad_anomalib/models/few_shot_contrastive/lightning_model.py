@@ -65,9 +65,11 @@ class FewShotContrastive(AnomalibModule):
         crop_scale, hflip, vflip, rot90, color_jitter: View augmentations (fine-tuning); flips and turns
             also pick the views of the Gaussian fit.
         n_views: N_A, views per normal image in the Gaussian fit.
-        score_mode: ``patch`` (top-k mean of the patch Mahalanobis map), ``global`` (the paper's image-level
+        score_mode: ``patch`` (top-k mean of the patch Mahalanobis map), ``knn`` (top-k mean of each patch's
+            distance to its nearest training patch, PatchCore's scoring), ``global`` (the paper's image-level
             Mahalanobis score) or ``combined`` (both, each divided by its mean on the training views).
-        topk_ratio: Fraction of the patches whose mean is the image score in ``patch`` mode.
+        topk_ratio: Fraction of the patches whose mean is the image score in ``patch`` and ``knn`` modes.
+        coreset_ratio: ``knn`` mode: fraction of the training patches kept as memory bank (k-center-greedy).
         dense_negatives: Also apply L_NP at patch level (synthesized anomalous patches as negatives).
         projection_dim: Output size of the (temporary) projection heads of fine-tuning.
     """
@@ -97,6 +99,7 @@ class FewShotContrastive(AnomalibModule):
         n_views: int = 1,
         score_mode: str = "patch",
         topk_ratio: float = 0.01,
+        coreset_ratio: float = 0.1,
         dense_negatives: bool = True,
         projection_dim: int = 128,
         pre_processor: nn.Module | bool = True,
@@ -138,6 +141,7 @@ class FewShotContrastive(AnomalibModule):
             global_layer=global_layer,
             score_mode=score_mode,
             topk_ratio=topk_ratio,
+            coreset_ratio=coreset_ratio,
         )
         self.fine_tuning = fine_tuning
         self.fine_tune = fine_tune

@@ -10,8 +10,9 @@ import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 from anomalib.data import InferenceBatch
-from anomalib.models.components import TimmFeatureExtractor
+from anomalib.models.components import DynamicBufferMixin, KCenterGreedy, TimmFeatureExtractor
 from anomalib.models.components.filters import GaussianBlur2d
+from anomalib.models.image.patchcore.torch_model import PatchcoreModel
 
 from fsad_anomalib.backbones import IMAGENET_MEAN, IMAGENET_STD, resolve_backbone
 from fsad_anomalib.models.components.augment import fit_views
@@ -22,7 +23,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["SCORE_MODES", "FewShotContrastiveModel", "NotFittedError"]
 
-SCORE_MODES = ("combined", "patch", "global")
+SCORE_MODES = ("combined", "patch", "global", "knn")
 
 
 class NotFittedError(RuntimeError):
@@ -69,7 +70,7 @@ def build_feature_extractor(
     return extractor, mean, std
 
 
-class FewShotContrastiveModel(nn.Module):
+class FewShotContrastiveModel(DynamicBufferMixin, nn.Module):
     """Backbone + two Gaussians (global embedding and patch features).
 
     Forward in eval mode takes images in [0, 1] (resized by the pre-processor) and returns an
@@ -83,10 +84,14 @@ class FewShotContrastiveModel(nn.Module):
             first sets the anomaly map's resolution.
         global_layer: Layer whose global average pool is the image embedding (contrastive training and the
             global Gaussian).
-        score_mode: ``combined`` (global + patch, each divided by its mean on the training views),
-            ``patch`` (max of the patch Mahalanobis map) or ``global`` (the paper's image-level score).
+        score_mode: ``patch`` (the patch Mahalanobis map), ``knn`` (the Euclidean distance of each patch to
+            its nearest neighbour in a coreset of the training patches, as in PatchCore), ``global`` (the
+            paper's image-level score) or ``combined`` (global + patch, each divided by its mean on the
+            training views).
         blur_sigma: Gaussian smoothing of the anomaly map, in input pixels.
-        topk_ratio: Fraction of the patches whose mean is the image score in ``patch`` mode.
+        topk_ratio: Fraction of the patches whose mean is the image score in ``patch`` and ``knn`` modes.
+        coreset_ratio: ``knn`` mode: fraction of the training patches kept in the memory bank (anomalib's
+            k-center-greedy coreset; 1 keeps them all).
     """
 
     def __init__(
@@ -98,6 +103,7 @@ class FewShotContrastiveModel(nn.Module):
         score_mode: str = "patch",
         blur_sigma: float = 4.0,
         topk_ratio: float = 0.01,
+        coreset_ratio: float = 0.1,
     ) -> None:
         super().__init__()
         if score_mode not in SCORE_MODES:
@@ -107,6 +113,10 @@ class FewShotContrastiveModel(nn.Module):
             msg = f"topk_ratio must be in (0, 1], got {topk_ratio}."
             raise ValueError(msg)
         self.topk_ratio = topk_ratio
+        if not 0 < coreset_ratio <= 1:
+            msg = f"coreset_ratio must be in (0, 1], got {coreset_ratio}."
+            raise ValueError(msg)
+        self.coreset_ratio = coreset_ratio
         if not layers:
             msg = "layers must name at least one feature layer."
             raise ValueError(msg)
@@ -124,6 +134,8 @@ class FewShotContrastiveModel(nn.Module):
         self.register_buffer("global_precision", torch.eye(self.global_dim))
         self.register_buffer("patch_mean", torch.zeros(self.patch_dim))
         self.register_buffer("patch_precision", torch.eye(self.patch_dim))
+        # knn mode: coreset of the training patches (its size follows the checkpoint, see DynamicBufferMixin)
+        self.register_buffer("memory_bank", torch.zeros(0, self.patch_dim))
         # mean score of each part on the training views, to put them on one scale in "combined" mode
         self.register_buffer("score_scale", torch.ones(2))
         self.register_buffer("is_fitted", torch.tensor(False))
@@ -192,18 +204,27 @@ class FewShotContrastiveModel(nn.Module):
             p = p[torch.randperm(p.shape[0], device=p.device)[:max_patches]]
         self.global_mean, self.global_precision, g_shrink = fit_gaussian(g)
         self.patch_mean, self.patch_precision, p_shrink = fit_gaussian(p)
+        if self.score_mode == "knn":
+            size = max(1, int(p.shape[0] * self.coreset_ratio))
+            self.memory_bank = p if size >= p.shape[0] else KCenterGreedy(p, size / p.shape[0]).sample_coreset()
         self.is_fitted = torch.tensor(True, device=self.is_fitted.device)
         # put the two scores on one scale: mean of each on the (identity) training views
         self.score_scale = torch.ones(2, device=self.score_scale.device)
         g_score, p_score = self._scores(images)
         self.score_scale = torch.stack([g_score.mean(), p_score.mean()]).clamp_min(1e-6).to(self.score_scale)
+        if self.score_mode == "knn":  # training patches sit in the bank (distance 0): no scale to take from them
+            self.score_scale[1] = 1.0
         self.train(was_training)
-        return {"global_shrinkage": g_shrink, "patch_shrinkage": p_shrink, "n_global": g.shape[0], "n_patch": p.shape[0]}
+        return {"global_shrinkage": g_shrink, "patch_shrinkage": p_shrink, "n_global": g.shape[0], "n_patch": p.shape[0],
+                "memory_bank": self.memory_bank.shape[0]}  # fmt: skip
 
     # ------------------------------------------------------------------ score
     def _patch_map(self, patch: torch.Tensor) -> torch.Tensor:
         b, c, h, w = patch.shape
         flat = patch.permute(0, 2, 3, 1).reshape(b, h * w, c)
+        if self.score_mode == "knn" and self.memory_bank.shape[0] > 0:
+            # anomalib's export-friendly distance (no cdist), batched: (b, h*w, bank size)
+            return PatchcoreModel.euclidean_dist(flat, self.memory_bank).min(dim=-1).values.reshape(b, 1, h, w)
         return mahalanobis(flat, self.patch_mean, self.patch_precision).reshape(b, 1, h, w)
 
     def _scores(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -215,14 +236,14 @@ class FewShotContrastiveModel(nn.Module):
     def _aggregate(self, patch_map: torch.Tensor) -> torch.Tensor:
         """Image score from a patch map: mean of its top ``topk_ratio`` patches (at least one)."""
         flat = patch_map.flatten(1)
-        k = max(1, int(round(self.topk_ratio * flat.shape[1])))
+        k = max(1, round(self.topk_ratio * int(flat.shape[1])))
         return flat.topk(k, dim=1).values.mean(dim=1)
 
     def forward(self, images: torch.Tensor) -> InferenceBatch:
         """Image scores and anomaly maps of images in [0, 1] (BatchNorm is frozen, so train mode changes nothing)."""
         patch, emb = self.features(images)
         patch_map = self._patch_map(patch) / self.score_scale[1]
-        if self.score_mode == "patch":  # the default: no global Mahalanobis pass on the hot path
+        if self.score_mode in {"patch", "knn"}:  # no global Mahalanobis pass on the hot path
             score = self._aggregate(patch_map)
         else:
             g_score = mahalanobis(emb, self.global_mean, self.global_precision) / self.score_scale[0]
