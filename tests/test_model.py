@@ -216,3 +216,12 @@ def test_knn_score_mode_coreset_checkpoint_and_onnx(tmp_path):
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     onnx_scores = session.run(None, {"image": defects.numpy()})[0]
     torch.testing.assert_close(torch.from_numpy(onnx_scores), defect_scores, rtol=1e-4, atol=1e-4)
+
+
+def test_greedy_coreset_keeps_the_farthest_points():
+    from fsad_anomalib.models.few_shot_contrastive.torch_model import greedy_coreset
+
+    line = torch.arange(11, dtype=torch.float32)[:, None] * torch.tensor([[1.0, 0.0]])
+    kept = sorted(greedy_coreset(line, 3)[:, 0].tolist())
+    assert kept == [0.0, 5.0, 10.0]  # both ends (farthest from the mean first), then the middle
+    assert greedy_coreset(line, 20).shape == line.shape
