@@ -104,14 +104,14 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--set-model-args '{item}': expected a JSON object of FewShotContrastive arguments.")
 
     from fsad_anomalib.benchmark.report import write_plots, write_table
-    from fsad_anomalib.benchmark.runner import run_benchmark
+    from fsad_anomalib.benchmark.runner import load_runs, run_benchmark
 
     builders = {label: partial(_datamodule, label, args) for label in args.sets}
     if args.report_only:
         runs_file = Path(args.output) / "runs.jsonl"
         if not runs_file.exists():
             parser.error(f"--report-only: {runs_file} does not exist; run the benchmark first.")
-        rows = [json.loads(line) for line in runs_file.read_text().splitlines() if line.strip()]
+        rows = load_runs(args.output)
         wanted = {tuple(label.partition("/")[::2]) for label in args.sets}
         rows = [r for r in rows if (r["dataset"], r["category"]) in wanted and r["k_shot"] in args.k
                 and r["seed"] in args.seeds and r["method"] in args.methods]  # fmt: skip

@@ -30,7 +30,7 @@ from fsad_anomalib.data import FewShot
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["NonFiniteScoreCounter", "peak_rss_mb", "run_benchmark", "time_forward"]
+__all__ = ["NonFiniteScoreCounter", "load_runs", "peak_rss_mb", "run_benchmark", "time_forward"]
 
 
 def peak_rss_mb() -> float:
@@ -103,6 +103,14 @@ class NonFiniteScoreCounter(Callback):
             self.maps += int((~torch.isfinite(anomaly_map.reshape(anomaly_map.shape[0], -1))).any(dim=1).sum())
 
 
+def load_runs(output: str | Path) -> list[dict[str, Any]]:
+    """The rows of ``output/runs.jsonl`` (none when the file does not exist)."""
+    runs_file = Path(output) / "runs.jsonl"
+    if not runs_file.exists():
+        return []
+    return [json.loads(line) for line in runs_file.read_text().splitlines() if line.strip()]
+
+
 def _key(row: dict[str, Any]) -> tuple:
     return (row["dataset"], row["category"], row["k_shot"], row["seed"], row["method"])
 
@@ -131,7 +139,7 @@ def run_benchmark(
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     runs_file = output / "runs.jsonl"
-    rows = [json.loads(line) for line in runs_file.read_text().splitlines() if line.strip()] if runs_file.exists() else []
+    rows = load_runs(output)
     done = {_key(r) for r in rows}
     methods = list(methods)
     for method in methods:
