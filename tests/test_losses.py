@@ -120,3 +120,36 @@ def test_dense_negative_by_hand_and_gradient():
     assert (-grad_negative @ normal[0, :, 0, 0]).item() < 0  # the defect patch is pushed away
     empty = DenseSynthesizedNegativeLoss()(normal, anomalous.detach(), torch.zeros_like(mask))
     assert empty.item() == 0.0
+
+
+def test_nearest_neighbour_ranking_by_hand_and_gradient():
+    from fsad_anomalib.models.few_shot_contrastive.loss import NearestNeighbourRankingLoss
+
+    tau = 0.5
+    # two images, 1x2 feature maps; location 1 of each image is inside the synthesis mask
+    e0, e1, e2 = [1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]
+    first = unit(e0, e1, e0, e1).reshape(2, 1, 2, 3).permute(0, 3, 1, 2)
+    # second views: image 0 holds e1 twice, image 1 holds e0 and e2
+    second = unit(e1, e1, e0, e2).reshape(2, 1, 2, 3).permute(0, 3, 1, 2)
+    anomalous = unit(e0, e2, e0, [0.0, 1.0, 1.0]).reshape(2, 1, 2, 3).permute(0, 3, 1, 2).clone().requires_grad_(True)
+    mask = torch.tensor([0.0, 1.0, 0.0, 1.0]).reshape(2, 1, 1, 2)
+    loss = NearestNeighbourRankingLoss(tau)(first, second, anomalous, mask)
+    # normal patches (location 0): image 0's e0 meets image 1's bank {e0, e2}: d = 0; image 1's e0 meets
+    # image 0's bank {e1}: d = 1. Anomalous patches (location 1): image 0's e2 against {e0, e2}: d = 0;
+    # image 1's (e1 + e2) / sqrt(2) against {e1}: d = 1 - 1 / sqrt(2). The bank is always the *other* image's
+    # second view.
+    d_normal, d_anomalous = [0.0, 1.0], [0.0, 1.0 - 1.0 / math.sqrt(2.0)]
+    expected = sum(math.log1p(math.exp((a - b) / tau)) for a in d_normal for b in d_anomalous) / 4
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    loss.backward()
+    # gradient descent moves the partly matched anomalous patch away from its nearest normal patch (e1)
+    assert (-anomalous.grad[1, :, 0, 1] @ torch.tensor(e1, dtype=torch.float64)).item() < 0
+    # one image: its own second view is the bank, so a normal patch equal to it ranks below any anomaly
+    one = NearestNeighbourRankingLoss(tau)(first[:1], first[:1], anomalous.detach()[:1] * -1, mask[:1])
+    assert one.item() < math.log(2)
+    empty = NearestNeighbourRankingLoss()(first, second, anomalous.detach(), torch.zeros_like(mask))
+    assert empty.item() == 0.0
+    with pytest.raises(ValueError, match="lambda_nn"):
+        from fsad_anomalib.models.components import ContrastiveFineTuner
+
+        ContrastiveFineTuner(lambda_nn=-1.0)

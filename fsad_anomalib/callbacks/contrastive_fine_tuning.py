@@ -59,7 +59,7 @@ class ContrastiveFineTuning(Callback):
             each step draws a random subset of ``batch_size`` of them, which keeps the cost of a step flat in K.
         lr_backbone, lr_head, weight_decay: Optimiser settings (as in FewShotContrastive).
         temperature, lambda_pp, lambda_np, synthesis, crop_scale, hflip, vflip, rot90, color_jitter,
-        dense_negatives: Loss, views and synthesis, with FewShotContrastive's meaning and defaults.
+        dense_negatives, lambda_nn: Loss, views and synthesis, with FewShotContrastive's meaning and defaults.
         projection_dim: Output size of the (temporary) projection heads.
         max_images: At most this many training images are used (few-shot: all of them).
     """
@@ -81,6 +81,7 @@ class ContrastiveFineTuning(Callback):
         rot90: bool = True,
         color_jitter: float = 0.2,
         dense_negatives: bool = True,
+        lambda_nn: float = 0.0,
         projection_dim: int = 128,
         max_images: int = 64,
     ) -> None:
@@ -158,9 +159,9 @@ class ContrastiveFineTuning(Callback):
             nn.Conv2d(patch.shape[1], 256, 1), nn.ReLU(), nn.Conv2d(256, self.projection_dim, 1)
         ).to(device)
 
-        def embed(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        def embed(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             patch, pooled = features(batch)
-            return F.normalize(head(pooled), dim=-1), F.normalize(dense_head(patch), dim=1)
+            return F.normalize(head(pooled), dim=-1), F.normalize(dense_head(patch), dim=1), patch
 
         grad_flags = {name: p.requires_grad for name, p in network.named_parameters()}
         network.train()

@@ -17,12 +17,17 @@ from torch import nn
 
 from fsad_anomalib.models.components.augment import ViewAugmentation
 from fsad_anomalib.models.components.synthesis import AnomalySynthesizer
-from fsad_anomalib.models.few_shot_contrastive.loss import DenseSynthesizedNegativeLoss, FewShotContrastiveLoss
+from fsad_anomalib.models.few_shot_contrastive.loss import (
+    DenseSynthesizedNegativeLoss,
+    FewShotContrastiveLoss,
+    NearestNeighbourRankingLoss,
+)
 
 __all__ = ["ContrastiveFineTuner", "EmbedFn", "forwarded_arguments", "patch_and_global"]
 
-# images in [0, 1] -> (global projections (B, D), dense projections (B, D', h, w) or None), all unit norm
-EmbedFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
+# images in [0, 1] -> (global projections (B, D), dense projections (B, D', h, w) or None, both unit norm,
+#                      scored patch features (B, C, h, w) or None)
+EmbedFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]]
 
 
 def forwarded_arguments(
@@ -62,7 +67,9 @@ def patch_and_global(patch_maps: Sequence[torch.Tensor], global_map: torch.Tenso
 class ContrastiveFineTuner(nn.Module):
     """Computes the fine-tuning loss of a batch of normal images in [0, 1].
 
-    L = L_Con + lambda_PP * L_PP + lambda_NP * (L_NP + L_NP^dense). The synthesized anomalies are made
+    L = L_Con + lambda_PP * L_PP + lambda_NP * (L_NP + L_NP^dense) + lambda_NN * L_NN. L_NN ranks the scored
+    patch features' nearest-neighbour distances (normal below synthesized anomalies), without a projection
+    head. The synthesized anomalies are made
     from the first view, so that they share its geometry and the dense term can compare locations.
     ``embed`` is called once on the two views and the anomalies together.
     """
@@ -79,17 +86,23 @@ class ContrastiveFineTuner(nn.Module):
         rot90: bool = True,
         color_jitter: float = 0.2,
         dense_negatives: bool = True,
+        lambda_nn: float = 0.0,
     ) -> None:
         super().__init__()
+        if lambda_nn < 0:
+            msg = f"lambda_nn must be >= 0, got {lambda_nn}."
+            raise ValueError(msg)
         self.augment = ViewAugmentation(crop_scale, hflip, vflip, rot90, color_jitter)
         self.synthesizer = AnomalySynthesizer(synthesis)
         self.loss = FewShotContrastiveLoss(temperature, lambda_pp, lambda_np)
         self.dense_loss = DenseSynthesizedNegativeLoss(temperature) if dense_negatives else None
+        self.lambda_nn = lambda_nn
+        self.nn_loss = NearestNeighbourRankingLoss(temperature)
 
     @property
     def uses_negatives(self) -> bool:
-        """Whether L_NP is active."""
-        return self.synthesizer.enabled and self.loss.lambda_np > 0
+        """Whether synthesized anomalies take part (L_NP or L_NN active)."""
+        return self.synthesizer.enabled and (self.loss.lambda_np > 0 or self.lambda_nn > 0)
 
     def has_signal(self, n_images: int) -> bool:
         """Whether the loss can move the weights for a batch of ``n_images`` distinct images."""
@@ -105,13 +118,20 @@ class ContrastiveFineTuner(nn.Module):
         if self.uses_negatives:
             anomalous, mask = self.synthesizer(v1)
             parts.append(anomalous)
-        z, dense = embed(torch.cat(parts))
+        z, dense, patch = embed(torch.cat(parts))
         z1, z2 = z[:n], z[n : 2 * n]
         anomalies = z[2 * n :] if self.uses_negatives else None
         total, logs = self.loss(z1, z2, anomalies)
-        if self.uses_negatives and self.dense_loss is not None and dense is not None and mask is not None:
+        if not self.uses_negatives or mask is None:
+            return total, logs
+        if self.loss.lambda_np > 0 and self.dense_loss is not None and dense is not None:
             small = F.interpolate(mask, size=dense.shape[-2:], mode="area")
             loss_dense = self.dense_loss(dense[:n], dense[2 * n :], (small > 0.25).to(dense.dtype))  # noqa: PLR2004
             total = total + self.loss.lambda_np * loss_dense
             logs["loss_np_dense"] = loss_dense.detach()
+        if self.lambda_nn > 0 and patch is not None:
+            small = F.interpolate(mask, size=patch.shape[-2:], mode="area")
+            loss_nn = self.nn_loss(patch[:n], patch[n : 2 * n], patch[2 * n :], (small > 0.25).to(patch.dtype))  # noqa: PLR2004
+            total = total + self.lambda_nn * loss_nn
+            logs["loss_nn"] = loss_nn.detach()
         return total, logs

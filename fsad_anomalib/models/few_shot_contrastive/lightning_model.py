@@ -71,6 +71,8 @@ class FewShotContrastive(AnomalibModule):
         topk_ratio: Fraction of the patches whose mean is the image score in ``patch`` and ``knn`` modes.
         coreset_ratio: ``knn`` mode: fraction of the training patches kept as memory bank (k-center-greedy).
         dense_negatives: Also apply L_NP at patch level (synthesized anomalous patches as negatives).
+        lambda_nn: Weight of L_NN, a ranking loss on the scored patch features' nearest-neighbour distances
+            (normal patches below synthesized anomalous ones); 0 switches it off.
         projection_dim: Output size of the (temporary) projection heads of fine-tuning.
     """
 
@@ -101,6 +103,7 @@ class FewShotContrastive(AnomalibModule):
         topk_ratio: float = 0.01,
         coreset_ratio: float = 0.1,
         dense_negatives: bool = True,
+        lambda_nn: float = 0.0,
         projection_dim: int = 128,
         pre_processor: nn.Module | bool = True,
         post_processor: nn.Module | bool = True,

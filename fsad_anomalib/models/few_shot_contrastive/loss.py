@@ -24,6 +24,7 @@ __all__ = [
     "DenseSynthesizedNegativeLoss",
     "FewShotContrastiveLoss",
     "NTXentLoss",
+    "NearestNeighbourRankingLoss",
     "SynthesizedNegativeLoss",
 ]
 
@@ -184,3 +185,59 @@ class DenseSynthesizedNegativeLoss(nn.Module):
         logits = torch.cat([positive, negative], dim=1)
         targets = torch.zeros(len(anchors), dtype=torch.long, device=logits.device)
         return F.cross_entropy(logits, targets)
+
+
+class NearestNeighbourRankingLoss(nn.Module):
+    r"""L_NN, a ranking loss on the nearest-neighbour distance that ``score_mode="knn"`` scores with.
+
+    The loss acts on the scored patch features themselves (no projection head), L2-normalised per location.
+    With :math:`d(x) = 1 - \max_{b \in B} x \cdot b` the distance of a patch to its nearest neighbour in the
+    bank :math:`B` (the second views' patches of the *other* images of the batch, as the test image is
+    another instance than the K in the memory bank; the image's own second view when the batch holds one
+    image), normal patches :math:`u_i` of the first views and synthesized anomalous patches :math:`a_j`
+    (inside the synthesis mask) are ranked against each other:
+
+    .. math::
+        L_{NN} = \frac{1}{|U||A|} \sum_{i,j} \operatorname{softplus}\big((d(u_i) - d(a_j)) / \tau\big)
+
+    a smooth surrogate of 1 - AUROC of the kNN score over patches. ``max_patches`` bounds the sampled
+    normal and anomalous patches each.
+    """
+
+    def __init__(self, temperature: float = 0.1, max_patches: int = 256) -> None:
+        super().__init__()
+        self.temperature = _check_temperature(temperature)
+        self.max_patches = max_patches
+
+    @staticmethod
+    def _flat(x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x, dim=1).permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+
+    def _sample(self, index: torch.Tensor) -> torch.Tensor:
+        if len(index) > self.max_patches:
+            index = index[torch.randperm(len(index), device=index.device)[: self.max_patches]]
+        return index
+
+    def forward(
+        self, normal: torch.Tensor, second: torch.Tensor, anomalous: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """``normal``, ``second``, ``anomalous``: ``(B, C, h, w)`` patch features of the first views, the
+        second views and the synthesized anomalies (made from the first views); ``mask``: ``(B, 1, h, w)``."""
+        b, _, h, w = normal.shape
+        image_of = torch.arange(b, device=normal.device).repeat_interleave(h * w)
+        m = mask.reshape(-1) > 0.5  # noqa: PLR2004
+        normal_idx = self._sample((~m).nonzero().flatten())
+        anomalous_idx = self._sample(m.nonzero().flatten())
+        if len(normal_idx) == 0 or len(anomalous_idx) == 0:
+            return normal.sum() * 0.0
+        bank = self._flat(second)
+
+        def distance(x: torch.Tensor, owners: torch.Tensor) -> torch.Tensor:
+            sim = x @ bank.T
+            if b > 1:  # nearest neighbour among the other images
+                sim = sim.masked_fill(owners[:, None] == image_of[None, :], float("-inf"))
+            return 1.0 - sim.max(dim=1).values
+
+        d_normal = distance(self._flat(normal)[normal_idx], image_of[normal_idx])
+        d_anomalous = distance(self._flat(anomalous)[anomalous_idx], image_of[anomalous_idx])
+        return F.softplus((d_normal[:, None] - d_anomalous[None, :]) / self.temperature).mean()
