@@ -145,3 +145,21 @@ def test_fine_tuning_settings_have_one_default_across_model_callback_and_tuner()
     assert (fsc.fine_tuning.steps, fsc.fine_tuning.batch_size) == (3, 5)
     assert fsc.fine_tuning.tuner.loss.lambda_pp == 0.25
     assert fsc.fine_tuning.tuner.synthesizer.mode == "perlin"
+
+
+def test_norm_only_fine_tuning_changes_only_normalisation_affine_weights():
+    seed_everything(0)
+    model = build_method("PatchCore", "offline:tf_efficientnet_lite0", image_size=64)
+    network = model.model.feature_extractor.feature_extractor
+    norm_names = {
+        f"{name}.{p}" for name, m in network.named_modules() if isinstance(m, torch.nn.BatchNorm2d) for p in ("weight", "bias")
+    }
+    before = {k: v.clone() for k, v in network.named_parameters()}
+    flags = [p.requires_grad for p in network.parameters()]
+    ContrastiveFineTuning(steps=2, tuned_parameters="norm", lr_backbone=1e-2).fine_tune(model, torch.rand(3, 3, 64, 64))
+    changed = {k for k, v in network.named_parameters() if not torch.equal(v, before[k])}
+    assert changed, "no weight changed"
+    assert changed <= norm_names, changed - norm_names
+    assert [p.requires_grad for p in network.parameters()] == flags  # restored
+    with pytest.raises(ValueError, match="tuned_parameters"):
+        ContrastiveFineTuning(tuned_parameters="heads")

@@ -33,7 +33,21 @@ from fsad_anomalib.models.components.fine_tuning import ContrastiveFineTuner, fo
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ContrastiveFineTuning", "find_feature_extractor"]
+__all__ = ["TUNED_PARAMETERS", "ContrastiveFineTuning", "find_feature_extractor", "tuned_parameters"]
+
+TUNED_PARAMETERS = ("all", "norm")
+
+
+def tuned_parameters(network: nn.Module, which: str) -> list[nn.Parameter]:
+    """The extractor's parameters that fine-tuning trains: ``all`` of them or the ``norm`` layers' affine ones."""
+    if which == "all":
+        return list(network.parameters())
+    norm_types = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)  # noqa: SLF001
+    params = [p for m in network.modules() if isinstance(m, norm_types) for p in m.parameters(recurse=False)]
+    if not params:
+        msg = f"tuned_parameters='norm': {type(network).__name__} has no normalisation layer with affine weights."
+        raise ValueError(msg)
+    return params
 
 
 def find_feature_extractor(pl_module: LightningModule) -> nn.Module:
@@ -60,6 +74,8 @@ class ContrastiveFineTuning(Callback):
         lr_backbone, lr_head, weight_decay: Optimiser settings (as in FewShotContrastive).
         temperature, lambda_pp, lambda_np, synthesis, crop_scale, hflip, vflip, rot90, color_jitter,
         dense_negatives, lambda_nn: Loss, views and synthesis, with FewShotContrastive's meaning and defaults.
+        tuned_parameters: ``all`` weights of the extractor, or ``norm``: only the affine weights and biases of
+            its normalisation layers (BatchNorm's gamma and beta; their running statistics stay frozen).
         projection_dim: Output size of the (temporary) projection heads.
         max_images: At most this many training images are used (few-shot: all of them).
     """
@@ -82,10 +98,15 @@ class ContrastiveFineTuning(Callback):
         color_jitter: float = 0.2,
         dense_negatives: bool = True,
         lambda_nn: float = 0.0,
+        tuned_parameters: str = "all",
         projection_dim: int = 128,
         max_images: int = 64,
     ) -> None:
         super().__init__()
+        if tuned_parameters not in TUNED_PARAMETERS:
+            msg = f"tuned_parameters must be one of {TUNED_PARAMETERS}, got {tuned_parameters!r}."
+            raise ValueError(msg)
+        self.tuned_parameters = tuned_parameters
         if steps < 1:
             msg = f"steps must be >= 1, got {steps}."
             raise ValueError(msg)
@@ -168,11 +189,14 @@ class ContrastiveFineTuning(Callback):
         for module in network.modules():  # K images cannot estimate BatchNorm statistics
             if isinstance(module, nn.modules.batchnorm._BatchNorm):  # noqa: SLF001
                 module.eval()
+        trained = tuned_parameters(network, self.tuned_parameters)
         for parameter in network.parameters():
+            parameter.requires_grad_(False)
+        for parameter in trained:
             parameter.requires_grad_(True)
         optimizer = torch.optim.AdamW(
             [
-                {"params": network.parameters(), "lr": self.lr_backbone},
+                {"params": trained, "lr": self.lr_backbone},
                 {"params": [*head.parameters(), *dense_head.parameters()], "lr": self.lr_head},
             ],
             weight_decay=self.weight_decay,
@@ -196,7 +220,7 @@ class ContrastiveFineTuning(Callback):
                         raise FloatingPointError(msg)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
-                    torch.nn.utils.clip_grad_norm_(network.parameters(), 1.0)
+                    torch.nn.utils.clip_grad_norm_(trained, 1.0)
                     optimizer.step()
                     self.history.append(float(loss.detach()))
                     bar.update(1)

@@ -73,6 +73,8 @@ class FewShotContrastive(AnomalibModule):
         dense_negatives: Also apply L_NP at patch level (synthesized anomalous patches as negatives).
         lambda_nn: Weight of L_NN, a ranking loss on the scored patch features' nearest-neighbour distances
             (normal patches below synthesized anomalous ones); 0 switches it off.
+        tuned_parameters: What fine-tuning trains: ``all`` backbone weights, or ``norm`` (the BatchNorm
+            layers' affine weights and biases only).
         projection_dim: Output size of the (temporary) projection heads of fine-tuning.
     """
 
@@ -104,6 +106,7 @@ class FewShotContrastive(AnomalibModule):
         coreset_ratio: float = 0.1,
         dense_negatives: bool = True,
         lambda_nn: float = 0.0,
+        tuned_parameters: str = "all",
         projection_dim: int = 128,
         pre_processor: nn.Module | bool = True,
         post_processor: nn.Module | bool = True,
