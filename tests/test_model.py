@@ -218,6 +218,28 @@ def test_knn_score_mode_coreset_checkpoint_and_onnx(tmp_path):
     torch.testing.assert_close(torch.from_numpy(onnx_scores), defect_scores, rtol=1e-4, atol=1e-4)
 
 
+def test_knn_patch_score_is_the_geometric_mean_of_both_patch_distances():
+    """score_mode="knn_patch": per patch, sqrt(knn distance * Mahalanobis distance) of one fitted model."""
+    from fsad_anomalib.models.few_shot_contrastive.torch_model import FewShotContrastiveModel
+
+    torch.manual_seed(0)
+    model = FewShotContrastiveModel(score_mode="knn_patch", coreset_ratio=0.25).eval()
+    model.fit(0.4 + 0.2 * torch.rand(3, 3, 64, 64))
+    normals = 0.4 + 0.2 * torch.rand(4, 3, 64, 64)
+    defects = normals.clone()
+    defects[:, :, 20:36, 20:36] = 1.0
+    maps = {}
+    with torch.no_grad():
+        patch_features, _ = model.features(defects)
+        for mode in ("knn", "patch", "knn_patch"):
+            model.score_mode = mode
+            maps[mode] = model._patch_map(patch_features)
+        combined, normal_scores = model(defects), model(normals).pred_score
+    torch.testing.assert_close(maps["knn_patch"], (maps["knn"] * maps["patch"]).sqrt())
+    assert (maps["knn"] > 0).any() and not torch.allclose(maps["knn_patch"], maps["knn"])
+    assert (combined.pred_score > normal_scores.max()).all()
+
+
 def test_greedy_coreset_keeps_the_farthest_points():
     from fsad_anomalib.models.few_shot_contrastive.torch_model import greedy_coreset
 

@@ -6,7 +6,7 @@ import torch
 from fsad_anomalib.models.components import SYNTHESIS_MODES, AnomalySynthesizer
 
 
-@pytest.mark.parametrize("mode", ["cutpaste", "cutpaste_scar", "perlin", "mixed"])
+@pytest.mark.parametrize("mode", ["cutpaste", "cutpaste_scar", "perlin", "crack", "speck", "mixed"])
 def test_mask_matches_changed_pixels(mode):
     torch.manual_seed(0)
     images = torch.rand(6, 3, 96, 96)

@@ -3,13 +3,14 @@
 from .augment import ViewAugmentation, fit_views
 from .fine_tuning import ContrastiveFineTuner
 from .gaussian import fit_gaussian, ledoit_wolf, mahalanobis
-from .synthesis import SYNTHESIS_MODES, AnomalySynthesizer, cutpaste, cutpaste_scar, perlin
+from .synthesis import SYNTHESIS_MODES, AnomalySynthesizer, crack, cutpaste, cutpaste_scar, perlin, speck
 
 __all__ = [
     "SYNTHESIS_MODES",
     "AnomalySynthesizer",
     "ContrastiveFineTuner",
     "ViewAugmentation",
+    "crack",
     "cutpaste",
     "cutpaste_scar",
     "fit_gaussian",
@@ -17,4 +18,5 @@ __all__ = [
     "ledoit_wolf",
     "mahalanobis",
     "perlin",
+    "speck",
 ]

@@ -61,15 +61,19 @@ class FewShotContrastive(AnomalibModule):
         temperature: Temperature of NT-Xent and of L_NP.
         lambda_pp: Weight of L_PP (0 switches cross-instance positives off).
         lambda_np: Weight of L_NP (0 switches synthesized negatives off).
-        synthesis: ``cutpaste``, ``cutpaste_scar``, ``perlin``, ``mixed`` or ``none`` (L_NP off).
+        synthesis: ``cutpaste``, ``cutpaste_scar``, ``perlin``, ``crack`` (thin dark curves, like cracks in solar
+            cells), ``speck`` (small noisy spots), ``mixed`` or ``none`` (L_NP off).
         crop_scale, hflip, vflip, rot90, color_jitter: View augmentations (fine-tuning); flips and turns
             also pick the views of the Gaussian fit.
         n_views: N_A, views per normal image in the Gaussian fit.
         score_mode: ``patch`` (top-k mean of the patch Mahalanobis map), ``knn`` (top-k mean of each patch's
-            distance to its nearest training patch, PatchCore's scoring), ``global`` (the paper's image-level
-            Mahalanobis score) or ``combined`` (both, each divided by its mean on the training views).
-        topk_ratio: Fraction of the patches whose mean is the image score in ``patch`` and ``knn`` modes.
-        coreset_ratio: ``knn`` mode: fraction of the training patches kept as memory bank (k-center-greedy).
+            distance to its nearest training patch, PatchCore's scoring), ``knn_patch`` (per patch, the geometric
+            mean of both distances), ``global`` (the paper's image-level Mahalanobis score) or ``combined``
+            (global + patch, each divided by its mean on the training views).
+        topk_ratio: Fraction of the patches whose mean is the image score in ``patch``, ``knn`` and ``knn_patch``
+            modes.
+        coreset_ratio: ``knn`` and ``knn_patch`` modes: fraction of the training patches kept as memory bank
+            (k-center-greedy).
         dense_negatives: Also apply L_NP at patch level (synthesized anomalous patches as negatives).
         lambda_nn: Weight of L_NN, a ranking loss on the scored patch features' nearest-neighbour distances
             (normal patches below synthesized anomalous ones); 0 switches it off.

@@ -23,7 +23,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["SCORE_MODES", "FewShotContrastiveModel", "NotFittedError", "greedy_coreset"]
 
-SCORE_MODES = ("combined", "patch", "global", "knn")
+SCORE_MODES = ("combined", "patch", "global", "knn", "knn_patch")
+KNN_MODES = ("knn", "knn_patch")
 
 
 def greedy_coreset(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -108,13 +109,15 @@ class FewShotContrastiveModel(DynamicBufferMixin, nn.Module):
         global_layer: Layer whose global average pool is the image embedding (contrastive training and the
             global Gaussian).
         score_mode: ``patch`` (the patch Mahalanobis map), ``knn`` (the Euclidean distance of each patch to
-            its nearest neighbour in a coreset of the training patches, as in PatchCore), ``global`` (the
+            its nearest neighbour in a coreset of the training patches, as in PatchCore), ``knn_patch`` (the
+            geometric mean of both patch distances, which needs no common scale: multiplying either distance by
+            a constant multiplies the score by a constant), ``global`` (the
             paper's image-level score) or ``combined`` (global + patch, each divided by its mean on the
             training views).
         blur_sigma: Gaussian smoothing of the anomaly map, in input pixels.
-        topk_ratio: Fraction of the patches whose mean is the image score in ``patch`` and ``knn`` modes.
-        coreset_ratio: ``knn`` mode: fraction of the training patches kept in the memory bank (k-center-greedy
-            coreset, :func:`greedy_coreset`; 1 keeps them all).
+        topk_ratio: Fraction of the patches whose mean is the image score in all modes but ``global``.
+        coreset_ratio: ``knn`` and ``knn_patch`` modes: fraction of the training patches kept in the memory bank
+            (k-center-greedy coreset, :func:`greedy_coreset`; 1 keeps them all).
     """
 
     def __init__(
@@ -227,7 +230,7 @@ class FewShotContrastiveModel(DynamicBufferMixin, nn.Module):
             p = p[torch.randperm(p.shape[0], device=p.device)[:max_patches]]
         self.global_mean, self.global_precision, g_shrink = fit_gaussian(g)
         self.patch_mean, self.patch_precision, p_shrink = fit_gaussian(p)
-        if self.score_mode == "knn":
+        if self.score_mode in KNN_MODES:
             size = max(1, int(p.shape[0] * self.coreset_ratio))
             self.memory_bank = greedy_coreset(p, size)
         self.is_fitted = torch.tensor(True, device=self.is_fitted.device)
@@ -235,7 +238,7 @@ class FewShotContrastiveModel(DynamicBufferMixin, nn.Module):
         self.score_scale = torch.ones(2, device=self.score_scale.device)
         g_score, p_score = self._scores(images)
         self.score_scale = torch.stack([g_score.mean(), p_score.mean()]).clamp_min(1e-6).to(self.score_scale)
-        if self.score_mode == "knn":  # training patches sit in the bank (distance 0): no scale to take from them
+        if self.score_mode in KNN_MODES:  # training patches sit in the bank (distance 0): no scale to take from them
             self.score_scale[1] = 1.0
         self.train(was_training)
         return {"global_shrinkage": g_shrink, "patch_shrinkage": p_shrink, "n_global": g.shape[0], "n_patch": p.shape[0],
@@ -245,10 +248,13 @@ class FewShotContrastiveModel(DynamicBufferMixin, nn.Module):
     def _patch_map(self, patch: torch.Tensor) -> torch.Tensor:
         b, c, h, w = patch.shape
         flat = patch.permute(0, 2, 3, 1).reshape(b, h * w, c)
-        if self.score_mode == "knn" and self.memory_bank.shape[0] > 0:
-            # anomalib's export-friendly distance (no cdist), batched: (b, h*w, bank size)
-            return PatchcoreModel.euclidean_dist(flat, self.memory_bank).min(dim=-1).values.reshape(b, 1, h, w)
-        return mahalanobis(flat, self.patch_mean, self.patch_precision).reshape(b, 1, h, w)
+        if self.score_mode not in KNN_MODES or self.memory_bank.shape[0] == 0:
+            return mahalanobis(flat, self.patch_mean, self.patch_precision).reshape(b, 1, h, w)
+        # anomalib's export-friendly distance (no cdist), batched: (b, h*w, bank size)
+        knn = PatchcoreModel.euclidean_dist(flat, self.memory_bank).min(dim=-1).values.reshape(b, 1, h, w)
+        if self.score_mode == "knn":
+            return knn
+        return (knn * mahalanobis(flat, self.patch_mean, self.patch_precision).reshape(b, 1, h, w)).clamp_min(0).sqrt()
 
     def _scores(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         patch, emb = self.features(images)
@@ -266,7 +272,7 @@ class FewShotContrastiveModel(DynamicBufferMixin, nn.Module):
         """Image scores and anomaly maps of images in [0, 1] (BatchNorm is frozen, so train mode changes nothing)."""
         patch, emb = self.features(images)
         patch_map = self._patch_map(patch) / self.score_scale[1]
-        if self.score_mode in {"patch", "knn"}:  # no global Mahalanobis pass on the hot path
+        if self.score_mode in {"patch", *KNN_MODES}:  # no global Mahalanobis pass on the hot path
             score = self._aggregate(patch_map)
         else:
             g_score = mahalanobis(emb, self.global_mean, self.global_precision) / self.score_scale[0]
