@@ -163,3 +163,43 @@ def test_norm_only_fine_tuning_changes_only_normalisation_affine_weights():
     assert [p.requires_grad for p in network.parameters()] == flags  # restored
     with pytest.raises(ValueError, match="tuned_parameters"):
         ContrastiveFineTuning(tuned_parameters="heads")
+
+
+def test_head_warmup_trains_heads_alone_then_the_extractor():
+    """LP-FT: the warm-up steps leave the extractor as it was; the steps after it train it."""
+    seed_everything(0)
+    model = build_method("PatchCore", "offline:tf_efficientnet_lite0", image_size=64)
+    network = model.model.feature_extractor.feature_extractor
+    before = {k: v.clone() for k, v in network.state_dict().items()}
+    flags = [p.requires_grad for p in network.parameters()]
+    images = torch.rand(3, 3, 64, 64)
+    warmup_only = ContrastiveFineTuning(steps=1, head_warmup_steps=3, lr_backbone=1e-2)
+    trained_after: list[bool] = []
+    step = warmup_only.tuner.forward
+
+    def spy(batch, embed):  # noqa: ANN001, ANN202
+        trained_after.append(any(p.requires_grad for p in network.parameters()))
+        return step(batch, embed)
+
+    warmup_only.tuner.forward = spy
+    snapshots = []
+    original_step = torch.optim.AdamW.step
+
+    def record(self, *args, **kwargs):  # noqa: ANN001, ANN202
+        result = original_step(self, *args, **kwargs)
+        snapshots.append({k: v.clone() for k, v in network.state_dict().items()})
+        return result
+
+    torch.optim.AdamW.step = record
+    try:
+        warmup_only.fine_tune(model, images)
+    finally:
+        torch.optim.AdamW.step = original_step
+    assert trained_after == [False, False, False, True]
+    assert len(warmup_only.history) == 4 and len(snapshots) == 4
+    for snapshot in snapshots[:3]:  # warm-up: the extractor does not move
+        assert all(torch.equal(snapshot[k], before[k]) for k in before)
+    assert any(not torch.equal(snapshots[3][k], before[k]) for k in before)  # then it does
+    assert [p.requires_grad for p in network.parameters()] == flags  # restored after fine-tuning
+    with pytest.raises(ValueError, match="head_warmup_steps"):
+        ContrastiveFineTuning(head_warmup_steps=-1)

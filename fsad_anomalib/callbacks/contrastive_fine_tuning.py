@@ -76,6 +76,10 @@ class ContrastiveFineTuning(Callback):
         dense_negatives, lambda_nn: Loss, views and synthesis, with FewShotContrastive's meaning and defaults.
         tuned_parameters: ``all`` weights of the extractor, or ``norm``: only the affine weights and biases of
             its normalisation layers (BatchNorm's gamma and beta; their running statistics stay frozen).
+        head_warmup_steps: Steps that train the (freshly initialised) projection heads alone, with the
+            extractor frozen, before the ``steps`` steps that train both: LP-FT (Kumar et al., ICLR 2022,
+            "Fine-Tuning can Distort Pretrained Features"), so that the extractor's first updates follow a
+            fitted head rather than a random one. 0 switches it off.
         projection_dim: Output size of the (temporary) projection heads.
         max_images: At most this many training images are used (few-shot: all of them).
     """
@@ -99,10 +103,15 @@ class ContrastiveFineTuning(Callback):
         dense_negatives: bool = True,
         lambda_nn: float = 0.0,
         tuned_parameters: str = "all",
+        head_warmup_steps: int = 0,
         projection_dim: int = 128,
         max_images: int = 64,
     ) -> None:
         super().__init__()
+        if head_warmup_steps < 0:
+            msg = f"head_warmup_steps must be >= 0, got {head_warmup_steps}."
+            raise ValueError(msg)
+        self.head_warmup_steps = head_warmup_steps
         if tuned_parameters not in TUNED_PARAMETERS:
             msg = f"tuned_parameters must be one of {TUNED_PARAMETERS}, got {tuned_parameters!r}."
             raise ValueError(msg)
@@ -201,13 +210,20 @@ class ContrastiveFineTuning(Callback):
             ],
             weight_decay=self.weight_decay,
         )
+        head_optimizer = torch.optim.AdamW(
+            [*head.parameters(), *dense_head.parameters()], lr=self.lr_head, weight_decay=self.weight_decay
+        )
         self.history = []
+        total_steps = self.head_warmup_steps + self.steps
         show_bar = trainer is not None and trainer.progress_bar_callback is not None and trainer.is_global_zero
-        bar = Tqdm(total=self.steps, desc="Contrastive fine-tuning", leave=False, disable=not show_bar)
+        bar = Tqdm(total=total_steps, desc="Contrastive fine-tuning", leave=False, disable=not show_bar)
         run_logger = trainer.logger if trainer is not None else None
         try:
             with torch.enable_grad(), torch.inference_mode(mode=False):
-                for step in range(self.steps):
+                for step in range(total_steps):
+                    warmup = step < self.head_warmup_steps  # LP-FT: heads alone first
+                    for parameter in trained:
+                        parameter.requires_grad_(not warmup)
                     batch = images
                     if images.shape[0] > self.batch_size:
                         batch = images[torch.randperm(images.shape[0], device=device)[: self.batch_size]]
@@ -218,10 +234,15 @@ class ContrastiveFineTuning(Callback):
                             "and lr_head."
                         )
                         raise FloatingPointError(msg)
-                    optimizer.zero_grad(set_to_none=True)
+                    if warmup and not loss.requires_grad:  # no term of this batch reaches a head
+                        bar.update(1)
+                        continue
+                    step_optimizer = head_optimizer if warmup else optimizer
+                    step_optimizer.zero_grad(set_to_none=True)
                     loss.backward()
-                    torch.nn.utils.clip_grad_norm_(trained, 1.0)
-                    optimizer.step()
+                    if not warmup:
+                        torch.nn.utils.clip_grad_norm_(trained, 1.0)
+                    step_optimizer.step()
                     self.history.append(float(loss.detach()))
                     bar.update(1)
                     bar.set_postfix(loss=f"{self.history[-1]:.3f}")
@@ -235,4 +256,5 @@ class ContrastiveFineTuning(Callback):
                 parameter.requires_grad_(grad_flags[name])
             network.train(was_training)
             optimizer.zero_grad(set_to_none=True)
-        logger.info("ContrastiveFineTuning: %d steps, loss %.3f -> %.3f", self.steps, self.history[0], self.history[-1])
+        logger.info("ContrastiveFineTuning: %d head warm-up + %d steps, loss %.3f -> %.3f", self.head_warmup_steps,
+                    self.steps, self.history[0], self.history[-1])

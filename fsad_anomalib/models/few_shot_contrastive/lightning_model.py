@@ -79,6 +79,8 @@ class FewShotContrastive(AnomalibModule):
             (normal patches below synthesized anomalous ones); 0 switches it off.
         tuned_parameters: What fine-tuning trains: ``all`` backbone weights, or ``norm`` (the BatchNorm
             layers' affine weights and biases only).
+        head_warmup_steps: Steps that train the projection heads alone (backbone frozen) before the
+            ``fine_tune_steps`` steps that train both (LP-FT); 0 switches it off.
         projection_dim: Output size of the (temporary) projection heads of fine-tuning.
     """
 
@@ -111,6 +113,7 @@ class FewShotContrastive(AnomalibModule):
         dense_negatives: bool = True,
         lambda_nn: float = 0.0,
         tuned_parameters: str = "all",
+        head_warmup_steps: int = 0,
         projection_dim: int = 128,
         pre_processor: nn.Module | bool = True,
         post_processor: nn.Module | bool = True,
