@@ -57,6 +57,24 @@ def test_benchmark_end_to_end_and_resume(generated_root, tmp_path):
     report = (out / "results.md").read_text()
     assert "| generated toy | PatchCore |" in report and "K=1" not in report and "FewShotContrastive" not in report
     assert len((out / "runs.jsonl").read_text().splitlines()) == len(lines)
+    # another folder's runs join the table where this one has none; its own runs.jsonl is left alone
+    other = tmp_path / "other"
+    other.mkdir()
+    stock = [json.loads(line) for line in lines if json.loads(line)["method"] in ("PatchCore", "PaDiM")]
+    mine = [json.loads(line) for line in lines if json.loads(line)["method"] == "frozen"]
+    (other / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in mine))
+    stock_only = tmp_path / "stock_only"
+    stock_only.mkdir()
+    (stock_only / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in stock))
+    assert main(["--report-only", "--sets", "generated/toy", "--k", "1", "2", "--methods", "frozen", "PatchCore",
+                 "--output", str(other), "--include-runs", str(stock_only)]) == 0  # fmt: skip
+    report = (other / "results.md").read_text()
+    assert "| generated toy | PatchCore |" in report and "| generated toy | frozen |" in report
+    # only the requested runs are taken in (PaDiM's are not): 2 frozen + 2 PatchCore
+    assert f"2 of these 4 runs come from --include-runs {stock_only}" in report
+    assert len((other / "runs.jsonl").read_text().splitlines()) == len(mine)
+    with pytest.raises(SystemExit):
+        main(["--report-only", "--sets", "generated/toy", "--output", str(other), "--include-runs", str(tmp_path)])
 
 
 def test_benchmark_auroc_is_the_ranking_auroc_of_raw_scores():

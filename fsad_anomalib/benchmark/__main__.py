@@ -80,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="Lightning accelerator of every run (auto, cpu, gpu, ...); one device per run")
     parser.add_argument("--report-only", action="store_true",
                         help="run nothing: write results.md and the plots from the runs already in --output")
+    parser.add_argument("--include-runs", nargs="+", default=[], metavar="DIR",
+                        help="also put the runs of these earlier output folders in the table and plots, where --output "
+                        "has no run of the same set, K, seed and method (e.g. stock PatchCore/PaDiM rows, which no "
+                        "FewShotContrastive argument changes); nothing is copied into --output's runs.jsonl")
     parser.add_argument("--mvtec-root", default="./datasets/MVTecAD")
     parser.add_argument("--visa-root", default="./datasets/visa")
     args = parser.parse_args(argv)
@@ -104,17 +108,17 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--set-model-args '{item}': expected a JSON object of FewShotContrastive arguments.")
 
     from fsad_anomalib.benchmark.report import write_plots, write_table
-    from fsad_anomalib.benchmark.runner import load_runs, run_benchmark
+    from fsad_anomalib.benchmark.runner import load_runs, merge_runs, run_benchmark
 
     builders = {label: partial(_datamodule, label, args) for label in args.sets}
+    for folder in args.include_runs:
+        if not (Path(folder) / "runs.jsonl").exists():
+            parser.error(f"--include-runs: {Path(folder) / 'runs.jsonl'} does not exist.")
     if args.report_only:
         runs_file = Path(args.output) / "runs.jsonl"
         if not runs_file.exists():
             parser.error(f"--report-only: {runs_file} does not exist; run the benchmark first.")
         rows = load_runs(args.output)
-        wanted = {tuple(label.partition("/")[::2]) for label in args.sets}
-        rows = [r for r in rows if (r["dataset"], r["category"]) in wanted and r["k_shot"] in args.k
-                and r["seed"] in args.seeds and r["method"] in args.methods]  # fmt: skip
     else:
         rows = run_benchmark(
         builders, k_shots=args.k, seeds=args.seeds, methods=args.methods, output=args.output,
@@ -122,7 +126,22 @@ def main(argv: list[str] | None = None) -> int:
             time_inference=not args.no_timing, accelerator=args.accelerator,
             progress=lambda line: print(line, flush=True),
         )  # fmt: skip
+    wanted = {tuple(label.partition("/")[::2]) for label in args.sets}
+
+    def requested(row: dict) -> bool:
+        return ((row["dataset"], row["category"]) in wanted and row["k_shot"] in args.k and row["seed"] in args.seeds
+                and row["method"] in args.methods)  # fmt: skip
+
+    # --report-only tables the requested runs; a run tables all of --output, plus the requested included runs
+    own = [r for r in rows if requested(r) or not args.report_only]
+    rows = merge_runs(own, *([r for r in load_runs(folder) if requested(r)] for folder in args.include_runs))
     table = write_table(rows, f"{args.output}/results.md", methods=args.methods)
+    if len(rows) > len(own):
+        note = (f"\n{len(rows) - len(own)} of these {len(rows)} runs come from --include-runs "
+                f"{' '.join(args.include_runs)} (runs {args.output} does not hold).\n")
+        with Path(f"{args.output}/results.md").open("a") as handle:
+            handle.write(note)
+        table += note
     write_plots(rows, args.output)
     print(table)
     return 0

@@ -30,7 +30,7 @@ from fsad_anomalib.data import FewShot
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["NonFiniteScoreCounter", "load_runs", "peak_rss_mb", "run_benchmark", "time_forward"]
+__all__ = ["NonFiniteScoreCounter", "load_runs", "merge_runs", "peak_rss_mb", "run_benchmark", "time_forward"]
 
 
 def peak_rss_mb() -> float:
@@ -113,6 +113,18 @@ def load_runs(output: str | Path) -> list[dict[str, Any]]:
 
 def _key(row: dict[str, Any]) -> tuple:
     return (row["dataset"], row["category"], row["k_shot"], row["seed"], row["method"])
+
+
+def merge_runs(rows: list[dict[str, Any]], *others: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``rows`` plus the rows of ``others`` whose run (set, K, seed, method) none before them holds."""
+    merged = list(rows)
+    seen = {_key(r) for r in merged}
+    for other in others:
+        for row in other:
+            if _key(row) not in seen:
+                seen.add(_key(row))
+                merged.append(row)
+    return merged
 
 
 def run_benchmark(
