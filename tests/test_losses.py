@@ -153,3 +153,38 @@ def test_nearest_neighbour_ranking_by_hand_and_gradient():
         from fsad_anomalib.models.components import ContrastiveFineTuner
 
         ContrastiveFineTuner(lambda_nn=-1.0)
+
+
+def test_dense_cross_instance_positive_by_hand_and_gradient():
+    from fsad_anomalib.models.few_shot_contrastive.loss import DenseCrossInstancePositiveLoss
+
+    tau = 0.5
+    e0, e1, e2 = [1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]
+    # two images, 1x2 feature maps. First views: image 0 = (e0, e1), image 1 = (e0 + e1, e2)
+    first = unit(e0, e1, [1.0, 1.0, 0.0], e2).reshape(2, 1, 2, 3).permute(0, 3, 1, 2).clone().requires_grad_(True)
+    # second views: image 0 = (e0, e2), image 1 = (e1, e2)
+    second = unit(e0, e2, e1, e2).reshape(2, 1, 2, 3).permute(0, 3, 1, 2)
+    loss = DenseCrossInstancePositiveLoss(tau)(first, second)
+    # each anchor sees only the other image's second-view patches; its best match there is its positive
+    s = 1 / math.sqrt(2.0)
+    rows = [  # (similarities to the other image's two patches, index of the best)
+        ([0.0, 0.0], 0),  # image 0, e0 against image 1's (e1, e2): a tie, the first is taken
+        ([1.0, 0.0], 0),  # image 0, e1 against (e1, e2)
+        ([s, 0.0], 0),  # image 1, (e0 + e1) / sqrt 2 against image 0's (e0, e2)
+        ([0.0, 1.0], 1),  # image 1, e2 against (e0, e2)
+    ]
+    expected = sum(
+        -sims[best] / tau + math.log(sum(math.exp(v / tau) for v in sims)) for sims, best in rows
+    ) / len(rows)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    loss.backward()
+    # gradient descent turns image 1's (e0 + e1) patch towards its match e0, away from image 0's other patch e2
+    step = -first.grad[1, :, 0, 0]
+    assert (step @ torch.tensor(e0, dtype=torch.float64)).item() > 0
+    assert (step @ torch.tensor(e2, dtype=torch.float64)).item() <= 0
+    # one image: no other instance, no loss
+    assert DenseCrossInstancePositiveLoss()(first[:1].detach(), second[:1]).item() == 0.0
+    with pytest.raises(ValueError, match="lambda_pp_dense"):
+        from fsad_anomalib.models.components import ContrastiveFineTuner
+
+        ContrastiveFineTuner(lambda_pp_dense=-1.0)

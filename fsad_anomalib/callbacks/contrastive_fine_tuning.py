@@ -73,7 +73,7 @@ class ContrastiveFineTuning(Callback):
             each step draws a random subset of ``batch_size`` of them, which keeps the cost of a step flat in K.
         lr_backbone, lr_head, weight_decay: Optimiser settings (as in FewShotContrastive).
         temperature, lambda_pp, lambda_np, synthesis, crop_scale, hflip, vflip, rot90, color_jitter,
-        dense_negatives, lambda_nn: Loss, views and synthesis, with FewShotContrastive's meaning and defaults.
+        dense_negatives, lambda_nn, lambda_pp_dense: Loss, views and synthesis, with FewShotContrastive's meaning and defaults.
         tuned_parameters: ``all`` weights of the extractor, or ``norm``: only the affine weights and biases of
             its normalisation layers (BatchNorm's gamma and beta; their running statistics stay frozen).
         head_warmup_steps: Steps that train the (freshly initialised) projection heads alone, with the
@@ -102,6 +102,7 @@ class ContrastiveFineTuning(Callback):
         color_jitter: float = 0.2,
         dense_negatives: bool = True,
         lambda_nn: float = 0.0,
+        lambda_pp_dense: float = 0.0,
         tuned_parameters: str = "all",
         head_warmup_steps: int = 0,
         projection_dim: int = 128,

@@ -18,6 +18,7 @@ from torch import nn
 from fsad_anomalib.models.components.augment import ViewAugmentation
 from fsad_anomalib.models.components.synthesis import AnomalySynthesizer
 from fsad_anomalib.models.few_shot_contrastive.loss import (
+    DenseCrossInstancePositiveLoss,
     DenseSynthesizedNegativeLoss,
     FewShotContrastiveLoss,
     NearestNeighbourRankingLoss,
@@ -67,9 +68,10 @@ def patch_and_global(patch_maps: Sequence[torch.Tensor], global_map: torch.Tenso
 class ContrastiveFineTuner(nn.Module):
     """Computes the fine-tuning loss of a batch of normal images in [0, 1].
 
-    L = L_Con + lambda_PP * L_PP + lambda_NP * (L_NP + L_NP^dense) + lambda_NN * L_NN. L_NN ranks the scored
-    patch features' nearest-neighbour distances (normal below synthesized anomalies), without a projection
-    head. The synthesized anomalies are made
+    L = L_Con + lambda_PP * L_PP + lambda_NP * (L_NP + L_NP^dense) + lambda_NN * L_NN + lambda_PP^dense *
+    L_PP^dense. L_NN ranks the scored patch features' nearest-neighbour distances (normal below synthesized
+    anomalies), without a projection head; L_PP^dense pulls each scored patch towards its best match in the
+    other normal images. The synthesized anomalies are made
     from the first view, so that they share its geometry and the dense term can compare locations.
     ``embed`` is called once on the two views and the anomalies together.
     """
@@ -87,17 +89,21 @@ class ContrastiveFineTuner(nn.Module):
         color_jitter: float = 0.2,
         dense_negatives: bool = True,
         lambda_nn: float = 0.0,
+        lambda_pp_dense: float = 0.0,
     ) -> None:
         super().__init__()
-        if lambda_nn < 0:
-            msg = f"lambda_nn must be >= 0, got {lambda_nn}."
-            raise ValueError(msg)
+        for name, value in {"lambda_nn": lambda_nn, "lambda_pp_dense": lambda_pp_dense}.items():
+            if value < 0:
+                msg = f"{name} must be >= 0, got {value}."
+                raise ValueError(msg)
         self.augment = ViewAugmentation(crop_scale, hflip, vflip, rot90, color_jitter)
         self.synthesizer = AnomalySynthesizer(synthesis)
         self.loss = FewShotContrastiveLoss(temperature, lambda_pp, lambda_np)
         self.dense_loss = DenseSynthesizedNegativeLoss(temperature) if dense_negatives else None
         self.lambda_nn = lambda_nn
         self.nn_loss = NearestNeighbourRankingLoss(temperature)
+        self.lambda_pp_dense = lambda_pp_dense
+        self.pp_dense_loss = DenseCrossInstancePositiveLoss(temperature)
 
     @property
     def uses_negatives(self) -> bool:
@@ -122,6 +128,10 @@ class ContrastiveFineTuner(nn.Module):
         z1, z2 = z[:n], z[n : 2 * n]
         anomalies = z[2 * n :] if self.uses_negatives else None
         total, logs = self.loss(z1, z2, anomalies)
+        if self.lambda_pp_dense > 0 and patch is not None and n >= 2:  # noqa: PLR2004
+            loss_pp_dense = self.pp_dense_loss(patch[:n], patch[n : 2 * n])
+            total = total + self.lambda_pp_dense * loss_pp_dense
+            logs["loss_pp_dense"] = loss_pp_dense.detach()
         if not self.uses_negatives or mask is None:
             return total, logs
         if self.loss.lambda_np > 0 and self.dense_loss is not None and dense is not None:

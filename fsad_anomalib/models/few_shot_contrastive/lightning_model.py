@@ -77,6 +77,9 @@ class FewShotContrastive(AnomalibModule):
         dense_negatives: Also apply L_NP at patch level (synthesized anomalous patches as negatives).
         lambda_nn: Weight of L_NN, a ranking loss on the scored patch features' nearest-neighbour distances
             (normal patches below synthesized anomalous ones); 0 switches it off.
+        lambda_pp_dense: Weight of L_PP^dense, cross-instance positives at patch level on the scored features (each
+            patch's best match in the other normal images is its positive, their other patches its negatives);
+            0 switches it off.
         tuned_parameters: What fine-tuning trains: ``all`` backbone weights, or ``norm`` (the BatchNorm
             layers' affine weights and biases only).
         head_warmup_steps: Steps that train the projection heads alone (backbone frozen) before the
@@ -112,6 +115,7 @@ class FewShotContrastive(AnomalibModule):
         coreset_ratio: float = 0.1,
         dense_negatives: bool = True,
         lambda_nn: float = 0.0,
+        lambda_pp_dense: float = 0.0,
         tuned_parameters: str = "all",
         head_warmup_steps: int = 0,
         projection_dim: int = 128,

@@ -241,3 +241,40 @@ class NearestNeighbourRankingLoss(nn.Module):
         d_normal = distance(self._flat(normal)[normal_idx], image_of[normal_idx])
         d_anomalous = distance(self._flat(anomalous)[anomalous_idx], image_of[anomalous_idx])
         return F.softplus((d_normal[:, None] - d_anomalous[None, :]) / self.temperature).mean()
+
+
+class DenseCrossInstancePositiveLoss(nn.Module):
+    r"""L_PP at patch level: each normal patch's best match in the *other* normal images is its positive.
+
+    The loss acts on the scored patch features themselves (no projection head), L2-normalised per location,
+    so it trains exactly the distances ``score_mode="knn"`` scores with, and it needs no synthesized anomaly.
+    For an anchor patch :math:`u` of image :math:`i` (first views) and the patches :math:`b` of the other
+    images' second views, with :math:`b^+` the most similar of them (chosen without gradient):
+
+    .. math::
+        L_{PP}^{dense} = -\log \frac{\exp(u \cdot b^+ / \tau)}{\sum_{b} \exp(u \cdot b / \tau)}
+
+    It pulls every normal patch towards its nearest neighbour among the other instances (the test image
+    is another instance than the K in the memory bank) and away from the other instances' non-matching
+    patches, which keeps the features from collapsing. ``max_anchors`` bounds the sampled anchors. Zero for
+    a batch of one image (no other instance).
+    """
+
+    def __init__(self, temperature: float = 0.1, max_anchors: int = 512) -> None:
+        super().__init__()
+        self.temperature = _check_temperature(temperature)
+        self.max_anchors = max_anchors
+
+    def forward(self, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+        """``first``, ``second``: ``(B, C, h, w)`` patch features of two views of the same B normal images."""
+        b, c, h, w = first.shape
+        if b < 2:  # noqa: PLR2004
+            return first.sum() * 0.0
+        anchors = F.normalize(first, dim=1).permute(0, 2, 3, 1).reshape(-1, c)
+        bank = F.normalize(second, dim=1).permute(0, 2, 3, 1).reshape(-1, c)
+        image_of = torch.arange(b, device=first.device).repeat_interleave(h * w)
+        index = torch.randperm(len(anchors), device=first.device)[: self.max_anchors]
+        logits = anchors[index] @ bank.T / self.temperature
+        logits = logits.masked_fill(image_of[index, None] == image_of[None, :], float("-inf"))
+        positive = logits.detach().argmax(dim=1)
+        return F.cross_entropy(logits, positive)
