@@ -9,7 +9,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-__all__ = ["summarise", "write_plots", "write_table"]
+__all__ = ["summarise", "write_plots", "write_table", "write_time_plot"]
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -96,18 +96,36 @@ def write_plots(rows: list[dict[str, Any]], folder: str | Path) -> list[Path]:
         by_method: dict[str, list[float]] = defaultdict(list)
         for row in timed:
             by_method[row["method"]].append(row["ms_b1"])
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        names = sorted(by_method)
-        ax.bar(names, [statistics.median(by_method[n]) for n in names])
         floor = folder / "backbone_floor.json"
-        if floor.exists():
-            ax.axhline(json.loads(floor.read_text())["ms_b1"], color="k", ls="--", label="bare backbone")
-            ax.legend()
-        ax.set_ylabel("ms per image, batch 1 (median)")
-        ax.tick_params(axis="x", rotation=30, labelsize=7)
-        fig.tight_layout()
-        path = folder / "inference_ms.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(
+            write_time_plot(
+                {name: statistics.median(values) for name, values in sorted(by_method.items())},
+                folder / "inference_ms.png",
+                floor=json.loads(floor.read_text())["ms_b1"] if floor.exists() else None,
+                ylabel="ms per image, batch 1 (median)",
+            )
+        )
     return written
+
+
+def write_time_plot(ms: dict[str, float], path: str | Path, floor: float | None = None,
+                    ylabel: str = "ms per image") -> Path:
+    """Bar plot of milliseconds per image per method, with the bare backbone's time as a dashed line."""
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.bar(list(ms), list(ms.values()))
+    if floor is not None:
+        ax.axhline(floor, color="k", ls="--", label="bare backbone")
+        ax.legend()
+    ax.set_ylabel(ylabel)
+    ax.tick_params(axis="x", rotation=35, labelsize=7)
+    for label in ax.get_xticklabels():
+        label.set_horizontalalignment("right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

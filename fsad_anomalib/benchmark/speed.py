@@ -4,7 +4,9 @@ Fits FewShotContrastive (frozen; fine-tuning does not change the scoring graph),
 the same K-shot ELPV support set, exports FewShotContrastive to ONNX and OpenVINO, then times, interleaved
 round by round, at batch 1 (ms per image) and batch 32 (images per second): the bare backbone forward,
 FewShotContrastive eager (full graph: pre-processing, model, post-processing), ONNX Runtime, OpenVINO
-FP32 and FP16, PatchCore and PaDiM. Prints medians and ratios to the bare backbone.
+FP32 and FP16, FewShotContrastive eager with the other score modes (``--score-modes``), PatchCore and
+PaDiM. Prints medians and ratios to the bare backbone; ``--output`` also writes them as ``speed.md`` and
+bar plots.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -37,6 +40,12 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0915
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=15, help="timing rounds at batch 1 (batch 32: a third)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--score-modes", nargs="*", default=["knn", "knn_patch"],
+                        help="FewShotContrastive score modes timed eagerly besides the default 'patch' (the ELPV "
+                        "configs score with knn and knn_patch)")
+    parser.add_argument("--output", default=None,
+                        help="folder for speed.md (the printed table) and inference_ms.png (ms per image at batch 1 "
+                        "and 32 per method, the bare backbone as a dashed line)")
     args = parser.parse_args(argv)
     os.environ.setdefault("OPENVINO_TELEMETRY_DISABLED", "1")
     logging.disable(logging.WARNING)
@@ -56,9 +65,11 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0915
     size = args.image_size
     models = {}
     with tempfile.TemporaryDirectory(prefix="fsad-speed-") as work:
-        for name in ("frozen", "PatchCore", "PaDiM"):
+        extra_modes = [m for m in args.score_modes if m != "patch"]
+        for name in ("frozen", *(f"frozen:{m}" for m in extra_modes), "PatchCore", "PaDiM"):
             seed_everything(0, verbose=False)
-            model = build_method(name, "offline:tf_efficientnet_lite0", size)
+            method, _, mode = name.partition(":")
+            model = build_method(method, "offline:tf_efficientnet_lite0", size, {"score_mode": mode} if mode else None)
             engine = Engine(default_root_dir=work, logger=False, enable_progress_bar=False, enable_model_summary=False,
                             accelerator="cpu", limit_val_batches=1)
             engine.fit(model=model, datamodule=FewShot(ELPV("mono", n_test_normal=16, n_test_abnormal=16), k_shot=args.k))
@@ -84,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0915
         runners: dict[str, Callable[[torch.Tensor], object]] = {
             "bare backbone forward": lambda x: backbone(x),
             "FewShotContrastive eager": lambda x: fsc(x),
+            **{f"FewShotContrastive eager, score_mode={m}": (lambda f: (lambda x: f(x)))(models[f"frozen:{m}"])
+               for m in extra_modes},
             "FewShotContrastive ONNX Runtime": lambda x: session.run(None, {name_in: x.numpy()}),
             **{name: (lambda c: (lambda x: c(x.numpy())))(c) for name, c in compiled.items()},
             "PatchCore eager": lambda x: models["PatchCore"](x),
@@ -116,16 +129,35 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0915
 
     floor1 = statistics.median(timings["bare backbone forward"][1])
     floor32 = statistics.median(timings["bare backbone forward"][32])
-    print(f"\nImage size {size}, K = {args.k}, torch threads {torch.get_num_threads()}, medians of interleaved rounds\n")
-    print("| method | ms / image, batch 1 | time x backbone | images / s, batch 32 | time x backbone |")
-    print("|---|---|---|---|---|")
+    lines = [
+        f"Image size {size}, K = {args.k}, torch threads {torch.get_num_threads()}, medians of interleaved rounds "
+        f"({args.rounds} at batch 1, {max(2, args.rounds // 3)} at batch 32)",
+        "",
+        "| method | ms / image, batch 1 | time x backbone | images / s, batch 32 | time x backbone |",
+        "|---|---|---|---|---|",
+    ]
     for name, t in timings.items():
         b1, b32 = statistics.median(t[1]), statistics.median(t[32])
-        print(f"| {name} | {b1:.1f} | {b1 / floor1:.2f} | {1000 / b32:.1f} | {b32 / floor32:.2f} |")
+        lines.append(f"| {name} | {b1:.1f} | {b1 / floor1:.2f} | {1000 / b32:.1f} | {b32 / floor32:.2f} |")
     rel = np.abs(fp16_scores - eager_scores) / np.maximum(np.abs(eager_scores), 1e-12)
     rel_bf16 = np.abs(bf16_scores - eager_scores) / np.maximum(np.abs(eager_scores), 1e-12)
-    print(f"\nOpenVINO FP16-weight scores vs eager FP32: max relative difference {rel.max():.2e} ({len(probe)} ELPV test cells)")
-    print(f"OpenVINO default-precision scores vs eager FP32: max relative difference {rel_bf16.max():.2e}")
+    lines += [
+        "",
+        f"OpenVINO FP16-weight scores vs eager FP32: max relative difference {rel.max():.2e} ({len(probe)} ELPV test cells)",
+        f"OpenVINO default-precision scores vs eager FP32: max relative difference {rel_bf16.max():.2e}",
+    ]
+    text = "\n".join(lines) + "\n"
+    print("\n" + text)
+    if args.output:
+        from fsad_anomalib.benchmark.report import write_time_plot  # noqa: PLC0415
+
+        out = Path(args.output)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "speed.md").write_text(text)
+        for batch, floor in ((1, floor1), (32, floor32)):
+            write_time_plot({name: statistics.median(t[batch]) for name, t in timings.items() if name != "bare backbone forward"},
+                            out / f"inference_ms_batch{batch}.png", floor=floor,
+                            ylabel=f"ms per image, batch {batch} (median)")
     return 0
 
 
