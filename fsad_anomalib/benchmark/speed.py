@@ -95,8 +95,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0915
         runners: dict[str, Callable[[torch.Tensor], object]] = {
             "bare backbone forward": lambda x: backbone(x),
             "FewShotContrastive eager": lambda x: fsc(x),
-            **{f"FewShotContrastive eager, score_mode={m}": (lambda f: (lambda x: f(x)))(models[f"frozen:{m}"])
-               for m in extra_modes},
+            **{f"FewShotContrastive eager, score_mode={m}": models[f"frozen:{m}"] for m in extra_modes},
             "FewShotContrastive ONNX Runtime": lambda x: session.run(None, {name_in: x.numpy()}),
             **{name: (lambda c: (lambda x: c(x.numpy())))(c) for name, c in compiled.items()},
             "PatchCore eager": lambda x: models["PatchCore"](x),

@@ -187,6 +187,11 @@ class DenseSynthesizedNegativeLoss(nn.Module):
         return F.cross_entropy(logits, targets)
 
 
+def _unit_patches(x: torch.Tensor) -> torch.Tensor:
+    """``(B, C, h, w)`` features as ``(B * h * w, C)`` rows of unit norm, image by image."""
+    return F.normalize(x, dim=1).permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+
+
 class NearestNeighbourRankingLoss(nn.Module):
     r"""L_NN, a ranking loss on the nearest-neighbour distance that ``score_mode="knn"`` scores with.
 
@@ -209,10 +214,6 @@ class NearestNeighbourRankingLoss(nn.Module):
         self.temperature = _check_temperature(temperature)
         self.max_patches = max_patches
 
-    @staticmethod
-    def _flat(x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(x, dim=1).permute(0, 2, 3, 1).reshape(-1, x.shape[1])
-
     def _sample(self, index: torch.Tensor) -> torch.Tensor:
         if len(index) > self.max_patches:
             index = index[torch.randperm(len(index), device=index.device)[: self.max_patches]]
@@ -230,7 +231,7 @@ class NearestNeighbourRankingLoss(nn.Module):
         anomalous_idx = self._sample(m.nonzero().flatten())
         if len(normal_idx) == 0 or len(anomalous_idx) == 0:
             return normal.sum() * 0.0
-        bank = self._flat(second)
+        bank = _unit_patches(second)
 
         def distance(x: torch.Tensor, owners: torch.Tensor) -> torch.Tensor:
             sim = x @ bank.T
@@ -238,8 +239,8 @@ class NearestNeighbourRankingLoss(nn.Module):
                 sim = sim.masked_fill(owners[:, None] == image_of[None, :], float("-inf"))
             return 1.0 - sim.max(dim=1).values
 
-        d_normal = distance(self._flat(normal)[normal_idx], image_of[normal_idx])
-        d_anomalous = distance(self._flat(anomalous)[anomalous_idx], image_of[anomalous_idx])
+        d_normal = distance(_unit_patches(normal)[normal_idx], image_of[normal_idx])
+        d_anomalous = distance(_unit_patches(anomalous)[anomalous_idx], image_of[anomalous_idx])
         return F.softplus((d_normal[:, None] - d_anomalous[None, :]) / self.temperature).mean()
 
 
@@ -267,11 +268,10 @@ class DenseCrossInstancePositiveLoss(nn.Module):
 
     def forward(self, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
         """``first``, ``second``: ``(B, C, h, w)`` patch features of two views of the same B normal images."""
-        b, c, h, w = first.shape
+        b, _, h, w = first.shape
         if b < 2:  # noqa: PLR2004
             return first.sum() * 0.0
-        anchors = F.normalize(first, dim=1).permute(0, 2, 3, 1).reshape(-1, c)
-        bank = F.normalize(second, dim=1).permute(0, 2, 3, 1).reshape(-1, c)
+        anchors, bank = _unit_patches(first), _unit_patches(second)
         image_of = torch.arange(b, device=first.device).repeat_interleave(h * w)
         index = torch.randperm(len(anchors), device=first.device)[: self.max_anchors]
         logits = anchors[index] @ bank.T / self.temperature
