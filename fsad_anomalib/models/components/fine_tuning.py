@@ -24,7 +24,7 @@ from fsad_anomalib.models.few_shot_contrastive.loss import (
     NearestNeighbourRankingLoss,
 )
 
-__all__ = ["ContrastiveFineTuner", "EmbedFn", "forwarded_arguments", "patch_and_global"]
+__all__ = ["ContrastiveFineTuner", "EmbedFn", "forwarded_arguments", "patch_and_global", "patch_features"]
 
 # images in [0, 1] -> (global projections (B, D), dense projections (B, D', h, w) or None, both unit norm,
 #                      scored patch features (B, C, h, w) or None)
@@ -45,24 +45,30 @@ def forwarded_arguments(
     return {name: values[renames.get(name, name)] for name in names if renames.get(name, name) in values}
 
 
-def patch_and_global(patch_maps: Sequence[torch.Tensor], global_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Patch features and the image embedding from a backbone's feature maps.
+def patch_features(patch_maps: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Patch features from a backbone's feature maps, ``(B, sum of channels, h, w)``.
 
-    Each patch map gets a 3x3 local average (PatchCore's neighbourhood aggregation) at its own resolution and
-    is then upsampled bilinearly to the first map's resolution; the maps are concatenated along channels.
+    Each map gets a 3x3 local average (PatchCore's neighbourhood aggregation) at its own resolution and is then
+    upsampled bilinearly to the first map's resolution; the maps are concatenated along channels.
+    """
+    pooled_maps = [F.avg_pool2d(f, kernel_size=3, stride=1, padding=1) for f in patch_maps]
+    size = pooled_maps[0].shape[-2:]
+    return torch.cat(
+        [pooled_maps[0]] + [F.interpolate(f, size=size, mode="bilinear", align_corners=False) for f in pooled_maps[1:]],
+        dim=1,
+    )
+
+
+def patch_and_global(patch_maps: Sequence[torch.Tensor], global_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Patch features (:func:`patch_features`) and the image embedding from a backbone's feature maps.
+
     The image embedding is the L2-normalised global average pool of ``global_map``. FewShotContrastive
     scores these features and the fine-tuning callback trains them, for every model.
 
     Returns:
         ``(B, sum of channels, h, w)`` patch features and ``(B, C_global)`` unit-norm embeddings.
     """
-    pooled_maps = [F.avg_pool2d(f, kernel_size=3, stride=1, padding=1) for f in patch_maps]
-    size = pooled_maps[0].shape[-2:]
-    patch = torch.cat(
-        [pooled_maps[0]] + [F.interpolate(f, size=size, mode="bilinear", align_corners=False) for f in pooled_maps[1:]],
-        dim=1,
-    )
-    return patch, F.normalize(global_map.mean(dim=(-2, -1)), dim=-1)
+    return patch_features(patch_maps), F.normalize(global_map.mean(dim=(-2, -1)), dim=-1)
 
 
 class ContrastiveFineTuner(nn.Module):

@@ -16,7 +16,8 @@ from anomalib.models.image.patchcore.torch_model import PatchcoreModel
 
 from fsad_anomalib.backbones import IMAGENET_MEAN, IMAGENET_STD, resolve_backbone
 from fsad_anomalib.models.components.augment import fit_views
-from fsad_anomalib.models.components.fine_tuning import patch_and_global
+from fsad_anomalib.models.components.feature_extractor import features_until
+from fsad_anomalib.models.components.fine_tuning import patch_and_global, patch_features
 from fsad_anomalib.models.components.gaussian import fit_gaussian, mahalanobis
 
 logger = logging.getLogger(__name__)
@@ -82,6 +83,12 @@ def build_feature_extractor(
                 "pre_trained=False."
             )
             raise RuntimeError(msg) from exc
+        # timm returns the features shallow to deep whatever order out_indices come in, and anomalib zips them
+        # with the layers as given: list the layers by depth so that every name labels its own tensor
+        # (layers=(2, 4), global_layer=3 would otherwise call blocks.6's output "3").
+        if getattr(extractor, "idx", None) is not None and list(extractor.idx) != sorted(extractor.idx):
+            extractor.layers = [layer for _, layer in sorted(zip(extractor.idx, extractor.layers, strict=True))]
+            extractor.idx = sorted(extractor.idx)
         cfg = getattr(extractor.feature_extractor, "pretrained_cfg", None) or {}
         mean = tuple(cfg.get("mean", IMAGENET_MEAN))
         std = tuple(cfg.get("std", IMAGENET_STD))
@@ -197,6 +204,14 @@ class FewShotContrastiveModel(DynamicBufferMixin, nn.Module):
     # the fine-tuning callback trains exactly the scored features (see ContrastiveFineTuning)
     contrastive_features = features
 
+    def scored_patch_features(self, images: torch.Tensor) -> torch.Tensor:
+        """The patch features of :meth:`features` alone: the backbone stops after the deepest patch layer."""
+        if images.ndim != 4 or images.shape[1] != 3:  # noqa: PLR2004
+            msg = f"FewShotContrastive expects RGB images of shape (B, 3, H, W), got {tuple(images.shape)}."
+            raise ValueError(msg)
+        feats = features_until(self.feature_extractor, (images - self.pixel_mean) / self.pixel_std, self.layers)
+        return patch_features([feats[layer] for layer in self.layers])
+
     # ------------------------------------------------------------------ fit
     @torch.no_grad()
     def fit(
@@ -270,11 +285,13 @@ class FewShotContrastiveModel(DynamicBufferMixin, nn.Module):
 
     def forward(self, images: torch.Tensor) -> InferenceBatch:
         """Image scores and anomaly maps of images in [0, 1] (BatchNorm is frozen, so train mode changes nothing)."""
-        patch, emb = self.features(images)
-        patch_map = self._patch_map(patch) / self.score_scale[1]
-        if self.score_mode in {"patch", *KNN_MODES}:  # no global Mahalanobis pass on the hot path
+        if self.score_mode in {"patch", *KNN_MODES}:
+            # no global embedding on the hot path: the backbone stops after the deepest patch layer
+            patch_map = self._patch_map(self.scored_patch_features(images)) / self.score_scale[1]
             score = self._aggregate(patch_map)
         else:
+            patch, emb = self.features(images)
+            patch_map = self._patch_map(patch) / self.score_scale[1]
             g_score = mahalanobis(emb, self.global_mean, self.global_precision) / self.score_scale[0]
             score = g_score if self.score_mode == "global" else 0.5 * (g_score + self._aggregate(patch_map))
         anomaly_map = F.interpolate(self.blur(patch_map), size=images.shape[-2:], mode="bilinear", align_corners=False)
