@@ -99,3 +99,12 @@ def test_benchmark_auroc_is_the_ranking_auroc_of_raw_scores():
     expected = roc_auc_score(labels.numpy(), raw.numpy())
     assert float(metric.compute()) == pytest.approx(expected, abs=1e-6)
     assert 0.55 < expected < 0.95  # a ranking that ties would give 0.5
+
+
+@pytest.mark.parametrize("variant", ["{not json", "[1, 2]"])
+def test_speed_variants_must_be_json_objects(variant: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from fsad_anomalib.benchmark import speed
+
+    with pytest.raises(SystemExit):
+        speed.main(["--variants", variant])
+    assert "--variants" in capsys.readouterr().err

@@ -2,16 +2,18 @@
 
 Fits FewShotContrastive (frozen; fine-tuning does not change the scoring graph), PatchCore and PaDiM on
 the same K-shot ELPV support set, exports FewShotContrastive to ONNX and OpenVINO, then times, interleaved
-round by round, at batch 1 (ms per image) and batch 32 (images per second): the bare backbone forward,
-FewShotContrastive eager (full graph: pre-processing, model, post-processing), ONNX Runtime, OpenVINO
-FP32 and FP16, FewShotContrastive eager with the other score modes (``--score-modes``), PatchCore and
-PaDiM. Prints medians and ratios to the bare backbone; ``--output`` also writes them as ``speed.md`` and
-bar plots.
+round by round, at batch 1 (ms per image) and batch 32 (images per second): the bare backbone forward (all
+blocks, as timm's ``features_only`` model and so PatchCore and PaDiM run it), the backbone up to ``blocks.4``
+(the deepest layer FewShotContrastive and PatchCore score), FewShotContrastive eager (full graph:
+pre-processing, model, post-processing), ONNX Runtime, OpenVINO FP32 and FP16, FewShotContrastive eager with
+other arguments (``--variants``: the ELPV configs' scorings), PatchCore and PaDiM. Prints medians and ratios
+to the bare backbone; ``--output`` also writes them as ``speed.md`` and bar plots.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import statistics
@@ -33,6 +35,29 @@ def _median_ms(fn: Callable[[], object], batch: int, repeats: int) -> list[float
     return out
 
 
+DEFAULT_VARIANTS = [
+    {"score_mode": "knn"},
+    {"score_mode": "knn", "n_views": 4, "rot90": False},
+    {"score_mode": "knn_patch"},
+]
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        msg = f"--variants: '{text}' is not JSON ({exc})"
+        raise argparse.ArgumentTypeError(msg) from exc
+    if not isinstance(value, dict):
+        msg = f"--variants: '{text}' is not a JSON object of FewShotContrastive arguments"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+def _label(args: dict) -> str:
+    return ", ".join(f"{key}={value}" for key, value in args.items())
+
+
 def main(argv: list[str] | None = None) -> int:  # noqa: PLR0915
     """Fit, export and time every method; print a markdown table."""
     parser = argparse.ArgumentParser(prog="python -m fsad_anomalib.benchmark.speed", description=__doc__)
@@ -40,9 +65,10 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0915
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=15, help="timing rounds at batch 1 (batch 32: a third)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--score-modes", nargs="*", default=["knn", "knn_patch"],
-                        help="FewShotContrastive score modes timed eagerly besides the default 'patch' (the ELPV "
-                        "configs score with knn and knn_patch)")
+    parser.add_argument("--variants", nargs="*", type=_json_object, default=DEFAULT_VARIANTS,
+                        help="FewShotContrastive arguments (JSON objects) timed eagerly besides the default patch "
+                        "Gaussian; the defaults are the ELPV configs' scorings: knn, knn with the mono config's "
+                        "4-view memory bank, knn_patch (poly)")
     parser.add_argument("--output", default=None,
                         help="folder for speed.md (the printed table) and inference_ms.png (ms per image at batch 1 "
                         "and 32 per method, the bare backbone as a dashed line)")
@@ -54,22 +80,26 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0915
 
     import onnxruntime as ort  # noqa: PLC0415
     import openvino as ov  # noqa: PLC0415
-    import timm  # noqa: PLC0415
+    from anomalib.models.components import TimmFeatureExtractor  # noqa: PLC0415
     from anomalib.engine import Engine  # noqa: PLC0415
     from lightning.pytorch import seed_everything  # noqa: PLC0415
 
     from fsad_anomalib.backbones import resolve_backbone  # noqa: PLC0415
     from fsad_anomalib.benchmark.methods import build_method  # noqa: PLC0415
     from fsad_anomalib.data import ELPV, FewShot  # noqa: PLC0415
+    from fsad_anomalib.models.components.feature_extractor import features_until  # noqa: PLC0415
 
     size = args.image_size
     models = {}
     with tempfile.TemporaryDirectory(prefix="fsad-speed-") as work:
-        extra_modes = [m for m in args.score_modes if m != "patch"]
-        for name in ("frozen", *(f"frozen:{m}" for m in extra_modes), "PatchCore", "PaDiM"):
+        variants = {f"FewShotContrastive eager, {_label(v)}": v for v in args.variants}
+        for name, fsc_args in (("frozen", None), *variants.items(), ("PatchCore", None), ("PaDiM", None)):
             seed_everything(0, verbose=False)
-            method, _, mode = name.partition(":")
-            model = build_method(method, "offline:tf_efficientnet_lite0", size, {"score_mode": mode} if mode else None)
+            method = "frozen" if name in variants else name
+            try:
+                model = build_method(method, "offline:tf_efficientnet_lite0", size, fsc_args)
+            except (TypeError, ValueError) as exc:
+                parser.error(f"--variants {json.dumps(fsc_args)}: {exc}")
             engine = Engine(default_root_dir=work, logger=False, enable_progress_bar=False, enable_model_summary=False,
                             accelerator="cpu", limit_val_batches=1)
             engine.fit(model=model, datamodule=FewShot(ELPV("mono", n_test_normal=16, n_test_abnormal=16), k_shot=args.k))
@@ -87,15 +117,16 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0915
         ov.save_model(ov_model, ov_fp16_path, compress_to_fp16=True)
         compiled["OpenVINO FP16 weights"] = core.compile_model(core.read_model(ov_fp16_path), "CPU",
                                                                {"INFERENCE_PRECISION_HINT": "f32"})
-        backbone = timm.create_model(resolve_backbone("offline:tf_efficientnet_lite0"), pretrained=True,
-                                     features_only=True, exportable=True).eval()
+        backbone = TimmFeatureExtractor(resolve_backbone("offline:tf_efficientnet_lite0"), layers=[2, 3, 4],
+                                        requires_grad=True).eval()
 
         inputs = {b: torch.rand(b, 3, size, size) for b in (1, 32)}
         name_in = session.get_inputs()[0].name
         runners: dict[str, Callable[[torch.Tensor], object]] = {
             "bare backbone forward": lambda x: backbone(x),
+            "backbone up to blocks.4": lambda x: features_until(backbone, x, [2, 3]),
             "FewShotContrastive eager": lambda x: fsc(x),
-            **{f"FewShotContrastive eager, score_mode={m}": models[f"frozen:{m}"] for m in extra_modes},
+            **{name: models[name] for name in variants},
             "FewShotContrastive ONNX Runtime": lambda x: session.run(None, {name_in: x.numpy()}),
             **{name: (lambda c: (lambda x: c(x.numpy())))(c) for name, c in compiled.items()},
             "PatchCore eager": lambda x: models["PatchCore"](x),
