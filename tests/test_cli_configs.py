@@ -115,3 +115,21 @@ def test_plugin_hook_is_lazy_and_optional():
     env = {**os.environ, "FSAD_ANOMALIB_NO_PLUGIN": "1"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     assert out.stdout.split()[-1] == "False"
+
+
+@pytest.mark.parametrize(
+    ("statement", "plugin"),
+    [
+        ("from fsad_anomalib.callbacks import ContrastiveFineTuning", "off"),
+        ("from fsad_anomalib.callbacks import ContrastiveFineTuning", "on"),
+        ("from fsad_anomalib.models import FewShotContrastive", "off"),
+        ("import fsad_anomalib.benchmark.runner", "off"),
+    ],
+)
+def test_each_package_imports_first(statement: str, plugin: str) -> None:
+    """Public entry points work as a program's first import (the callback and the model import each other)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    if plugin == "off":  # the plugin hook imports fsad_anomalib.models along with anomalib.models
+        env["FSAD_ANOMALIB_NO_PLUGIN"] = "1"
+    result = subprocess.run([sys.executable, "-c", statement], capture_output=True, text=True, env=env, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]

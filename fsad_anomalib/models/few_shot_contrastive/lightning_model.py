@@ -32,7 +32,10 @@ from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 
-from fsad_anomalib.callbacks.contrastive_fine_tuning import ContrastiveFineTuning
+# a module import, not a name: the callback module imports fsad_anomalib.models.components, which runs this
+# package's __init__ first, so ``from fsad_anomalib.callbacks import ContrastiveFineTuning`` as a program's first
+# import would otherwise meet this module half-initialised (tests/test_cli_configs.py::test_each_package_imports_first)
+import fsad_anomalib.callbacks.contrastive_fine_tuning as fine_tuning_callback
 from fsad_anomalib.models.components.fine_tuning import forwarded_arguments
 from fsad_anomalib.models.few_shot_contrastive.torch_model import FewShotContrastiveModel, NotFittedError
 
@@ -137,9 +140,10 @@ class FewShotContrastive(AnomalibModule):
             msg = f"n_views must be >= 1, got {n_views}."
             raise ValueError(msg)
         # every fine-tuning setting goes to the callback (which checks them) under the callback's name for it
-        fine_tuning = ContrastiveFineTuning(
+        callback = fine_tuning_callback.ContrastiveFineTuning
+        fine_tuning = callback(
             **forwarded_arguments(
-                locals(), ContrastiveFineTuning, {"steps": "fine_tune_steps", "batch_size": "fine_tune_batch_size"}
+                locals(), callback, {"steps": "fine_tune_steps", "batch_size": "fine_tune_batch_size"}
             )
         )
         self.image_size = image_size
