@@ -133,7 +133,8 @@ def test_fine_tuning_settings_have_one_default_across_model_callback_and_tuner()
         return {renames.get(n, n): p.default for n, p in inspect.signature(target).parameters.items()}
 
     model = defaults(FewShotContrastive)
-    callback = defaults(ContrastiveFineTuning, {"steps": "fine_tune_steps", "batch_size": "fine_tune_batch_size"})
+    callback = defaults(ContrastiveFineTuning, {"steps": "fine_tune_steps", "batch_size": "fine_tune_batch_size",
+                                                "seed": "fine_tune_seed"})
     tuner = defaults(ContrastiveFineTuner)
     assert tuner.keys() <= callback.keys()
     assert all(callback[name] == value for name, value in tuner.items())
@@ -203,3 +204,56 @@ def test_head_warmup_trains_heads_alone_then_the_extractor():
     assert [p.requires_grad for p in network.parameters()] == flags  # restored after fine-tuning
     with pytest.raises(ValueError, match="head_warmup_steps"):
         ContrastiveFineTuning(head_warmup_steps=-1)
+
+
+def _fine_tuned_weights(seed: int | None, global_seed: int) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)  # the same model and images every time
+    model = build_method("PatchCore", "offline:tf_efficientnet_lite0", image_size=64)
+    images = torch.rand(3, 3, 64, 64)
+    torch.manual_seed(global_seed)  # whatever ran before the fine-tuning
+    ContrastiveFineTuning(steps=2, seed=seed).fine_tune(model, images)
+    return {k: v.clone() for k, v in model.model.feature_extractor.state_dict().items()}
+
+
+def test_seed_makes_fine_tuning_repeat_whatever_ran_before():
+    a, b = _fine_tuned_weights(seed=7, global_seed=1), _fine_tuned_weights(seed=7, global_seed=2)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # without a seed the global stream decides (so the comparison above can fail)
+    c, d = _fine_tuned_weights(seed=None, global_seed=1), _fine_tuned_weights(seed=None, global_seed=2)
+    assert not all(torch.equal(c[k], d[k]) for k in c)
+    # the global stream is left as it was
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    model = build_method("PatchCore", "offline:tf_efficientnet_lite0", image_size=64)
+    torch.manual_seed(5)
+    ContrastiveFineTuning(steps=1, seed=7).fine_tune(model, torch.full((2, 3, 64, 64), 0.5))
+    assert torch.equal(torch.rand(3), expected)
+
+
+@pytest.mark.parametrize("seed", [-1, 1.5, True, "0"])
+def test_bad_seed_is_named(seed):
+    with pytest.raises(ValueError, match="seed must be None or an integer"):
+        ContrastiveFineTuning(seed=seed)
+
+
+def test_seeded_cli_runs_repeat(generated_root, tmp_path):
+    """anomalib 2.7's CLI ignores seed_everything; with fine_tune_seed, two CLI runs give the same weights."""
+    from anomalib.cli import AnomalibCLI
+
+    weights = []
+    for run in range(2):
+        torch.manual_seed(100 + run)  # a different global stream each time, as in two fresh processes
+        cli = AnomalibCLI([
+            "fit", "--model", "FewShotContrastive", "--model.image_size", "64", "--model.fine_tune_steps", "2",
+            "--model.fine_tune_seed", "0", "--model.visualizer", "false",
+            "--data", "FewShot", "--data.k_shot", "3",
+            "--data.datamodule", "Folder", "--data.datamodule.name", "generated",
+            "--data.datamodule.root", str(generated_root), "--data.datamodule.normal_dir", "train/good",
+            "--data.datamodule.abnormal_dir", "test/bad", "--data.datamodule.normal_test_dir", "test/good",
+            "--data.datamodule.val_split_mode", "same_as_test", "--data.datamodule.num_workers", "0",
+            "--trainer.enable_progress_bar", "false", "--trainer.logger", "false",
+            "--default_root_dir", str(tmp_path / str(run)),
+        ])  # fmt: skip
+        weights.append({k: v.clone() for k, v in cli.model.model.state_dict().items()})
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

@@ -82,6 +82,11 @@ class ContrastiveFineTuning(Callback):
             fitted head rather than a random one. 0 switches it off.
         projection_dim: Output size of the (temporary) projection heads.
         max_images: At most this many training images are used (few-shot: all of them).
+        seed: ``None`` (default): the views, synthesized anomalies, head initialisation and batch draws come from
+            the global random stream, as ``seed_everything`` left it. An integer: they come from a stream seeded
+            with it (the global stream is left as it was) and the training images are taken in the order of their
+            paths, not the loader's shuffled order, so a run repeats whatever ran before it. anomalib 2.7's CLI
+            accepts ``seed_everything`` but never applies it, so a CLI run is repeatable only with this seed.
     """
 
     def __init__(
@@ -107,8 +112,13 @@ class ContrastiveFineTuning(Callback):
         head_warmup_steps: int = 0,
         projection_dim: int = 128,
         max_images: int = 64,
+        seed: int | None = None,
     ) -> None:
         super().__init__()
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+            msg = f"seed must be None or an integer >= 0, got {seed!r}."
+            raise ValueError(msg)
+        self.seed = seed
         if head_warmup_steps < 0:
             msg = f"head_warmup_steps must be >= 0, got {head_warmup_steps}."
             raise ValueError(msg)
@@ -140,12 +150,18 @@ class ContrastiveFineTuning(Callback):
         if loader is None:
             msg = "ContrastiveFineTuning: the trainer has no training data loader."
             raise RuntimeError(msg)
-        images = []
+        images, paths = [], []
         for batch in loader:
             images.append(batch.image)
+            batch_paths = getattr(batch, "image_path", None)
+            paths += list(batch_paths) if batch_paths is not None else [None] * len(batch.image)
             if sum(len(i) for i in images) >= self.max_images:
                 break
-        return torch.cat(images)[: self.max_images]
+        images = torch.cat(images)
+        if self.seed is not None and None not in paths:  # the loader shuffles: take the images in path order
+            order = sorted(range(len(paths)), key=lambda i: str(paths[i]))
+            images = images[torch.tensor(order)]
+        return images[: self.max_images]
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Fine-tune before the first training step (where models collect their embeddings or support set)."""
@@ -170,8 +186,18 @@ class ContrastiveFineTuning(Callback):
         """Run the fine-tuning on ``images`` (``(K, 3, H, W)`` in [0, 1]; the model's pre-processor resizes them).
 
         With a ``trainer``, the steps show in a progress bar (when the trainer has one) and each step's losses
-        go to the trainer's logger as ``fine_tune/<loss>``.
+        go to the trainer's logger as ``fine_tune/<loss>``. With a ``seed``, the random stream is seeded here and
+        restored afterwards.
         """
+        if self.seed is None:
+            self._fine_tune(pl_module, images, trainer)
+            return
+        devices = [images.device.index or 0] if images.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.seed)
+            self._fine_tune(pl_module, images, trainer)
+
+    def _fine_tune(self, pl_module: LightningModule, images: torch.Tensor, trainer: Trainer | None) -> None:
         network = find_feature_extractor(pl_module)
         if not self.tuner.has_signal(min(images.shape[0], self.batch_size)):
             logger.warning(

@@ -88,6 +88,9 @@ class FewShotContrastive(AnomalibModule):
         head_warmup_steps: Steps that train the projection heads alone (backbone frozen) before the
             ``fine_tune_steps`` steps that train both (LP-FT); 0 switches it off.
         projection_dim: Output size of the (temporary) projection heads of fine-tuning.
+        fine_tune_seed: ``None``: fine-tuning draws from the global random stream (``seed_everything``). An
+            integer: from its own stream seeded with it, the K images in path order, so the run repeats exactly;
+            needed with anomalib 2.7's CLI, which ignores ``seed_everything``.
     """
 
     def __init__(
@@ -122,6 +125,7 @@ class FewShotContrastive(AnomalibModule):
         tuned_parameters: str = "all",
         head_warmup_steps: int = 0,
         projection_dim: int = 128,
+        fine_tune_seed: int | None = None,
         pre_processor: nn.Module | bool = True,
         post_processor: nn.Module | bool = True,
         evaluator: Evaluator | bool = True,
@@ -143,7 +147,7 @@ class FewShotContrastive(AnomalibModule):
         callback = fine_tuning_callback.ContrastiveFineTuning
         fine_tuning = callback(
             **forwarded_arguments(
-                locals(), callback, {"steps": "fine_tune_steps", "batch_size": "fine_tune_batch_size"}
+                locals(), callback, {"steps": "fine_tune_steps", "batch_size": "fine_tune_batch_size", "seed": "fine_tune_seed"}
             )
         )
         self.image_size = image_size
