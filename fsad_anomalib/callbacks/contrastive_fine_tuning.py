@@ -85,7 +85,8 @@ class ContrastiveFineTuning(Callback):
         seed: ``None`` (default): the views, synthesized anomalies, head initialisation and batch draws come from
             the global random stream, as ``seed_everything`` left it. An integer: they come from a stream seeded
             with it (the global stream is left as it was) and the training images are taken in the order of their
-            paths, not the loader's shuffled order, so a run repeats whatever ran before it. anomalib 2.7's CLI
+            paths (when the batches carry ``image_path``, as anomalib's do), not the loader's shuffled order, so a
+            run repeats whatever ran before it. anomalib 2.7's CLI
             accepts ``seed_everything`` but never applies it, so a CLI run is repeatable only with this seed.
     """
 

@@ -189,16 +189,19 @@ class FewShotContrastiveModel(DynamicBufferMixin, nn.Module):
                 module.eval()
         return self
 
+    def _normalised(self, images: torch.Tensor) -> torch.Tensor:
+        if images.ndim != 4 or images.shape[1] != 3:  # noqa: PLR2004
+            msg = f"FewShotContrastive expects RGB images of shape (B, 3, H, W), got {tuple(images.shape)}."
+            raise ValueError(msg)
+        return (images - self.pixel_mean) / self.pixel_std
+
     def features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Patch features ``(B, C, h, w)`` (locally averaged, upsampled to the first layer) and global ``(B, D)``.
 
         The same features the :class:`~fsad_anomalib.callbacks.ContrastiveFineTuning` callback trains
         (:func:`~fsad_anomalib.models.components.fine_tuning.patch_and_global`).
         """
-        if images.ndim != 4 or images.shape[1] != 3:  # noqa: PLR2004
-            msg = f"FewShotContrastive expects RGB images of shape (B, 3, H, W), got {tuple(images.shape)}."
-            raise ValueError(msg)
-        feats = self.feature_extractor((images - self.pixel_mean) / self.pixel_std)
+        feats = self.feature_extractor(self._normalised(images))
         return patch_and_global([feats[layer] for layer in self.layers], feats[self.global_layer])
 
     # the fine-tuning callback trains exactly the scored features (see ContrastiveFineTuning)
@@ -206,10 +209,7 @@ class FewShotContrastiveModel(DynamicBufferMixin, nn.Module):
 
     def scored_patch_features(self, images: torch.Tensor) -> torch.Tensor:
         """The patch features of :meth:`features` alone: the backbone stops after the deepest patch layer."""
-        if images.ndim != 4 or images.shape[1] != 3:  # noqa: PLR2004
-            msg = f"FewShotContrastive expects RGB images of shape (B, 3, H, W), got {tuple(images.shape)}."
-            raise ValueError(msg)
-        feats = features_until(self.feature_extractor, (images - self.pixel_mean) / self.pixel_std, self.layers)
+        feats = features_until(self.feature_extractor, self._normalised(images), self.layers)
         return patch_features([feats[layer] for layer in self.layers])
 
     # ------------------------------------------------------------------ fit
