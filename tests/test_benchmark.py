@@ -73,6 +73,14 @@ def test_benchmark_end_to_end_and_resume(generated_root, tmp_path):
     # only the requested runs are taken in (PaDiM's are not): 2 frozen + 2 PatchCore
     assert f"2 of these 4 runs come from --include-runs {stock_only}" in report
     assert len((other / "runs.jsonl").read_text().splitlines()) == len(mine)
+    # a summary folder of other folders' runs alone: it gets the table and plots, and no runs.jsonl
+    summary = tmp_path / "summary"
+    assert main(["--report-only", "--sets", "generated/toy", "--k", "1", "2", "--methods", "frozen", "PatchCore",
+                 "--output", str(summary), "--include-runs", str(other), str(stock_only)]) == 0  # fmt: skip
+    report = (summary / "results.md").read_text()
+    assert "| generated toy | PatchCore |" in report and "| generated toy | frozen |" in report
+    assert "4 of these 4 runs come from --include-runs" in report
+    assert not (summary / "runs.jsonl").exists() and list(summary.glob("*.png"))
     with pytest.raises(SystemExit):
         main(["--report-only", "--sets", "generated/toy", "--output", str(other), "--include-runs", str(tmp_path)])
 

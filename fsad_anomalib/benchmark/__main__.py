@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--accelerator", default="auto",
                         help="Lightning accelerator of every run (auto, cpu, gpu, ...); one device per run")
     parser.add_argument("--report-only", action="store_true",
-                        help="run nothing: write results.md and the plots from the runs already in --output")
+                        help="run nothing: write results.md and the plots from the runs already in --output (and "
+                        "--include-runs; with --include-runs, --output may hold no runs: a summary folder)")
     parser.add_argument("--include-runs", nargs="+", default=[], metavar="DIR",
                         help="also put the runs of these earlier output folders in the table and plots, where --output "
                         "has no run of the same set, K, seed and method (e.g. stock PatchCore/PaDiM rows, which no "
@@ -116,9 +117,13 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--include-runs: {Path(folder) / 'runs.jsonl'} does not exist.")
     if args.report_only:
         runs_file = Path(args.output) / "runs.jsonl"
-        if not runs_file.exists():
+        if runs_file.exists():
+            rows = load_runs(args.output)
+        elif args.include_runs:  # a summary of other folders' runs (for example more seeds than their tables)
+            Path(args.output).mkdir(parents=True, exist_ok=True)
+            rows = []
+        else:
             parser.error(f"--report-only: {runs_file} does not exist; run the benchmark first.")
-        rows = load_runs(args.output)
     else:
         rows = run_benchmark(
         builders, k_shots=args.k, seeds=args.seeds, methods=args.methods, output=args.output,
