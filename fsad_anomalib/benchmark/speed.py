@@ -3,8 +3,8 @@
 Fits FewShotContrastive (frozen; fine-tuning does not change the scoring graph), PatchCore and PaDiM on
 the same K-shot ELPV support set, exports FewShotContrastive to ONNX and OpenVINO, then times, interleaved
 round by round, at batch 1 (ms per image) and batch 32 (images per second): the bare backbone forward (all
-blocks, as timm's ``features_only`` model and so PatchCore and PaDiM run it), the backbone up to ``blocks.4``
-(the deepest layer FewShotContrastive and PatchCore score), FewShotContrastive eager (full graph:
+blocks, as timm's ``features_only`` model and so PatchCore and PaDiM run it), the backbone up to the deepest
+layer FewShotContrastive scores (``blocks.4`` by default, as for PatchCore), FewShotContrastive eager (full graph:
 pre-processing, model, post-processing), ONNX Runtime, OpenVINO FP32 and FP16, FewShotContrastive eager with
 other arguments (``--variants``: the ELPV configs' scorings), PatchCore and PaDiM. Prints medians and ratios
 to the bare backbone; ``--output`` also writes them as ``speed.md`` and bar plots.
@@ -117,14 +117,18 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0915
         ov.save_model(ov_model, ov_fp16_path, compress_to_fp16=True)
         compiled["OpenVINO FP16 weights"] = core.compile_model(core.read_model(ov_fp16_path), "CPU",
                                                                {"INFERENCE_PRECISION_HINT": "f32"})
-        backbone = TimmFeatureExtractor(resolve_backbone("offline:tf_efficientnet_lite0"), layers=[2, 3, 4],
+        # the floor rows run FewShotContrastive's own layers: all of them, and those its scoring reads
+        scored, all_layers = fsc.model.layers, [*fsc.model.layers, fsc.model.global_layer]
+        backbone = TimmFeatureExtractor(resolve_backbone("offline:tf_efficientnet_lite0"), layers=all_layers,
                                         requires_grad=True).eval()
+        module_of = dict(zip(backbone.layers, backbone.feature_extractor.feature_info.module_name(), strict=True))
+        deepest = module_of[max(scored, key=backbone.layers.index)]
 
         inputs = {b: torch.rand(b, 3, size, size) for b in (1, 32)}
         name_in = session.get_inputs()[0].name
         runners: dict[str, Callable[[torch.Tensor], object]] = {
             "bare backbone forward": lambda x: backbone(x),
-            "backbone up to blocks.4": lambda x: features_until(backbone, x, [2, 3]),
+            f"backbone up to {deepest}": lambda x: features_until(backbone, x, scored),
             "FewShotContrastive eager": lambda x: fsc(x),
             **{name: models[name] for name in variants},
             "FewShotContrastive ONNX Runtime": lambda x: session.run(None, {name_in: x.numpy()}),

@@ -238,9 +238,10 @@ class ContrastiveFineTuning(Callback):
             ],
             weight_decay=self.weight_decay,
         )
+        # LP-FT warm-up: the heads alone, with their own Adam state (the joint phase starts from fresh moments)
         head_optimizer = torch.optim.AdamW(
             [*head.parameters(), *dense_head.parameters()], lr=self.lr_head, weight_decay=self.weight_decay
-        )
+        ) if self.head_warmup_steps else None
         self.history = []
         total_steps = self.head_warmup_steps + self.steps
         show_bar = trainer is not None and trainer.progress_bar_callback is not None and trainer.is_global_zero
