@@ -233,8 +233,12 @@ def test_seed_makes_fine_tuning_repeat_whatever_ran_before():
 
 @pytest.mark.parametrize("seed", [-1, 1.5, True, "0"])
 def test_bad_seed_is_named(seed):
-    with pytest.raises(ValueError, match="seed must be None or an integer"):
+    from fsad_anomalib.models import FewShotContrastive
+
+    with pytest.raises(ValueError, match=r"seed \(FewShotContrastive's fine_tune_seed\) must be None or an integer"):
         ContrastiveFineTuning(seed=seed)
+    with pytest.raises(ValueError, match="fine_tune_seed"):
+        FewShotContrastive(image_size=64, fine_tune_seed=seed)
 
 
 def test_seeded_cli_runs_repeat(generated_root, tmp_path):

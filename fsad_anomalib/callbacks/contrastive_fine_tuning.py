@@ -117,7 +117,7 @@ class ContrastiveFineTuning(Callback):
     ) -> None:
         super().__init__()
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-            msg = f"seed must be None or an integer >= 0, got {seed!r}."
+            msg = f"seed (FewShotContrastive's fine_tune_seed) must be None or an integer >= 0, got {seed!r}."
             raise ValueError(msg)
         self.seed = seed
         if head_warmup_steps < 0:
