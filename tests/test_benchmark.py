@@ -116,3 +116,22 @@ def test_speed_variants_must_be_json_objects(variant: str, capsys: pytest.Captur
     with pytest.raises(SystemExit):
         speed.main(["--variants", variant])
     assert "--variants" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        (["--model-args", "{not json"], "--model-args"),
+        (["--model-args", "[1, 2]"], "--model-args"),  # valid JSON, but not FewShotContrastive arguments
+        (["--sets", "ELPV/mono", "--set-model-args", "ELPV/mono=[1]"], "--set-model-args"),
+        (["--sets", "ELPV/mono", "--set-model-args", "ELPV/mono={x"], "--set-model-args"),
+    ],
+)
+def test_benchmark_model_args_must_be_json_objects(argv: list[str], named: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from fsad_anomalib.benchmark.__main__ import main
+
+    with pytest.raises(SystemExit):
+        main([*argv, "--report-only", "--output", "/nonexistent-fsad-output"])
+    err = capsys.readouterr().err
+    assert named in err
+    assert "JSON" in err

@@ -9,13 +9,13 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
 from functools import partial
 from pathlib import Path
 
+from fsad_anomalib.benchmark.cli import json_object, parse_json_object
 from fsad_anomalib.benchmark.methods import METHODS
 
 
@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", default="benchmark_results")
     parser.add_argument("--backbone", default="offline:tf_efficientnet_lite0")
     parser.add_argument("--image-size", type=int, default=256)
-    parser.add_argument("--model-args", default="{}", help="JSON dict of FewShotContrastive arguments")
+    parser.add_argument("--model-args", type=json_object, default="{}",
+                        help="JSON dict of FewShotContrastive arguments")
     parser.add_argument("--set-model-args", nargs="+", default=[], metavar="SET=JSON",
                         help="FewShotContrastive arguments for one set only, over --model-args, "
                         "e.g. 'Textile/local={\"layers\": [1, 2]}'")
@@ -92,21 +93,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.ERROR)
     for name in ("lightning", "lightning.pytorch", "lightning.fabric", "lightning_fabric", "anomalib"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    try:
-        fsc_args = json.loads(args.model_args)
-    except json.JSONDecodeError as exc:
-        parser.error(f"--model-args is not valid JSON: {exc}")
+    fsc_args = args.model_args
     set_args: dict[str, dict] = {}
     for item in args.set_model_args:
         label, sep, text = item.partition("=")
         if not sep or label not in args.sets:
             parser.error(f"--set-model-args '{item}': expected SET=JSON with SET one of --sets {args.sets}.")
         try:
-            set_args[label] = json.loads(text)
-        except json.JSONDecodeError as exc:
-            parser.error(f"--set-model-args '{item}': the JSON is not valid: {exc}")
-        if not isinstance(set_args[label], dict):
-            parser.error(f"--set-model-args '{item}': expected a JSON object of FewShotContrastive arguments.")
+            set_args[label] = parse_json_object(text, f"--set-model-args '{item}'")
+        except ValueError as exc:
+            parser.error(str(exc))
 
     from fsad_anomalib.benchmark.report import write_plots, write_table
     from fsad_anomalib.benchmark.runner import load_runs, merge_runs, run_benchmark

@@ -33,6 +33,8 @@ from typing import Any
 import cv2
 import numpy as np
 
+from fsad_anomalib.benchmark.cli import json_object
+
 __all__ = ["NO_BUSBAR_BELOW", "busbar_contrast", "design_counts", "has_busbars", "score_groups", "support_split"]
 
 # Threshold on :func:`busbar_contrast`. ELPV mono cells fall in two separate groups: 71 cells below 0.05 (59 normal, 1
@@ -163,15 +165,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="+", default=["frozen", "FewShotContrastive", "PatchCore", "PaDiM"])
     parser.add_argument("--score", nargs=2, type=int, metavar=("K", "SEED"),
                         help="also fit a model on a K-shot development support set and print its scores per design")
-    parser.add_argument("--model-args", default=json.dumps(MONO_CONFIG_SCORING),
+    parser.add_argument("--model-args", type=json_object, default=json.dumps(MONO_CONFIG_SCORING),
                         help="JSON dict of FewShotContrastive arguments for --score (default: %(default)s)")
     args = parser.parse_args(argv)
-    try:
-        model_args = json.loads(args.model_args)
-    except json.JSONDecodeError as exc:
-        parser.error(f"--model-args is not valid JSON: {exc}")
-    if not isinstance(model_args, dict):
-        parser.error(f"--model-args: expected a JSON object of FewShotContrastive arguments, got {args.model_args}.")
+    model_args = args.model_args
     if args.score and (args.score[0] < 1 or args.score[1] < 0):
         parser.error(f"--score K SEED: K must be >= 1 and SEED >= 0, got {args.score}.")
     from fsad_anomalib.benchmark.runner import load_runs, merge_runs  # noqa: PLC0415

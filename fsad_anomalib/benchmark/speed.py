@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fsad_anomalib.benchmark.cli import json_object
 
 def _median_ms(fn: Callable[[], object], batch: int, repeats: int) -> list[float]:
     out = []
@@ -42,18 +43,6 @@ DEFAULT_VARIANTS = [
 ]
 
 
-def _json_object(text: str) -> dict:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        msg = f"--variants: '{text}' is not JSON ({exc})"
-        raise argparse.ArgumentTypeError(msg) from exc
-    if not isinstance(value, dict):
-        msg = f"--variants: '{text}' is not a JSON object of FewShotContrastive arguments"
-        raise argparse.ArgumentTypeError(msg)
-    return value
-
-
 def _label(args: dict) -> str:
     return ", ".join(f"{key}={value}" for key, value in args.items())
 
@@ -65,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0915
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=15, help="timing rounds at batch 1 (batch 32: a third)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--variants", nargs="*", type=_json_object, default=DEFAULT_VARIANTS,
+    parser.add_argument("--variants", nargs="*", type=json_object, default=DEFAULT_VARIANTS,
                         help="FewShotContrastive arguments (JSON objects) timed eagerly besides the default patch "
                         "Gaussian; the defaults are the ELPV configs' scorings: knn, knn with the mono config's "
                         "4-view memory bank, knn_patch (poly)")

@@ -1,0 +1,31 @@
+"""Command-line helpers shared by the benchmark commands (``benchmark``, ``benchmark.speed``, ``benchmark.elpv_designs``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+__all__ = ["json_object", "parse_json_object"]
+
+
+def parse_json_object(text: str, option: str = "") -> dict[str, Any]:
+    """``text`` as a JSON object of FewShotContrastive arguments; otherwise a ``ValueError`` naming ``option``."""
+    prefix = f"{option}: " if option else ""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        msg = f"{prefix}'{text}' is not valid JSON ({exc})"
+        raise ValueError(msg) from exc
+    if not isinstance(value, dict):
+        msg = f"{prefix}'{text}' is not a JSON object of FewShotContrastive arguments"
+        raise ValueError(msg)
+    return value
+
+
+def json_object(text: str) -> dict[str, Any]:
+    """argparse ``type`` for a JSON object (argparse puts the option's name in front of the error)."""
+    try:
+        return parse_json_object(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
