@@ -22,6 +22,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -68,8 +69,12 @@ def busbar_contrast(path: str | Path, margin: float = 0.13, window: int = 15) ->
     return float((median - profile).max() / (profile.mean() + 1.0))
 
 
+@functools.lru_cache(maxsize=None)
 def has_busbars(path: str | Path) -> bool:
-    """Whether the cell image shows busbar lines (:func:`busbar_contrast` at least :data:`NO_BUSBAR_BELOW`)."""
+    """Whether the cell image shows busbar lines (:func:`busbar_contrast` at least :data:`NO_BUSBAR_BELOW`).
+
+    Cached: the tables ask about the same cells again (pool and support sets, test and development splits).
+    """
     return busbar_contrast(path) >= NO_BUSBAR_BELOW
 
 
@@ -93,7 +98,6 @@ def support_split(rows: Iterable[dict[str, Any]], category: str = "mono") -> dic
     # runs record absolute paths, which differ between machines: find each image by its name in this installation
     installed = {Path(p).name: p for p in elpv_paths(category)[0]}
     out: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: {"with": [], "without": []})
-    cache: dict[str, bool] = {}
     for row in rows:
         if row["dataset"] != "ELPV" or row["category"] != category or row.get("evaluation", "test") != "test":
             continue
@@ -103,9 +107,7 @@ def support_split(rows: Iterable[dict[str, Any]], category: str = "mono") -> dic
                 msg = f"support set of run K={row['k_shot']} seed={row['seed']} {row['method']}: {name} is not an ELPV " \
                       f"{category} normal cell of the installed elpv-dataset."
                 raise ValueError(msg)
-            if name not in cache:
-                cache[name] = has_busbars(installed[name])
-        side = "with" if any(not cache[n] for n in names) else "without"
+        side = "with" if any(not has_busbars(installed[n]) for n in names) else "without"
         out[(row["k_shot"], row["method"])][side].append(row["image_AUROC"])
     return dict(out)
 
