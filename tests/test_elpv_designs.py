@@ -95,7 +95,16 @@ def test_score_prints_each_design(capsys: pytest.CaptureFixture) -> None:
     assert 0.5 < values["AUROC"] <= 1.0
 
 
-@pytest.mark.parametrize("argv", [["--score", "0", "1"], ["--model-args", "{not json"], ["--model-args", "[1]"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--score", "0", "1"],
+        ["--model-args", "{not json"],
+        ["--model-args", "[1]"],
+        ["--model-args", '{"score_mode": "nearest"}', "--score", "1", "0"],
+        ["--model-args", '{"no_such_argument": 1}', "--score", "1", "0"],
+    ],
+)
 def test_bad_arguments_are_named(argv: list[str], capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit):
         main(argv)

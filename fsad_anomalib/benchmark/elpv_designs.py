@@ -29,12 +29,15 @@ import sys
 from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
 
 from fsad_anomalib.benchmark.cli import json_object
+
+if TYPE_CHECKING:
+    from anomalib.models.components import AnomalibModule
 
 __all__ = ["NO_BUSBAR_BELOW", "busbar_contrast", "design_counts", "has_busbars", "score_groups", "support_split"]
 
@@ -112,8 +115,8 @@ def support_split(rows: Iterable[dict[str, Any]], category: str = "mono") -> dic
     return dict(out)
 
 
-def score_groups(k_shot: int, seed: int, model_args: dict[str, Any], category: str = "mono") -> dict[str, Any]:
-    """Fit FewShotContrastive(**model_args) on a K-shot development support set; median scores per design and AUROCs."""
+def score_groups(k_shot: int, seed: int, model: AnomalibModule, category: str = "mono") -> dict[str, Any]:
+    """Fit ``model`` on a K-shot development support set; median scores per design and AUROCs."""
     import torch  # noqa: PLC0415
     from anomalib.engine import Engine  # noqa: PLC0415
     from lightning.pytorch import seed_everything  # noqa: PLC0415
@@ -121,11 +124,9 @@ def score_groups(k_shot: int, seed: int, model_args: dict[str, Any], category: s
     from sklearn.metrics import roc_auc_score  # noqa: PLC0415
 
     from fsad_anomalib.data import ELPV, FewShot  # noqa: PLC0415
-    from fsad_anomalib.models import FewShotContrastive  # noqa: PLC0415
 
     seed_everything(seed, verbose=False)
     few_shot = FewShot(ELPV(category, evaluation="dev", val_split_mode="none"), k_shot=k_shot, seed=seed)
-    model = FewShotContrastive(**model_args)
     engine = Engine(logger=False, enable_progress_bar=False, enable_model_summary=False, devices=1,
                     default_root_dir=Path("results") / "elpv_designs")
     engine.fit(model=model, datamodule=few_shot)
@@ -189,7 +190,13 @@ def main(argv: list[str] | None = None) -> int:
         k_shot, seed = args.score
         print(f"\nDevelopment set, {model_args}, K = {k_shot}, seed {seed}\n")
         print("| figure | value |\n|---|---|")
-        for name, value in score_groups(k_shot, seed, model_args, args.category).items():
+        from fsad_anomalib.models import FewShotContrastive  # noqa: PLC0415
+
+        try:  # built before any data is read, so bad arguments fail first
+            model = FewShotContrastive(**model_args)
+        except (TypeError, ValueError) as exc:
+            parser.error(f"--model-args {json.dumps(model_args)}: {exc}")
+        for name, value in score_groups(k_shot, seed, model, args.category).items():
             print(f"| {name} | {value:.4f} |" if isinstance(value, float) else f"| {name} | {value} |")
     if not args.runs:
         return 0
