@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from fsad_anomalib.benchmark.report import write_plots, write_table
+from fsad_anomalib.benchmark.report import paired_table, write_plots, write_table
 from fsad_anomalib.benchmark.runner import run_benchmark
 
 from .conftest import folder_datamodule
@@ -56,6 +56,15 @@ def test_benchmark_end_to_end_and_resume(generated_root, tmp_path):
                  "--output", str(out)]) == 0  # fmt: skip
     report = (out / "results.md").read_text()
     assert "| generated toy | PatchCore |" in report and "K=1" not in report and "FewShotContrastive" not in report
+    # run by run on the same support sets: FewShotContrastive against frozen, from the runs themselves
+    assert main(["--report-only", "--sets", "generated/toy", "--k", "1", "2", "--methods", "FewShotContrastive",
+                 "frozen", "--compare", "FewShotContrastive", "frozen", "--output", str(out)]) == 0  # fmt: skip
+    report = (out / "results.md").read_text()
+    auroc = {(r["method"], r["k_shot"]): r["image_AUROC"] for r in rows}
+    for k in (1, 2):
+        diff = auroc[("FewShotContrastive", k)] - auroc[("frozen", k)]
+        assert f"| generated toy | {k} | 1 | {diff:+.3f} |" in report
+    assert "| generated toy | all | 2 |" in report
     assert len((out / "runs.jsonl").read_text().splitlines()) == len(lines)
     # another folder's runs join the table where this one has none; its own runs.jsonl is left alone
     other = tmp_path / "other"
@@ -83,6 +92,39 @@ def test_benchmark_end_to_end_and_resume(generated_root, tmp_path):
     assert not (summary / "runs.jsonl").exists() and list(summary.glob("*.png"))
     with pytest.raises(SystemExit):
         main(["--report-only", "--sets", "generated/toy", "--output", str(other), "--include-runs", str(tmp_path)])
+
+
+def test_paired_table_counts_each_support_set_once_and_skips_nan_runs():
+    def run(method: str, k: int, seed: int, auroc: float, category: str = "a") -> dict:
+        return {"dataset": "set", "category": category, "k_shot": k, "seed": seed, "method": method, "image_AUROC": auroc}
+
+    rows = [
+        run("A", 1, 0, 0.80), run("B", 1, 0, 0.70),  # A ahead by 0.10
+        run("A", 1, 1, 0.60), run("B", 1, 1, 0.60),  # level
+        run("A", 1, 2, 0.50), run("B", 1, 2, 0.70),  # B ahead by 0.20
+        run("A", 2, 0, 0.90), run("B", 2, 0, float("nan")),  # no pair: B gave no AUROC
+        run("A", 2, 1, 0.90),  # no pair: B never ran
+        run("C", 1, 0, 0.99), run("A", 4, 0, 0.75, "b"), run("B", 4, 0, 0.70, "b"),
+    ]
+    table = paired_table(rows, "A", "B")
+    assert "| set | K | pairs | mean A - B | A ahead | level | B ahead |" in table
+    assert "| set a | 1 | 3 | -0.033 | 1 | 1 | 1 |" in table
+    assert "| set a | 2 |" not in table and "| set a | all |" not in table  # one K with pairs: no summary row
+    assert "| set b | 4 | 1 | +0.050 | 1 | 0 | 0 |" in table
+    rows += [run("A", 2, 2, 0.66), run("B", 2, 2, 0.60)]
+    assert "| set a | all | 4 | -0.010 | 2 | 1 | 1 |" in paired_table(rows, "A", "B")
+    assert "| set a | 1 | 1 | -0.190 | 0 | 0 | 1 |" in paired_table(rows, "A", "C")
+    assert "no set, K and seed" in paired_table(rows, "B", "D")
+
+
+def test_benchmark_compare_names_methods_it_tables(capsys: pytest.CaptureFixture[str]) -> None:
+    from fsad_anomalib.benchmark.__main__ import main
+
+    with pytest.raises(SystemExit):
+        main(["--report-only", "--methods", "frozen", "PatchCore", "--compare", "FewShotContrastive", "frozen",
+              "--output", "/nonexistent-fsad-output"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert "--compare FewShotContrastive frozen" in err and "--methods" in err
 
 
 def test_benchmark_auroc_is_the_ranking_auroc_of_raw_scores():

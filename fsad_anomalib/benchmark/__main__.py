@@ -86,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="also put the runs of these earlier output folders in the table and plots, where --output "
                         "has no run of the same set, K, seed and method (e.g. stock PatchCore/PaDiM rows, which no "
                         "FewShotContrastive argument changes); nothing is copied into --output's runs.jsonl")
+    parser.add_argument("--compare", nargs=2, action="append", default=[], metavar=("METHOD", "OTHER"),
+                        help="also table METHOD against OTHER run by run on the same support sets (mean difference, "
+                        "and in how many pairs METHOD is ahead, level or behind); may be given more than once")
     parser.add_argument("--mvtec-root", default="./datasets/MVTecAD")
     parser.add_argument("--visa-root", default="./datasets/visa")
     args = parser.parse_args(argv)
@@ -93,6 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.ERROR)
     for name in ("lightning", "lightning.pytorch", "lightning.fabric", "lightning_fabric", "anomalib"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    for pair in args.compare:
+        unknown = [name for name in pair if name not in args.methods]
+        if unknown:
+            parser.error(f"--compare {' '.join(pair)}: {', '.join(unknown)} is not among --methods ({' '.join(args.methods)}).")
     fsc_args = args.model_args
     set_args: dict[str, dict] = {}
     for item in args.set_model_args:
@@ -104,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as exc:
             parser.error(str(exc))
 
-    from fsad_anomalib.benchmark.report import write_plots, write_table
+    from fsad_anomalib.benchmark.report import paired_table, write_plots, write_table
     from fsad_anomalib.benchmark.runner import load_runs, merge_runs, run_benchmark
 
     builders = {label: partial(_datamodule, label, args) for label in args.sets}
@@ -143,6 +150,11 @@ def main(argv: list[str] | None = None) -> int:
         with Path(f"{args.output}/results.md").open("a") as handle:
             handle.write(note)
         table += note
+    for method, other in args.compare:
+        section = "\n" + paired_table(rows, method, other)
+        with Path(f"{args.output}/results.md").open("a") as handle:
+            handle.write(section)
+        table += section
     write_plots(rows, args.output)
     print(table)
     return 0

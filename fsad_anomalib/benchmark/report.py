@@ -9,7 +9,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-__all__ = ["summarise", "write_plots", "write_table", "write_time_plot"]
+__all__ = ["paired_table", "summarise", "write_plots", "write_table", "write_time_plot"]
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -61,6 +61,43 @@ def write_table(rows: list[dict[str, Any]], path: str | Path, methods: list[str]
     text = "\n".join(lines) + "\n"
     Path(path).write_text(text)
     return text
+
+
+def paired_table(rows: list[dict[str, Any]], method: str, other: str) -> str:
+    """Markdown: ``method`` against ``other`` on the same support sets, per set and K, and over all K of a set.
+
+    Runs pair up when they share set, K and seed (so the same support set) and both have a finite image AUROC. Per
+    row: the number of pairs, the mean of ``method`` minus ``other``, and in how many pairs ``method`` is ahead,
+    level (equal AUROC) or behind.
+    """
+    runs: dict[tuple, dict[str, float]] = defaultdict(dict)
+    for row in rows:
+        if row["method"] in (method, other):
+            value = row["image_AUROC"]
+            if value is not None and not math.isnan(value):
+                runs[(row["dataset"], row["category"], row["k_shot"], row["seed"])][row["method"]] = value
+    diffs: dict[tuple, list[float]] = defaultdict(list)
+    for (dataset, category, k, _), pair in sorted(runs.items()):
+        if len(pair) == 2:  # noqa: PLR2004
+            diffs[(dataset, category, k)].append(pair[method] - pair[other])
+    title = f"{method} against {other}, paired by support set (set, K, seed)"
+    if not diffs:
+        return f"{title}: no set, K and seed has a finite image AUROC from both.\n"
+    lines = [f"{title}:", "", f"| set | K | pairs | mean {method} - {other} | {method} ahead | level | {other} ahead |",
+             "|---|---|---|---|---|---|---|"]
+
+    def line(label: str, k: str, values: list[float]) -> str:
+        ahead, level = sum(d > 0 for d in values), sum(d == 0 for d in values)
+        return (f"| {label} | {k} | {len(values)} | {statistics.fmean(values):+.3f} | {ahead} | {level} | "
+                f"{len(values) - ahead - level} |")
+
+    for dataset, category in sorted({key[:2] for key in diffs}):
+        ks = sorted(k for (d, c, k) in diffs if (d, c) == (dataset, category))
+        for k in ks:
+            lines.append(line(f"{dataset} {category}", str(k), diffs[(dataset, category, k)]))
+        if len(ks) > 1:
+            lines.append(line(f"{dataset} {category}", "all", [d for k in ks for d in diffs[(dataset, category, k)]]))
+    return "\n".join(lines) + "\n"
 
 
 def write_plots(rows: list[dict[str, Any]], folder: str | Path) -> list[Path]:
