@@ -4,6 +4,7 @@ Examples:
     python -m fsad_anomalib.benchmark --sets ELPV/mono ELPV/poly Textile/local --k 1 2 4 8 16 --seeds 0 1 2
     python -m fsad_anomalib.benchmark --sets ELPV/mono --k 4 --evaluation dev --methods frozen FewShotContrastive
     python -m fsad_anomalib.benchmark --sets MVTecAD/bottle --mvtec-root ./datasets/MVTecAD
+    python -m fsad_anomalib.benchmark --report-only --compare FewShotContrastive PatchCore --output benchmark_results
 """
 
 from __future__ import annotations
@@ -144,17 +145,15 @@ def main(argv: list[str] | None = None) -> int:
     own = [r for r in rows if requested(r) or not args.report_only]
     rows = merge_runs(own, *([r for r in load_runs(folder) if requested(r)] for folder in args.include_runs))
     table = write_table(rows, f"{args.output}/results.md", methods=args.methods)
+    sections = []  # below the table: where the runs come from, then the paired comparisons
     if len(rows) > len(own):
-        note = (f"\n{len(rows) - len(own)} of these {len(rows)} runs come from --include-runs "
-                f"{' '.join(args.include_runs)} (runs {args.output} does not hold).\n")
+        sections.append(f"\n{len(rows) - len(own)} of these {len(rows)} runs come from --include-runs "
+                        f"{' '.join(args.include_runs)} (runs {args.output} does not hold).\n")
+    sections += ["\n" + paired_table(rows, method, other) for method, other in args.compare]
+    if sections:
         with Path(f"{args.output}/results.md").open("a") as handle:
-            handle.write(note)
-        table += note
-    for method, other in args.compare:
-        section = "\n" + paired_table(rows, method, other)
-        with Path(f"{args.output}/results.md").open("a") as handle:
-            handle.write(section)
-        table += section
+            handle.write("".join(sections))
+        table += "".join(sections)
     write_plots(rows, args.output)
     print(table)
     return 0
