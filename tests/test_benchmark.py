@@ -125,6 +125,9 @@ def test_benchmark_compare_names_methods_it_tables(capsys: pytest.CaptureFixture
               "--output", "/nonexistent-fsad-output"])  # fmt: skip
     err = capsys.readouterr().err
     assert "--compare FewShotContrastive frozen" in err and "--methods" in err
+    with pytest.raises(SystemExit):
+        main(["--report-only", "--methods", "frozen", "--compare", "frozen", "frozen", "--output", "/nonexistent-fsad-output"])
+    assert "--compare frozen frozen: name two different methods" in capsys.readouterr().err
 
 
 def test_benchmark_auroc_is_the_ranking_auroc_of_raw_scores():

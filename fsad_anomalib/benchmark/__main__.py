@@ -101,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         unknown = [name for name in pair if name not in args.methods]
         if unknown:
             parser.error(f"--compare {' '.join(pair)}: {', '.join(unknown)} is not among --methods ({' '.join(args.methods)}).")
+        if pair[0] == pair[1]:
+            parser.error(f"--compare {' '.join(pair)}: name two different methods.")
     fsc_args = args.model_args
     set_args: dict[str, dict] = {}
     for item in args.set_model_args:
