@@ -27,6 +27,7 @@ import torch
 
 from fsad_anomalib.benchmark.cli import json_object
 
+
 def _median_ms(fn: Callable[[], object], batch: int, repeats: int) -> list[float]:
     out = []
     for _ in range(repeats):
