@@ -34,7 +34,7 @@ def test_busbar_contrast_separates_the_designs(tmp_path: Path) -> None:
 
 
 def test_real_cells_fall_on_both_sides() -> None:
-    """ELPV mono holds both designs, poly only cells with busbars (first 40 normals of each, sorted)."""
+    """ELPV mono holds both designs (all 588 normals), poly only cells with busbars (its first 40 normals, sorted)."""
     mono = [busbar_contrast(p) for p in sorted(elpv_paths("mono")[0])]
     poly = [busbar_contrast(p) for p in sorted(elpv_paths("poly")[0])[:40]]
     assert sum(c < NO_BUSBAR_BELOW for c in mono) == 59  # of 588: the analysis in the model README
@@ -109,3 +109,19 @@ def test_bad_arguments_are_named(argv: list[str], capsys: pytest.CaptureFixture)
     with pytest.raises(SystemExit):
         main(argv)
     assert argv[0] in capsys.readouterr().err
+
+
+def test_default_scorings_are_the_elpv_configs() -> None:
+    """The scorings written out for --score and for the speed benchmark are those of the shipped ELPV configs."""
+    import yaml
+
+    from fsad_anomalib.benchmark.speed import DEFAULT_VARIANTS
+
+    configs = Path(__file__).parents[1] / "configs"
+    mono = yaml.safe_load((configs / "few_shot_contrastive_elpv.yaml").read_text())["model"]["init_args"]
+    poly = yaml.safe_load((configs / "few_shot_contrastive_elpv_poly.yaml").read_text())["model"]["init_args"]
+    scoring = {key: value for key, value in elpv_designs.MONO_CONFIG_SCORING.items() if key != "fine_tune"}
+    assert scoring == {key: mono[key] for key in scoring}
+    assert elpv_designs.MONO_CONFIG_SCORING["fine_tune"] is False  # the frozen ablation
+    assert scoring in DEFAULT_VARIANTS
+    assert {"score_mode": poly["score_mode"]} in DEFAULT_VARIANTS
