@@ -103,6 +103,7 @@ def test_score_prints_each_design(capsys: pytest.CaptureFixture) -> None:
         ["--model-args", "[1]"],
         ["--model-args", '{"score_mode": "nearest"}', "--score", "1", "0"],
         ["--model-args", '{"no_such_argument": 1}', "--score", "1", "0"],
+        ["--methods", "PatchKore"],
     ],
 )
 def test_bad_arguments_are_named(argv: list[str], capsys: pytest.CaptureFixture) -> None:

@@ -35,6 +35,7 @@ import cv2
 import numpy as np
 
 from fsad_anomalib.benchmark.cli import json_object
+from fsad_anomalib.benchmark.methods import METHODS
 
 if TYPE_CHECKING:
     from anomalib.models.components import AnomalibModule
@@ -165,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", nargs="*", default=[], metavar="DIR",
                         help="benchmark output folders; where several hold the same run (K, seed, method), the first "
                         "wins, as with the benchmark's --include-runs")
-    parser.add_argument("--methods", nargs="+", default=["frozen", "FewShotContrastive", "PatchCore", "PaDiM"])
+    parser.add_argument("--methods", nargs="+", default=["frozen", "FewShotContrastive", "PatchCore", "PaDiM"],
+                        choices=METHODS)
     parser.add_argument("--score", nargs=2, type=int, metavar=("K", "SEED"),
                         help="also fit a model on a K-shot development support set and print its scores per design")
     parser.add_argument("--model-args", type=json_object, default=json.dumps(MONO_CONFIG_SCORING),
