@@ -7,7 +7,8 @@ import math
 
 import pytest
 
-from fsad_anomalib.benchmark.report import paired_table, write_plots, write_table
+from fsad_anomalib.benchmark import report
+from fsad_anomalib.benchmark.report import paired_table, sign_flip_p, write_plots, write_table
 from fsad_anomalib.benchmark.runner import run_benchmark
 
 from .conftest import folder_datamodule
@@ -115,6 +116,26 @@ def test_paired_table_counts_each_support_set_once_and_skips_nan_runs():
     assert "| set a | all | 4 | -0.010 | 2 | 1 | 1 |" in paired_table(rows, "A", "B")
     assert "| set a | 1 | 1 | -0.190 | 0 | 0 | 1 |" in paired_table(rows, "A", "C")
     assert "no set, K and seed" in paired_table(rows, "B", "D")
+    # the p column: set a, K = 1 has differences +0.10, 0, -0.20; every sign pattern sums to 0.1 or 0.3 in size
+    assert "| set a | 1 | 3 | -0.033 | 1 | 1 | 1 | 1.000 |" in paired_table(rows, "A", "B")
+    assert "| set b | 4 | 1 | +0.050 | 1 | 0 | 0 | 1.000 |" in paired_table(rows, "A", "B")
+
+
+def test_sign_flip_p_counts_the_sign_patterns_at_least_as_extreme(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert sign_flip_p([0.1, 0.2, 0.3]) == pytest.approx(2 / 8)  # only all-plus and all-minus reach 0.6
+    # magnitudes 0.3, 0.1, 0.2 and observed sum 0.4: +++ (0.6), +-+ (0.4) and their mirrors -> 4 of 8
+    assert sign_flip_p([0.3, -0.1, 0.2]) == pytest.approx(0.5)
+    assert sign_flip_p([0.1, -0.1]) == 1.0 and sign_flip_p([0.0, 0.0, 0.0]) == 1.0
+    assert math.isnan(sign_flip_p([]))
+    # beyond the exact limit: random patterns, reproducible, close to the exact value
+    values = [0.012, -0.004, 0.007, 0.001, 0.02, -0.011, 0.005, 0.003, -0.002, 0.009, 0.006, -0.001]
+    exact = sign_flip_p(values)
+    monkeypatch.setattr(report, "EXACT_SIGN_FLIP_PAIRS", 4)
+    sampled = sign_flip_p(values, draws=200_000)
+    assert sampled == sign_flip_p(values, draws=200_000)
+    assert abs(sampled - exact) < 0.01 and 0.01 < exact < 0.2  # noqa: PLR2004
+    assert sign_flip_p([1.0] * 11 + [-1.0] * 10, draws=1000) == 1.0  # an odd count of +-1 always sums to >= 1
+    assert sign_flip_p([0.01] * 25, draws=1000) == pytest.approx(1 / 1001)  # all 25 of one sign: never drawn
 
 
 def test_benchmark_compare_names_methods_it_tables(capsys: pytest.CaptureFixture[str]) -> None:

@@ -9,7 +9,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-__all__ = ["paired_table", "summarise", "write_plots", "write_table", "write_time_plot"]
+__all__ = ["paired_table", "sign_flip_p", "summarise", "write_plots", "write_table", "write_time_plot"]
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -63,12 +63,47 @@ def write_table(rows: list[dict[str, Any]], path: str | Path, methods: list[str]
     return text
 
 
+EXACT_SIGN_FLIP_PAIRS = 20
+
+
+def sign_flip_p(differences: list[float], draws: int = 2**20, seed: int = 0) -> float:
+    """Two-sided p-value of a paired sign-flip (permutation) test that the mean difference is 0.
+
+    Under the null hypothesis each paired difference is as likely to have either sign, so the p-value is the share
+    of the ``2**n`` sign patterns whose summed difference is at least as far from 0 as the observed one. Exact up to
+    ``EXACT_SIGN_FLIP_PAIRS`` pairs; beyond, ``draws`` random patterns from a fixed ``seed`` (the same table every
+    time), counted as ``(hits + 1) / (draws + 1)``. No distribution is assumed; with ``n`` pairs it cannot be below
+    ``2 / 2**n`` (0.25 for three seeds).
+    """
+    import numpy as np  # noqa: PLC0415
+
+    magnitudes = np.abs(np.asarray(differences, dtype=np.float64))
+    n = len(magnitudes)
+    if n == 0:
+        return float("nan")
+    observed = abs(float(np.sum(differences))) - 1e-12
+    if n <= EXACT_SIGN_FLIP_PAIRS:
+        patterns = ((np.arange(2**n)[:, None] >> np.arange(n)) & 1) * 2 - 1
+        return float(np.mean(np.abs(patterns @ magnitudes) >= observed))
+    rng = np.random.default_rng(seed)
+    hits = 0
+    for start in range(0, draws, 2**16):
+        patterns = rng.integers(0, 2, size=(min(2**16, draws - start), n)) * 2 - 1
+        hits += int(np.sum(np.abs(patterns @ magnitudes) >= observed))
+    return (hits + 1) / (draws + 1)
+
+
+def _format_p(p: float) -> str:
+    return "<0.001" if p < 0.001 else f"{p:.3f}"  # noqa: PLR2004
+
+
 def paired_table(rows: list[dict[str, Any]], method: str, other: str) -> str:
     """Markdown: ``method`` against ``other`` on the same support sets, per set and K, and over all K of a set.
 
     Runs pair up when they share set, K and seed (so the same support set) and both have a finite image AUROC. Per
-    row: the number of pairs, the mean of ``method`` minus ``other``, and in how many pairs ``method`` is ahead,
-    level (equal AUROC) or behind.
+    row: the number of pairs, the mean of ``method`` minus ``other``, in how many pairs ``method`` is ahead, level
+    (equal AUROC) or behind, and the p-value of a two-sided sign-flip test of the mean difference
+    (:func:`sign_flip_p`).
     """
     runs: dict[tuple, dict[str, float]] = defaultdict(dict)
     for row in rows:
@@ -83,13 +118,14 @@ def paired_table(rows: list[dict[str, Any]], method: str, other: str) -> str:
     title = f"{method} against {other}, paired by support set (set, K, seed)"
     if not diffs:
         return f"{title}: no set, K and seed has a finite image AUROC from both.\n"
-    lines = [f"{title}:", "", f"| set | K | pairs | mean {method} - {other} | {method} ahead | level | {other} ahead |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [f"{title}:", "",
+             f"| set | K | pairs | mean {method} - {other} | {method} ahead | level | {other} ahead | p (sign-flip) |",
+             "|---|---|---|---|---|---|---|---|"]
 
     def line(label: str, k: str, values: list[float]) -> str:
         ahead, level = sum(d > 0 for d in values), sum(d == 0 for d in values)
         return (f"| {label} | {k} | {len(values)} | {statistics.fmean(values):+.3f} | {ahead} | {level} | "
-                f"{len(values) - ahead - level} |")
+                f"{len(values) - ahead - level} | {_format_p(sign_flip_p(values))} |")
 
     for dataset, category in sorted({key[:2] for key in diffs}):
         ks = sorted(k for (d, c, k) in diffs if (d, c) == (dataset, category))
@@ -97,6 +133,8 @@ def paired_table(rows: list[dict[str, Any]], method: str, other: str) -> str:
             lines.append(line(f"{dataset} {category}", str(k), diffs[(dataset, category, k)]))
         if len(ks) > 1:
             lines.append(line(f"{dataset} {category}", "all", [d for k in ks for d in diffs[(dataset, category, k)]]))
+    lines += ["", f"p: two-sided sign-flip test that the mean difference is 0 (exact up to {EXACT_SIGN_FLIP_PAIRS} "
+              "pairs, no distribution assumed); with n pairs it cannot be below 2 / 2^n, 0.25 for three."]
     return "\n".join(lines) + "\n"
 
 
