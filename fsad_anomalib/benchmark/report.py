@@ -82,15 +82,19 @@ def sign_flip_p(differences: list[float], draws: int = 2**20, seed: int = 0) -> 
     if n == 0:
         return float("nan")
     observed = abs(float(np.sum(differences))) - 1e-12
+    chunk = 2**16  # sign patterns per matrix product: a few MB whatever n is
+
+    def hits(bits: np.ndarray) -> int:  # bits: (patterns, n) of 0/1 -> patterns at least as extreme
+        return int(np.sum(np.abs((2.0 * bits - 1.0) @ magnitudes) >= observed))
+
     if n <= EXACT_SIGN_FLIP_PAIRS:
-        patterns = ((np.arange(2**n)[:, None] >> np.arange(n)) & 1) * 2 - 1
-        return float(np.mean(np.abs(patterns @ magnitudes) >= observed))
+        total = 2**n
+        count = sum(hits((np.arange(start, min(start + chunk, total))[:, None] >> np.arange(n)) & 1)
+                    for start in range(0, total, chunk))
+        return count / total
     rng = np.random.default_rng(seed)
-    hits = 0
-    for start in range(0, draws, 2**16):
-        patterns = rng.integers(0, 2, size=(min(2**16, draws - start), n)) * 2 - 1
-        hits += int(np.sum(np.abs(patterns @ magnitudes) >= observed))
-    return (hits + 1) / (draws + 1)
+    count = sum(hits(rng.integers(0, 2, size=(min(chunk, draws - start), n))) for start in range(0, draws, chunk))
+    return (count + 1) / (draws + 1)
 
 
 def _format_p(p: float) -> str:
