@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
                         "FewShotContrastive argument changes); nothing is copied into --output's runs.jsonl")
     parser.add_argument("--compare", nargs=2, action="append", default=[], metavar=("METHOD", "OTHER"),
                         help="also table METHOD against OTHER run by run on the same support sets (mean difference, "
-                        "and in how many pairs METHOD is ahead, level or behind); may be given more than once")
+                        "in how many pairs METHOD is ahead, level or behind, and the p-value of a two-sided "
+                        "sign-flip test); may be given more than once")
     parser.add_argument("--mvtec-root", default="./datasets/MVTecAD")
     parser.add_argument("--visa-root", default="./datasets/visa")
     args = parser.parse_args(argv)

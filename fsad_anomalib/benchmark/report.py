@@ -12,8 +12,13 @@ from typing import Any
 __all__ = ["paired_table", "sign_flip_p", "summarise", "write_plots", "write_table", "write_time_plot"]
 
 
+def _has_value(value: float | None) -> bool:
+    """Whether a run's metric is a number (not missing, not NaN): the runs tables and comparisons count."""
+    return value is not None and not math.isnan(value)
+
+
 def _mean_std(values: list[float]) -> tuple[float, float]:
-    values = [v for v in values if v is not None and not math.isnan(v)]
+    values = [v for v in values if _has_value(v)]
     if not values:
         return float("nan"), float("nan")
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
@@ -29,7 +34,7 @@ def summarise(rows: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
         out[key] = {
             "n": len(group),
             "auroc": _mean_std([r["image_AUROC"] for r in group]),
-            "nan_runs": sum(1 for r in group if r["image_AUROC"] is None or math.isnan(r["image_AUROC"])),
+            "nan_runs": sum(1 for r in group if not _has_value(r["image_AUROC"])),
             "train_s": _mean_std([r["train_s"] for r in group]),
             "ms_b1": _mean_std([r.get("ms_b1", float("nan")) for r in group]),
         }
@@ -113,7 +118,7 @@ def paired_table(rows: list[dict[str, Any]], method: str, other: str) -> str:
     for row in rows:
         if row["method"] in (method, other):
             value = row["image_AUROC"]
-            if value is not None and not math.isnan(value):
+            if _has_value(value):
                 runs[(row["dataset"], row["category"], row["k_shot"], row["seed"])][row["method"]] = value
     diffs: dict[tuple, list[float]] = defaultdict(list)
     for (dataset, category, k, _), pair in sorted(runs.items()):
