@@ -127,6 +127,8 @@ def test_sign_flip_p_counts_the_sign_patterns_at_least_as_extreme(monkeypatch: p
     assert sign_flip_p([0.3, -0.1, 0.2]) == pytest.approx(0.5)
     assert sign_flip_p([0.1, -0.1]) == 1.0 and sign_flip_p([0.0, 0.0, 0.0]) == 1.0
     assert math.isnan(sign_flip_p([]))
+    with pytest.raises(ValueError, match="sign_flip_p: differences must be finite"):
+        sign_flip_p([0.1, float("nan"), 0.2])  # was a silent p = 0
     # beyond the exact limit: random patterns, reproducible, close to the exact value
     values = [0.012, -0.004, 0.007, 0.001, 0.02, -0.011, 0.005, 0.003, -0.002, 0.009, 0.006, -0.001]
     exact = sign_flip_p(values)

@@ -86,6 +86,9 @@ def sign_flip_p(differences: list[float], draws: int = 2**20, seed: int = 0) -> 
     n = len(magnitudes)
     if n == 0:
         return float("nan")
+    if not np.all(np.isfinite(magnitudes)):
+        msg = f"sign_flip_p: differences must be finite numbers, got {list(differences)}."
+        raise ValueError(msg)
     observed = abs(float(np.sum(differences))) - 1e-12
     chunk = 2**16  # sign patterns per matrix product: a few MB whatever n is
 
