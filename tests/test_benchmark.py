@@ -203,3 +203,86 @@ def test_benchmark_model_args_must_be_json_objects(argv: list[str], named: str, 
     err = capsys.readouterr().err
     assert named in err
     assert "JSON" in err
+
+
+def _data_config(path, root, **init_args) -> str:
+    """An `anomalib train --config` file: FewShot around Folder over the generated set, plus a model section."""
+    folder = {"name": "toy", "root": str(root), "normal_dir": "train/good", "abnormal_dir": "test/bad",
+              "normal_test_dir": "test/good", "mask_dir": "mask/bad", "val_split_mode": "same_as_test", "num_workers": 0,
+              **init_args}
+    config = {"model": {"class_path": "FewShotContrastive"},
+              "data": {"class_path": "FewShot", "init_args": {"k_shot": 4, "seed": 0,
+                                                             "datamodule": {"class_path": "Folder", "init_args": folder}}}}
+    path.write_text(json.dumps(config))  # JSON is YAML
+    return str(path)
+
+
+def test_benchmark_runs_on_an_anomalib_datamodule_config(generated_root, tmp_path, capsys: pytest.CaptureFixture[str]):
+    """--data takes the data section of an anomalib config: the user's own Folder, with its masks, next to stock PatchCore."""
+    from anomalib.data.utils import ValSplitMode
+
+    from fsad_anomalib.benchmark.__main__ import main
+    from fsad_anomalib.benchmark.sets import DataConfig
+
+    config = _data_config(tmp_path / "my_product.yaml", generated_root)
+    data = DataConfig(config)
+    assert data.label == "Folder/toy"
+    datamodule = data()  # FewShot unwrapped; the validation split taken off, so the whole test set is scored
+    assert type(datamodule).__name__ == "Folder" and datamodule.val_split_mode == ValSplitMode.NONE
+    datamodule.setup()
+    assert len(datamodule.test_data) == 16 and not getattr(datamodule, "val_data", None)
+
+    out = tmp_path / "bench"
+    assert main(["--data", config, "--k", "2", "--seeds", "0", "--methods", "frozen", "PatchCore", "--image-size", "64",
+                 "--no-timing", "--set-model-args", 'Folder/toy={"n_views": 2}', "--output", str(out),
+                 "--compare", "frozen", "PatchCore"]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "k_shot and seed are left aside" in printed and "val_split_mode same_as_test -> none" in printed
+    assert "model ignored" in printed
+    rows = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
+    assert [(r["dataset"], r["category"], r["method"]) for r in rows] == [("Folder", "toy", "frozen"),
+                                                                          ("Folder", "toy", "PatchCore")]
+    assert rows[0]["model_args"] == {"n_views": 2} and rows[1]["model_args"] == {}
+    assert rows[0]["support_set"] == rows[1]["support_set"] and len(rows[0]["support_set"]) == 2
+    for row in rows:  # the generated blobs are plain to see, and the masks give pixel AUROC
+        assert row["image_AUROC"] > 0.9 and row["pixel_AUROC"] > 0.9
+    results = (out / "results.md").read_text()
+    assert "| Folder toy | frozen |" in results and "| Folder toy | 2 | 1 |" in results
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (None, "cannot read the file"),
+        ("data: [\n", "not a YAML file"),
+        ("model: {class_path: FewShotContrastive}\n", "expected an anomalib datamodule"),
+        ("data: {class_path: torch.nn.Linear, init_args: {in_features: 2, out_features: 3}}\n", "could not be built"),
+        ("data: {class_path: Folder, init_args: {name: x, root: ROOT, normal_dir: train/good, bogus: 1}}\n",
+         "'bogus' is not accepted"),
+        ("data: {class_path: Folder, init_args: {name: x, root: ROOT/missing, normal_dir: train/good}}\n",
+         "could not list its images"),
+        ("data: {class_path: Folder, init_args: {name: x, root: ROOT, normal_dir: train/good, normal_test_dir: test/good}}\n",
+         "8 normal and 0 anomalous"),
+    ],
+)
+def test_benchmark_data_config_errors_name_the_file(content, expected, generated_root, tmp_path, capsys):
+    from fsad_anomalib.benchmark.__main__ import main
+
+    path = tmp_path / "data.yaml"
+    if content is not None:
+        path.write_text(content.replace("ROOT", str(generated_root)))
+    with pytest.raises(SystemExit):
+        main(["--data", str(path), "--no-timing", "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert f"--data {path}:" in err and expected in err
+    assert not (tmp_path / "out").exists()  # nothing ran
+
+
+def test_benchmark_refuses_a_set_given_twice(generated_root, tmp_path, capsys):
+    from fsad_anomalib.benchmark.__main__ import main
+
+    first = _data_config(tmp_path / "a.yaml", generated_root)
+    second = _data_config(tmp_path / "b.yaml", generated_root, mask_dir=None)  # another file, the same name
+    with pytest.raises(SystemExit):
+        main(["--data", first, second, "--output", str(tmp_path / "out")])
+    assert "the set Folder/toy is given more than once" in capsys.readouterr().err

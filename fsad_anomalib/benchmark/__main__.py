@@ -4,6 +4,7 @@ Examples:
     python -m fsad_anomalib.benchmark --sets ELPV/mono ELPV/poly Textile/local --k 1 2 4 8 16 --seeds 0 1 2
     python -m fsad_anomalib.benchmark --sets ELPV/mono --k 4 --evaluation dev --methods frozen FewShotContrastive
     python -m fsad_anomalib.benchmark --sets MVTecAD/bottle --mvtec-root ./datasets/MVTecAD
+    python -m fsad_anomalib.benchmark --data my_product.yaml --k 1 2 4 8 --methods frozen FewShotContrastive PatchCore PaDiM
     python -m fsad_anomalib.benchmark --report-only --compare FewShotContrastive PatchCore --output benchmark_results
 """
 
@@ -15,53 +16,24 @@ import os
 import sys
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 from fsad_anomalib.benchmark.cli import json_object, parse_json_object
 from fsad_anomalib.benchmark.methods import METHODS
-
-
-def _datamodule(label: str, args: argparse.Namespace):  # noqa: ANN202
-    dataset, _, category = label.partition("/")
-    if dataset == "ELPV":
-        from fsad_anomalib.data import ELPV
-
-        return ELPV(category or "mono", eval_batch_size=args.eval_batch_size, evaluation=args.evaluation,
-                    val_split_mode="none")
-    if dataset == "Textile":
-        from fsad_anomalib.data import Textile
-
-        return Textile(category or "local", eval_batch_size=args.eval_batch_size, evaluation=args.evaluation,
-                       val_split_mode="none")
-    if args.evaluation != "test":
-        msg = f"--evaluation {args.evaluation}: only the offline sets (ELPV, Textile) have a development set."
-        raise SystemExit(msg)
-    if dataset == "MVTecAD":
-        from anomalib.data import MVTecAD
-
-        return MVTecAD(root=args.mvtec_root, category=category, eval_batch_size=args.eval_batch_size, num_workers=0,
-                       val_split_mode="none")
-    if dataset == "Visa":
-        from anomalib.data import Visa
-
-        return Visa(root=args.visa_root, category=category, eval_batch_size=args.eval_batch_size, num_workers=0,
-                       val_split_mode="none")
-    if dataset == "Folder":
-        from anomalib.data import Folder
-
-        return Folder(
-            name="folder", root=category, normal_dir="train/good", abnormal_dir="test/bad",
-            normal_test_dir="test/good", val_split_mode="none", num_workers=0,
-            eval_batch_size=args.eval_batch_size,
-        )  # fmt: skip
-    msg = f"--sets: unknown set '{label}'. Use ELPV/mono, ELPV/poly, Textile/local, MVTecAD/<cat>, Visa/<cat>, Folder/<root>."
-    raise SystemExit(msg)
+from fsad_anomalib.benchmark.sets import SETS_HELP, DataConfig, builtin_datamodule
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and write runs.jsonl, results.md and PNG plots."""
     parser = argparse.ArgumentParser(prog="python -m fsad_anomalib.benchmark", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sets", nargs="+", default=["ELPV/mono", "ELPV/poly", "Textile/local"])
+    parser.add_argument("--sets", nargs="+", default=None,
+                        help=f"named sets: {SETS_HELP} (default: the three offline sets, unless --data is given)")
+    parser.add_argument("--data", nargs="+", default=[], metavar="FILE",
+                        help="anomalib datamodule configs, each a set of its own: the 'data:' section of a file "
+                        "`anomalib train --config` reads (class_path and init_args; a FewShot wrapper is unwrapped, "
+                        "--k and --seeds draw the support sets), or class_path and init_args alone. Other sections "
+                        "are ignored: FewShotContrastive's arguments come from --model-args")
     parser.add_argument("--k", nargs="+", type=int, default=[1, 2, 4, 8, 16])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
@@ -94,6 +66,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mvtec-root", default="./datasets/MVTecAD")
     parser.add_argument("--visa-root", default="./datasets/visa")
     args = parser.parse_args(argv)
+    if args.sets is None:
+        args.sets = [] if args.data else ["ELPV/mono", "ELPV/poly", "Textile/local"]
+    if args.data and args.evaluation != "test":
+        parser.error(f"--evaluation {args.evaluation} applies to the offline --sets; a --data datamodule is scored on "
+                     "its own test set (ELPV and Textile take 'evaluation: dev' in their init_args).")
+    data_configs = []
+    for path in args.data:
+        try:
+            data_configs.append(DataConfig(path))
+        except ValueError as exc:
+            parser.error(str(exc))
+    labels = [*args.sets, *(config.label for config in data_configs)]
+    repeated = sorted({label for label in labels if labels.count(label) > 1})
+    if repeated:
+        parser.error(f"--sets/--data: the set {', '.join(repeated)} is given more than once (a --data set is named "
+                     "<class>/<category or name>).")
+    for config in data_configs:
+        for note in config.notes:
+            print(f"--data {config.path} ({config.label}): {note}.", flush=True)
     os.environ.setdefault("OPENVINO_TELEMETRY_DISABLED", "1")
     logging.basicConfig(level=logging.ERROR)
     for name in ("lightning", "lightning.pytorch", "lightning.fabric", "lightning_fabric", "anomalib"):
@@ -108,8 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     set_args: dict[str, dict] = {}
     for item in args.set_model_args:
         label, sep, text = item.partition("=")
-        if not sep or label not in args.sets:
-            parser.error(f"--set-model-args '{item}': expected SET=JSON with SET one of --sets {args.sets}.")
+        if not sep or label not in labels:
+            parser.error(f"--set-model-args '{item}': expected SET=JSON with SET one of the sets {labels}.")
         try:
             set_args[label] = parse_json_object(text, f"--set-model-args '{item}'")
         except ValueError as exc:
@@ -118,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     from fsad_anomalib.benchmark.report import paired_table, write_plots, write_table
     from fsad_anomalib.benchmark.runner import load_runs, merge_runs, run_benchmark
 
-    builders = {label: partial(_datamodule, label, args) for label in args.sets}
+    builders: dict[str, Any] = {label: partial(builtin_datamodule, label, args) for label in args.sets}
+    builders.update({config.label: config for config in data_configs})
     for folder in args.include_runs:
         if not (Path(folder) / "runs.jsonl").exists():
             parser.error(f"--include-runs: {Path(folder) / 'runs.jsonl'} does not exist.")
@@ -138,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             time_inference=not args.no_timing, accelerator=args.accelerator,
             progress=lambda line: print(line, flush=True),
         )  # fmt: skip
-    wanted = {tuple(label.partition("/")[::2]) for label in args.sets}
+    wanted = {tuple(label.partition("/")[::2]) for label in labels}
 
     def requested(row: dict) -> bool:
         return ((row["dataset"], row["category"]) in wanted and row["k_shot"] in args.k and row["seed"] in args.seeds

@@ -1,0 +1,151 @@
+"""The data sets a benchmark runs on: the named ones (``--sets``) and anomalib datamodule configs (``--data``).
+
+``--data FILE`` takes the datamodule of a config file as ``anomalib train --config FILE`` reads it (its
+``data:`` section, ``class_path`` and ``init_args``), or a file holding ``class_path`` and ``init_args`` alone.
+The datamodule is built by jsonargparse, the parser of anomalib's own CLI, so every datamodule the anomalib CLI
+accepts works here, with the same short names (``Folder``, ``MVTecAD``, ``Visa``, ``ELPV``, ...). A ``FewShot``
+wrapper is unwrapped: the benchmark draws its own support sets for every ``--k`` and ``--seeds``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from anomalib.data.datamodules.base.image import AnomalibDataModule
+
+__all__ = ["DataConfig", "builtin_datamodule"]
+
+SETS_HELP = "ELPV/mono, ELPV/poly, Textile/local, MVTecAD/<category>, Visa/<category>, Folder/<root>"
+
+
+def builtin_datamodule(label: str, args: argparse.Namespace) -> AnomalibDataModule:
+    """The datamodule of a ``--sets`` label, without a validation split (the test set is scored once, whole)."""
+    dataset, _, category = label.partition("/")
+    if dataset == "ELPV":
+        from fsad_anomalib.data import ELPV  # noqa: PLC0415
+
+        return ELPV(category or "mono", eval_batch_size=args.eval_batch_size, evaluation=args.evaluation,
+                    val_split_mode="none")
+    if dataset == "Textile":
+        from fsad_anomalib.data import Textile  # noqa: PLC0415
+
+        return Textile(category or "local", eval_batch_size=args.eval_batch_size, evaluation=args.evaluation,
+                       val_split_mode="none")
+    if args.evaluation != "test":
+        msg = f"--evaluation {args.evaluation}: only the offline sets (ELPV, Textile) have a development set."
+        raise SystemExit(msg)
+    if dataset == "MVTecAD":
+        from anomalib.data import MVTecAD  # noqa: PLC0415
+
+        return MVTecAD(root=args.mvtec_root, category=category, eval_batch_size=args.eval_batch_size, num_workers=0,
+                       val_split_mode="none")
+    if dataset == "Visa":
+        from anomalib.data import Visa  # noqa: PLC0415
+
+        return Visa(root=args.visa_root, category=category, eval_batch_size=args.eval_batch_size, num_workers=0,
+                       val_split_mode="none")
+    if dataset == "Folder":
+        from anomalib.data import Folder  # noqa: PLC0415
+
+        return Folder(
+            name="folder", root=category, normal_dir="train/good", abnormal_dir="test/bad",
+            normal_test_dir="test/good", val_split_mode="none", num_workers=0,
+            eval_batch_size=args.eval_batch_size,
+        )  # fmt: skip
+    msg = f"--sets: unknown set '{label}'. Use {SETS_HELP}, or --data with an anomalib datamodule config."
+    raise SystemExit(msg)
+
+
+class DataConfig:
+    """The datamodule of one ``--data`` file; calling it builds a fresh one (one per run).
+
+    Reading the file checks it at once: a file that cannot be read, is not YAML, has no datamodule, names a
+    class that is not an anomalib datamodule, gives it arguments it does not take, or a datamodule that cannot
+    list its images (a folder that does not exist) or whose test set lacks normal or anomalous images raises a
+    ``ValueError`` that names the file. The validation split is set to none, as for every ``--sets`` set: each
+    method is scored once on the whole test set, and a split taken from the test set would score half of it.
+
+    Attributes:
+        path: The file.
+        label: ``<class name>/<category or name>``, e.g. ``Folder/my_product`` or ``MVTecAD/bottle``: the set's
+            name in ``runs.jsonl``, the tables and ``--set-model-args``.
+        notes: What the benchmark does differently from ``anomalib train`` with this file.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.spec, self.notes = self._read_spec()
+        datamodule, notes = self._build()  # checks the class, its arguments and its images now, not mid-benchmark
+        self.notes += notes
+        try:
+            datamodule.prepare_data()  # anomalib's datamodules download a missing public set here, as in a run
+            datamodule.setup()
+        except (OSError, ValueError, RuntimeError) as exc:
+            msg = f"its datamodule ({type(datamodule).__name__}) could not list its images: {exc}"
+            raise self._error(msg) from exc
+        test_labels = datamodule.test_data.samples.label_index.value_counts().to_dict()
+        if not (test_labels.get(0) and test_labels.get(1)):
+            msg = (f"its test set holds {test_labels.get(0, 0)} normal and {test_labels.get(1, 0)} anomalous images; "
+                   "image AUROC needs both (for Folder: normal_test_dir and abnormal_dir).")
+            raise self._error(msg)
+        self.label = f"{type(datamodule).__name__}/{datamodule.category or datamodule.name}"
+
+    def _error(self, what: str) -> ValueError:
+        return ValueError(f"--data {self.path}: {what}")
+
+    def _read_spec(self) -> tuple[dict[str, Any], list[str]]:
+        import yaml  # noqa: PLC0415  (PyYAML: a dependency of jsonargparse, anomalib's CLI parser)
+
+        try:
+            text = self.path.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            msg = f"cannot read the file ({exc})."
+            raise self._error(msg) from exc
+        try:
+            spec = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            msg = f"not a YAML file ({' '.join(str(exc).split())[:300]})."
+            raise self._error(msg) from exc
+        notes = []
+        if isinstance(spec, dict) and "data" in spec:
+            ignored = sorted(key for key in spec if key != "data")
+            if ignored:
+                notes.append(f"only its data section is read ({', '.join(ignored)} ignored: FewShotContrastive's "
+                             "arguments come from --model-args)")
+            spec = spec["data"]
+        if not isinstance(spec, dict) or "class_path" not in spec:
+            msg = ("expected an anomalib datamodule: a 'data:' section with 'class_path' and 'init_args', as "
+                   "`anomalib train --config` reads it, or those two keys at the top of the file.")
+            raise self._error(msg)
+        return spec, notes
+
+    def __call__(self) -> AnomalibDataModule:
+        """A new datamodule from the file, unwrapped from ``FewShot`` and without a validation split."""
+        return self._build()[0]
+
+    def _build(self) -> tuple[AnomalibDataModule, list[str]]:
+        from anomalib.data.utils import ValSplitMode  # noqa: PLC0415
+        from jsonargparse import ArgumentParser  # noqa: PLC0415
+
+        from fsad_anomalib.data import FewShot  # noqa: PLC0415  (also makes ELPV, Textile, FewShot short names)
+
+        parser = ArgumentParser(exit_on_error=False)
+        parser.add_subclass_arguments(AnomalibDataModule, "data", required=True)
+        try:
+            datamodule = parser.instantiate_classes(parser.parse_object({"data": self.spec})).data
+        except Exception as exc:  # jsonargparse reports a wrong class or argument as one of several error types
+            msg = f"its datamodule ({self.spec.get('class_path')}) could not be built: {' '.join(str(exc).split())[:600]}"
+            raise self._error(msg) from exc
+        notes = []
+        if isinstance(datamodule, FewShot):
+            notes.append(f"FewShot's k_shot and seed are left aside: --k and --seeds draw the support sets of "
+                         f"{type(datamodule.datamodule).__name__}")
+            datamodule = datamodule.datamodule
+        if datamodule.val_split_mode != ValSplitMode.NONE:
+            notes.append(f"val_split_mode {datamodule.val_split_mode.value} -> none: every method is scored once on "
+                         "the whole test set")
+            datamodule.val_split_mode = ValSplitMode.NONE
+        return datamodule, notes
+
