@@ -247,7 +247,25 @@ def test_benchmark_runs_on_an_anomalib_datamodule_config(generated_root, tmp_pat
     for row in rows:  # the generated blobs are plain to see, and the masks give pixel AUROC
         assert row["image_AUROC"] > 0.9 and row["pixel_AUROC"] > 0.9
     results = (out / "results.md").read_text()
-    assert "| Folder toy | frozen |" in results and "| Folder toy | 2 | 1 |" in results
+    assert "| Folder toy | 2 | 1 |" in results  # the paired table
+    image, pixel = results.split("Pixel AUROC")  # the masks give a second table
+    for table, metric in ((image, "image_AUROC"), (pixel, "pixel_AUROC")):
+        assert f"| Folder toy | frozen | {rows[0][metric]:.3f} +- 0.000 |" in table
+
+
+def test_pixel_auroc_table_only_for_sets_with_masks(tmp_path):
+    def run(dataset, method, seed, image, pixel, maps=0):
+        return {"dataset": dataset, "category": "c", "k_shot": 2, "seed": seed, "method": method, "image_AUROC": image,
+                "pixel_AUROC": pixel, "non_finite_maps": maps, "train_s": 1.0}
+
+    rows = [run("masks", "A", 0, 0.8, 0.9), run("masks", "A", 1, 0.6, 0.7), run("masks", "B", 0, 0.5, float("nan"), 3),
+            run("nomasks", "A", 0, 0.7, None)]
+    text = write_table(rows, tmp_path / "results.md", methods=["A", "B"])
+    image, pixel = text.split("Pixel AUROC")
+    assert "| masks c | A | 0.700 +- 0.141 |" in image and "| nomasks c | A | 0.700 +- 0.000 |" in image
+    assert "| masks c | A | 0.800 +- 0.141 |" in pixel and "| masks c | B | NaN in 1/1 |" in pixel
+    assert "nomasks" not in pixel
+    assert "Pixel AUROC" not in write_table(rows[3:], tmp_path / "results.md")
 
 
 @pytest.mark.parametrize(

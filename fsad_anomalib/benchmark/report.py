@@ -24,8 +24,11 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+METRICS = {"image_AUROC": "auroc", "pixel_AUROC": "pixel_auroc"}  # run field -> summary entry
+
+
 def summarise(rows: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
-    """Mean/std over seeds per (dataset, category, K, method)."""
+    """Mean/std over seeds per (dataset, category, K, method); ``nan_runs``: runs without the metric's value."""
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
         groups[(row["dataset"], row["category"], row["k_shot"], row["method"])].append(row)
@@ -33,36 +36,51 @@ def summarise(rows: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
     for key, group in groups.items():
         out[key] = {
             "n": len(group),
-            "auroc": _mean_std([r["image_AUROC"] for r in group]),
+            **{entry: _mean_std([r.get(field) for r in group]) for field, entry in METRICS.items()},
             "nan_runs": sum(1 for r in group if not _has_value(r["image_AUROC"])),
+            "pixel_nan_runs": sum(1 for r in group if not _has_value(r.get("pixel_AUROC"))),
             "train_s": _mean_std([r["train_s"] for r in group]),
             "ms_b1": _mean_std([r.get("ms_b1", float("nan")) for r in group]),
         }
     return out
 
 
-def write_table(rows: list[dict[str, Any]], path: str | Path, methods: list[str] | None = None) -> str:
-    """Markdown table: one row per set and method, one column per K, mean +- std image AUROC."""
-    summary = summarise(rows)
+def _metric_table(summary: dict[tuple, dict[str, Any]], methods: list[str], entry: str, nan_entry: str) -> list[str]:
     sets = sorted({(k[0], k[1]) for k in summary})
     ks = sorted({k[2] for k in summary})
-    methods = methods or sorted({k[3] for k in summary})
     lines = ["| set | method | " + " | ".join(f"K={k}" for k in ks) + " |", "|---|---|" + "---|" * len(ks)]
     for dataset, category in sets:
         for method in methods:
             cells = []
             for k in ks:
-                entry = summary.get((dataset, category, k, method))
-                if entry is None:
+                values = summary.get((dataset, category, k, method))
+                if values is None:
                     cells.append("")
-                elif entry["nan_runs"]:
-                    mean, std = entry["auroc"]
-                    cells.append(f"NaN in {entry['nan_runs']}/{entry['n']}" + ("" if math.isnan(mean) else f" ({mean:.3f})"))
+                    continue
+                mean, std = values[entry]
+                if values[nan_entry]:
+                    cells.append(f"NaN in {values[nan_entry]}/{values['n']}" + ("" if math.isnan(mean) else f" ({mean:.3f})"))
                 else:
-                    mean, std = entry["auroc"]
                     cells.append(f"{mean:.3f} +- {std:.3f}")
             if any(cells):
                 lines.append(f"| {dataset} {category} | {method} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def write_table(rows: list[dict[str, Any]], path: str | Path, methods: list[str] | None = None) -> str:
+    """Markdown table: one row per set and method, one column per K, mean +- std image AUROC.
+
+    Where runs have a pixel AUROC (datamodules with masks), a second table gives it for those sets; a run that
+    gave non-finite anomaly maps counts as "NaN in", as for image scores.
+    """
+    summary = summarise(rows)
+    methods = methods or sorted({k[3] for k in summary})
+    lines = _metric_table(summary, methods, "auroc", "nan_runs")
+    with_masks = {(r["dataset"], r["category"]) for r in rows if r.get("pixel_AUROC") is not None}  # None: no masks
+    if with_masks:
+        pixel = {key: value for key, value in summary.items() if (key[0], key[1]) in with_masks}
+        lines += ["", "Pixel AUROC (anomaly maps against the ground-truth masks), mean +- std over seeds:", ""]
+        lines += _metric_table(pixel, methods, "pixel_auroc", "pixel_nan_runs")
     text = "\n".join(lines) + "\n"
     Path(path).write_text(text)
     return text
