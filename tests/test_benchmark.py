@@ -26,7 +26,8 @@ def test_benchmark_end_to_end_and_resume(generated_root, tmp_path):
     lines = (out / "runs.jsonl").read_text().splitlines()
     assert len(lines) == 2 * len(methods)
     row = json.loads(lines[0])
-    for key in ("image_AUROC", "pixel_AUROC", "train_s", "ms_b1", "ms_b32", "peak_rss_mb", "support_set"):
+    for key in ("image_AUROC", "pixel_AUROC", "train_s", "ms_b1", "ms_b32", "peak_rss_mb", "support_set", "test_normal",
+                "test_anomalous"):
         assert key in row
     assert len(row["support_set"]) == row["k_shot"]
     # the generated defects are plain to see: real rankings, not the 0.5 of tied or constant scores
@@ -244,10 +245,12 @@ def test_benchmark_runs_on_an_anomalib_datamodule_config(generated_root, tmp_pat
                                                                           ("Folder", "toy", "PatchCore")]
     assert rows[0]["model_args"] == {"n_views": 2} and rows[1]["model_args"] == {}
     assert rows[0]["support_set"] == rows[1]["support_set"] and len(rows[0]["support_set"]) == 2
+    assert all((r["test_normal"], r["test_anomalous"]) == (8, 8) for r in rows)  # the whole test set, no validation split
     for row in rows:  # the generated blobs are plain to see, and the masks give pixel AUROC
         assert row["image_AUROC"] > 0.9 and row["pixel_AUROC"] > 0.9
     results = (out / "results.md").read_text()
     assert "| Folder toy | 2 | 1 |" in results  # the paired table
+    assert "Test images: Folder toy: 8 normal + 8 anomalous." in results
     image, pixel = results.split("Pixel AUROC")  # the masks give a second table
     for table, metric in ((image, "image_AUROC"), (pixel, "pixel_AUROC")):
         assert f"| Folder toy | frozen | {rows[0][metric]:.3f} +- 0.000 |" in table

@@ -76,6 +76,14 @@ def write_table(rows: list[dict[str, Any]], path: str | Path, methods: list[str]
     summary = summarise(rows)
     methods = methods or sorted({k[3] for k in summary})
     lines = _metric_table(summary, methods, "auroc", "nan_runs")
+    sizes = defaultdict(set)  # what each set's runs were scored on (older runs.jsonl lines do not say)
+    for row in rows:
+        if "test_normal" in row:
+            size = f"{row['test_normal']} normal + {row['test_anomalous']} anomalous"
+            sizes[f"{row['dataset']} {row['category']}"].add(size)
+    if sizes:
+        sets = "; ".join(f"{name}: {' or '.join(sorted(size))}" for name, size in sorted(sizes.items()))
+        lines += ["", f"Test images: {sets}."]
     with_masks = {(r["dataset"], r["category"]) for r in rows if r.get("pixel_AUROC") is not None}  # None: no masks
     if with_masks:
         pixel = {key: value for key, value in summary.items() if (key[0], key[1]) in with_masks}

@@ -205,6 +205,7 @@ def _run_one(
         engine.fit(model=model, datamodule=few_shot)
         train_s = time.perf_counter() - start
         metrics = engine.test(model=model, datamodule=few_shot, verbose=False)[0]
+    test_labels = few_shot.test_data.samples.label_index.value_counts().to_dict()
     row: dict[str, Any] = {
         "dataset": dataset,
         "category": category,
@@ -218,6 +219,8 @@ def _run_one(
         "non_finite_scores": counter.scores,
         "non_finite_maps": counter.maps,
         "train_s": train_s,
+        "test_normal": int(test_labels.get(0, 0)),
+        "test_anomalous": int(test_labels.get(1, 0)),
         "support_set": few_shot.support_set,
         "model_args": (fsc_args or {}) if method in FSC_VARIANTS else {},
     }
