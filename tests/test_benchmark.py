@@ -20,9 +20,12 @@ def test_benchmark_end_to_end_and_resume(generated_root, tmp_path):
     sets = {"generated/toy": lambda: folder_datamodule(generated_root, val_split_mode="none")}
     methods = ["FewShotContrastive", "frozen", "PatchCore", "PaDiM"]
     args = {"fine_tune_steps": 2, "n_views": 2}
+    printed = []
     rows = run_benchmark(sets, k_shots=[1, 2], seeds=[0], methods=methods, output=out, image_size=64,
-                         fsc_args=args, progress=lambda _: None)  # fmt: skip
+                         fsc_args=args, progress=printed.append)  # fmt: skip
     assert len(rows) == 2 * len(methods)
+    assert printed[0] == "[1/8] generated/toy K=1 seed=0 FewShotContrastive"  # long runs show where they are
+    assert "(1/8 done in " in printed[1] and " left)" in printed[1] and "(8/8 done in " in printed[-1]
     lines = (out / "runs.jsonl").read_text().splitlines()
     assert len(lines) == 2 * len(methods)
     row = json.loads(lines[0])
@@ -41,8 +44,10 @@ def test_benchmark_end_to_end_and_resume(generated_root, tmp_path):
     assert all(r["non_finite_scores"] == 0 for r in rows if r is not padim_1)
     assert json.loads((out / "backbone_floor.json").read_text())["ms_b1"] > 0
     # resuming runs nothing new
+    printed.clear()
     again = run_benchmark(sets, k_shots=[1, 2], seeds=[0], methods=methods, output=out, image_size=64,
-                          fsc_args=args, progress=lambda _: None)  # fmt: skip
+                          fsc_args=args, progress=printed.append)  # fmt: skip
+    assert printed == [f"8 of 8 runs are already in {out / 'runs.jsonl'}; 0 to run"]
     assert len(again) == len(rows)
     assert len((out / "runs.jsonl").read_text().splitlines()) == len(lines)
     table = write_table(again, out / "results.md", methods=methods)

@@ -162,6 +162,10 @@ def run_benchmark(
     floor_file = output / "backbone_floor.json"
     if time_inference and not floor_file.exists():
         floor_file.write_text(json.dumps(backbone_floor(backbone, image_size), indent=2))
+    todo = sum(1 for label, k, s, m in plan if (*label.partition("/")[::2], k, s, m) not in done)
+    if len(plan) > todo:
+        progress(f"{len(plan) - todo} of {len(plan)} runs are already in {runs_file}; {todo} to run")
+    started, finished = time.perf_counter(), 0
     for index, (label, k_shot, seed, method) in enumerate(plan, 1):
         dataset, _, category = label.partition("/")
         key = (dataset, category, k_shot, seed, method)
@@ -177,9 +181,21 @@ def run_benchmark(
         if row["non_finite_scores"] or row["non_finite_maps"]:
             progress(f"    {method} gave non-finite scores on {row['non_finite_scores']} and non-finite maps on "
                      f"{row['non_finite_maps']} test images: AUROC recorded as NaN")
-        progress(f"    image AUROC {row['image_AUROC']:.3f}  train {row['train_s']:.1f}s  peak RSS {row['peak_rss_mb']:.0f} MiB")
+        finished += 1
+        elapsed = time.perf_counter() - started
+        left = f", about {_duration(elapsed / finished * (todo - finished))} left" if finished < todo else ""
+        progress(f"    image AUROC {row['image_AUROC']:.3f}  train {row['train_s']:.1f}s  peak RSS {row['peak_rss_mb']:.0f} MiB"
+                 f"  ({finished}/{todo} done in {_duration(elapsed)}{left})")
         _trim_heap()
     return rows
+
+
+def _duration(seconds: float) -> str:
+    """``seconds`` as '40 s', '12 min' or '2 h 05 min'."""
+    if seconds < 60:  # noqa: PLR2004
+        return f"{seconds:.0f} s"
+    minutes = round(seconds / 60)
+    return f"{minutes} min" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"  # noqa: PLR2004
 
 
 def _run_one(
