@@ -284,7 +284,12 @@ class FewShotContrastiveModel(DynamicBufferMixin, nn.Module):
         return flat.topk(k, dim=1).values.mean(dim=1)
 
     def forward(self, images: torch.Tensor) -> InferenceBatch:
-        """Image scores and anomaly maps of images in [0, 1] (BatchNorm is frozen, so train mode changes nothing)."""
+        """Image scores and anomaly maps of images in [0, 1].
+
+        ``train()`` keeps the BatchNorm layers in eval mode, so the scores are the same in train mode. Lightning,
+        though, sets each submodule's mode itself during the training epoch (BatchNorm layers included), when this
+        model runs no forward pass: fine-tuning and :meth:`fit` put the BatchNorm layers in eval mode explicitly.
+        """
         if self.score_mode in {"patch", *KNN_MODES}:
             # no global embedding on the hot path: the backbone stops after the deepest patch layer
             patch_map = self._patch_map(self.scored_patch_features(images)) / self.score_scale[1]
