@@ -310,5 +310,18 @@ def test_benchmark_refuses_a_set_given_twice(generated_root, tmp_path, capsys):
     first = _data_config(tmp_path / "a.yaml", generated_root)
     second = _data_config(tmp_path / "b.yaml", generated_root, mask_dir=None)  # another file, the same name
     with pytest.raises(SystemExit):
-        main(["--data", first, second, "--output", str(tmp_path / "out")])
+        main(["--data", first, second, "--k", "2", "--output", str(tmp_path / "out")])
     assert "the set Folder/toy is given more than once" in capsys.readouterr().err
+
+
+def test_benchmark_refuses_a_k_above_the_data_configs_pool(generated_root, tmp_path, capsys):
+    """The generated set has 12 normal training images: K = 16 stops the command before the first run, not after."""
+    from fsad_anomalib.benchmark.__main__ import main
+
+    config = _data_config(tmp_path / "a.yaml", generated_root)
+    with pytest.raises(SystemExit):
+        main(["--data", config, "--k", "4", "16", "--output", str(tmp_path / "out")])
+    assert f"--data {config}: --k 16 needs 16 normal training images, and the datamodule's training split holds 12" in (
+        capsys.readouterr().err
+    )
+    assert not (tmp_path / "out").exists()

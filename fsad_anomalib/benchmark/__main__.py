@@ -77,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
             data_configs.append(DataConfig(path))
         except ValueError as exc:
             parser.error(str(exc))
+        if max(args.k) > data_configs[-1].pool:
+            parser.error(f"--data {path}: --k {max(args.k)} needs {max(args.k)} normal training images, and the "
+                         f"datamodule's training split holds {data_configs[-1].pool}.")
     labels = [*args.sets, *(config.label for config in data_configs)]
     repeated = sorted({label for label in labels if labels.count(label) > 1})
     if repeated:

@@ -72,6 +72,7 @@ class DataConfig:
         label: ``<class name>/<category or name>``, e.g. ``Folder/my_product`` or ``MVTecAD/bottle``: the set's
             name in ``runs.jsonl``, the tables and ``--set-model-args``.
         notes: What the benchmark does differently from ``anomalib train`` with this file.
+        pool: How many normal training images the support sets are drawn from (the largest K it allows).
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -90,6 +91,7 @@ class DataConfig:
             msg = (f"its test set holds {test_labels.get(0, 0)} normal and {test_labels.get(1, 0)} anomalous images; "
                    "image AUROC needs both (for Folder: normal_test_dir and abnormal_dir).")
             raise self._error(msg)
+        self.pool = int((datamodule.train_data.samples.label_index == 0).sum())  # normals K-shot draws come from
         self.label = f"{type(datamodule).__name__}/{datamodule.category or datamodule.name}"
 
     def _error(self, what: str) -> ValueError:
