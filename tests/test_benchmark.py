@@ -325,3 +325,21 @@ def test_benchmark_refuses_a_k_above_the_data_configs_pool(generated_root, tmp_p
         capsys.readouterr().err
     )
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--sets", "ELPV/mono", "Foo/bar"], "--sets: unknown set 'Foo/bar'"),
+        (["--sets", "ELPV/mono", "ELPV/foo"], "--sets ELPV/foo: ELPV category must be one of ('mono', 'poly')"),
+        (["--sets", "MVTecAD/bottle", "--evaluation", "dev"], "--evaluation dev: only the offline sets"),
+    ],
+)
+def test_benchmark_refuses_a_wrong_set_before_the_first_run(argv, expected, tmp_path, capsys):
+    """A wrong name among --sets used to fail at that set's first run, after the sets before it had run."""
+    from fsad_anomalib.benchmark.__main__ import main
+
+    with pytest.raises(SystemExit):
+        main([*argv, "--k", "1", "--output", str(tmp_path / "out")])
+    assert expected in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

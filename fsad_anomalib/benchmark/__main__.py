@@ -71,6 +71,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.data and args.evaluation != "test":
         parser.error(f"--evaluation {args.evaluation} applies to the offline --sets; a --data datamodule is scored on "
                      "its own test set (ELPV and Textile take 'evaluation: dev' in their init_args).")
+    for label in [] if args.report_only else args.sets:  # built once now: a wrong name stops it before any run
+        try:
+            builtin_datamodule(label, args)
+        except ValueError as exc:
+            parser.error(f"--sets {label}: {exc}" if not str(exc).startswith("--") else str(exc))
     data_configs = []
     for path in args.data:
         try:

@@ -21,7 +21,10 @@ SETS_HELP = "ELPV/mono, ELPV/poly, Textile/local, MVTecAD/<category>, Visa/<cate
 
 
 def builtin_datamodule(label: str, args: argparse.Namespace) -> AnomalibDataModule:
-    """The datamodule of a ``--sets`` label, without a validation split (the test set is scored once, whole)."""
+    """The datamodule of a ``--sets`` label, without a validation split (the test set is scored once, whole).
+
+    An unknown set or category, or ``--evaluation dev`` on a set without a development set, is a ``ValueError``.
+    """
     dataset, _, category = label.partition("/")
     if dataset == "ELPV":
         from fsad_anomalib.data import ELPV  # noqa: PLC0415
@@ -35,7 +38,7 @@ def builtin_datamodule(label: str, args: argparse.Namespace) -> AnomalibDataModu
                        val_split_mode="none")
     if args.evaluation != "test":
         msg = f"--evaluation {args.evaluation}: only the offline sets (ELPV, Textile) have a development set."
-        raise SystemExit(msg)
+        raise ValueError(msg)
     if dataset == "MVTecAD":
         from anomalib.data import MVTecAD  # noqa: PLC0415
 
@@ -55,7 +58,7 @@ def builtin_datamodule(label: str, args: argparse.Namespace) -> AnomalibDataModu
             eval_batch_size=args.eval_batch_size,
         )  # fmt: skip
     msg = f"--sets: unknown set '{label}'. Use {SETS_HELP}, or --data with an anomalib datamodule config."
-    raise SystemExit(msg)
+    raise ValueError(msg)
 
 
 class DataConfig:
