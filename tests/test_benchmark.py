@@ -343,3 +343,45 @@ def test_benchmark_refuses_a_wrong_set_before_the_first_run(argv, expected, tmp_
         main([*argv, "--k", "1", "--output", str(tmp_path / "out")])
     assert expected in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--k", "0"], "argument --k: expected an integer >= 1, got '0'"),
+        (["--k", "two"], "argument --k: expected an integer >= 1, got 'two'"),
+        (["--seeds", "-1"], "argument --seeds: expected an integer >= 0, got '-1'"),  # numpy's seed bound, deep inside
+        (["--image-size", "16"], "argument --image-size: expected an integer >= 32, got '16'"),
+        (["--eval-batch-size", "0"], "argument --eval-batch-size: expected an integer >= 1, got '0'"),
+    ],
+)
+def test_benchmark_numeric_options_are_checked_up_front(argv, expected, tmp_path, capsys):
+    from fsad_anomalib.benchmark import speed
+    from fsad_anomalib.benchmark.__main__ import main
+
+    with pytest.raises(SystemExit):
+        main(["--sets", "ELPV/mono", *argv, "--output", str(tmp_path / "out")])
+    assert expected in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit):
+        speed.main(["--rounds", "0"])
+    assert "argument --rounds: expected an integer >= 1, got '0'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--model-args", '{"score_mode": "bogus"}'], "score_mode must be one of"),
+        (["--model-args", '{"nope": 1}'], "unexpected keyword argument 'nope'"),
+        (["--set-model-args", 'ELPV/mono={"fine_tune_steps": 0}'], "fine_tune_steps must be >= 1"),
+    ],
+)
+def test_benchmark_checks_fewshotcontrastive_arguments_before_the_first_run(argv, expected, tmp_path, capsys):
+    """They failed at the first FewShotContrastive run, after the stock runs before it, with a traceback."""
+    from fsad_anomalib.benchmark.__main__ import main
+
+    with pytest.raises(SystemExit):
+        main(["--sets", "ELPV/mono", "--methods", "PatchCore", "frozen", *argv, "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert "FewShotContrastive on ELPV/mono (--model-args, --set-model-args, --backbone):" in err and expected in err
+    assert not (tmp_path / "out").exists()

@@ -18,8 +18,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from fsad_anomalib.benchmark.cli import json_object, parse_json_object
-from fsad_anomalib.benchmark.methods import METHODS
+from fsad_anomalib.benchmark.cli import int_at_least, json_object, parse_json_object
+from fsad_anomalib.benchmark.methods import FSC_VARIANTS, METHODS, build_method
 from fsad_anomalib.benchmark.sets import SETS_HELP, DataConfig, builtin_datamodule
 
 
@@ -34,12 +34,12 @@ def main(argv: list[str] | None = None) -> int:
                         "`anomalib train --config` reads (class_path and init_args; a FewShot wrapper is unwrapped, "
                         "--k and --seeds draw the support sets), or class_path and init_args alone. Other sections "
                         "are ignored: FewShotContrastive's arguments come from --model-args")
-    parser.add_argument("--k", nargs="+", type=int, default=[1, 2, 4, 8, 16])
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--k", nargs="+", type=int_at_least(1), default=[1, 2, 4, 8, 16])
+    parser.add_argument("--seeds", nargs="+", type=int_at_least(0), default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--output", default="benchmark_results")
     parser.add_argument("--backbone", default="offline:tf_efficientnet_lite0")
-    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--image-size", type=int_at_least(32), default=256)
     parser.add_argument("--model-args", type=json_object, default="{}",
                         help="JSON dict of FewShotContrastive arguments")
     parser.add_argument("--set-model-args", nargs="+", default=[], metavar="SET=JSON",
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--evaluation", choices=["test", "dev"], default="test",
                         help="offline sets: score on the test set, or on the development set (images the test set "
                         "never uses) to choose settings")
-    parser.add_argument("--eval-batch-size", type=int, default=32)
+    parser.add_argument("--eval-batch-size", type=int_at_least(1), default=32)
     parser.add_argument("--accelerator", default="auto",
                         help="Lightning accelerator of every run (auto, cpu, gpu, ...); one device per run")
     parser.add_argument("--report-only", action="store_true",
@@ -114,6 +114,12 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as exc:
             parser.error(str(exc))
 
+    fsc_methods = [method for method in args.methods if method in FSC_VARIANTS]
+    for label in [] if args.report_only or not fsc_methods else labels:  # built once: bad arguments fail now
+        try:
+            build_method(fsc_methods[0], args.backbone, args.image_size, {**fsc_args, **set_args.get(label, {})})
+        except (TypeError, ValueError, RuntimeError) as exc:
+            parser.error(f"FewShotContrastive on {label} (--model-args, --set-model-args, --backbone): {exc}")
     from fsad_anomalib.benchmark.report import paired_table, write_plots, write_table
     from fsad_anomalib.benchmark.runner import load_runs, merge_runs, run_benchmark
 

@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-__all__ = ["json_object", "parse_json_object"]
+__all__ = ["int_at_least", "json_object", "parse_json_object"]
 
 
 def parse_json_object(text: str, option: str = "") -> dict[str, Any]:
@@ -29,3 +29,20 @@ def json_object(text: str) -> dict[str, Any]:
         return parse_json_object(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def int_at_least(minimum: int):  # noqa: ANN201
+    """argparse ``type``: an integer >= ``minimum`` (argparse names the option in its error)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            msg = f"expected an integer >= {minimum}, got '{text}'"
+            raise argparse.ArgumentTypeError(msg)
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse

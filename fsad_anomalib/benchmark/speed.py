@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fsad_anomalib.benchmark.cli import json_object
+from fsad_anomalib.benchmark.cli import int_at_least, json_object
 
 
 def _median_ms(fn: Callable[[], object], batch: int, repeats: int) -> list[float]:
@@ -51,10 +51,10 @@ def _label(args: dict) -> str:
 def main(argv: list[str] | None = None) -> int:  # noqa: PLR0915
     """Fit, export and time every method; print a markdown table."""
     parser = argparse.ArgumentParser(prog="python -m fsad_anomalib.benchmark.speed", description=__doc__)
-    parser.add_argument("--image-size", type=int, default=256)
-    parser.add_argument("--k", type=int, default=4)
-    parser.add_argument("--rounds", type=int, default=15, help="timing rounds at batch 1 (batch 32: a third)")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--image-size", type=int_at_least(32), default=256)
+    parser.add_argument("--k", type=int_at_least(1), default=4)
+    parser.add_argument("--rounds", type=int_at_least(1), default=15, help="timing rounds at batch 1 (batch 32: a third)")
+    parser.add_argument("--threads", type=int_at_least(0), default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--variants", nargs="*", type=json_object, default=DEFAULT_VARIANTS,
                         help="FewShotContrastive arguments (JSON objects) timed eagerly besides the default patch "
                         "Gaussian; the defaults are the ELPV configs' scorings: knn, knn with the mono config's "

@@ -14,11 +14,13 @@ import sys
 import time
 from pathlib import Path
 
+from fsad_anomalib.benchmark.cli import int_at_least
+
 
 def main(argv: list[str] | None = None) -> int:
     """Measure and print the medians."""
     parser = argparse.ArgumentParser(prog="python -m fsad_anomalib.benchmark.startup", description=__doc__)
-    parser.add_argument("--runs", type=int, default=40)
+    parser.add_argument("--runs", type=int_at_least(1), default=40)
     args = parser.parse_args(argv)
     candidates = [Path(p) / "fsad_anomalib-plugin.pth" for p in site.getsitepackages()]
     pth = next((p for p in candidates if p.exists()), None)
