@@ -385,3 +385,20 @@ def test_benchmark_checks_fewshotcontrastive_arguments_before_the_first_run(argv
     err = capsys.readouterr().err
     assert "FewShotContrastive on ELPV/mono (--model-args, --set-model-args, --backbone):" in err and expected in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("module", "argv", "expected"),
+    [
+        ("speed", ["--k", "0"], "argument --k: expected an integer >= 1"),
+        ("speed", ["--image-size", "8"], "argument --image-size: expected an integer >= 32"),
+        ("speed", ["--threads", "-2"], "argument --threads: expected an integer >= 0"),
+        ("startup", ["--runs", "0"], "argument --runs: expected an integer >= 1"),
+    ],
+)
+def test_speed_and_startup_numeric_options_are_checked(module, argv, expected, capsys):
+    import importlib
+
+    with pytest.raises(SystemExit):
+        importlib.import_module(f"fsad_anomalib.benchmark.{module}").main(argv)
+    assert expected in capsys.readouterr().err
