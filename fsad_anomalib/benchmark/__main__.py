@@ -23,6 +23,49 @@ from fsad_anomalib.benchmark.methods import FSC_VARIANTS, METHODS, build_method
 from fsad_anomalib.benchmark.sets import SETS_HELP, DataConfig, builtin_datamodule
 
 
+def _sets_and_data(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[list[str], list[DataConfig]]:
+    """Every set's label and the ``--data`` configs, checked: a wrong name, file or K stops the command now."""
+    if args.sets is None:
+        args.sets = [] if args.data else ["ELPV/mono", "ELPV/poly", "Textile/local"]
+    if args.data and args.evaluation != "test":
+        parser.error(f"--evaluation {args.evaluation} applies to the offline --sets; a --data datamodule is scored on "
+                     "its own test set (ELPV and Textile take 'evaluation: dev' in their init_args).")
+    for label in [] if args.report_only else args.sets:  # --report-only: labels only filter the runs
+        try:
+            builtin_datamodule(label, args)
+        except ValueError as exc:
+            parser.error(f"--sets {label}: {exc}" if not str(exc).startswith("--") else str(exc))
+    data_configs = []
+    for path in args.data:
+        try:
+            data_configs.append(DataConfig(path))
+        except ValueError as exc:
+            parser.error(str(exc))
+        if max(args.k) > data_configs[-1].pool:
+            parser.error(f"--data {path}: --k {max(args.k)} needs {max(args.k)} normal training images, and the "
+                         f"datamodule's training split holds {data_configs[-1].pool}.")
+    labels = [*args.sets, *(config.label for config in data_configs)]
+    repeated = sorted({label for label in labels if labels.count(label) > 1})
+    if repeated:
+        parser.error(f"--sets/--data: the set {', '.join(repeated)} is given more than once (a --data set is named "
+                     "<class>/<category or name>).")
+    for config in data_configs:
+        for note in config.notes:
+            print(f"--data {config.path} ({config.label}): {note}.", flush=True)
+    return labels, data_configs
+
+
+def _check_model_args(parser: argparse.ArgumentParser, args: argparse.Namespace, labels: list[str],
+                      set_args: dict[str, dict]) -> None:
+    """Build FewShotContrastive once per set, so that a wrong argument stops the command before the first run."""
+    fsc_methods = [method for method in args.methods if method in FSC_VARIANTS]
+    for label in labels if fsc_methods else []:
+        try:
+            build_method(fsc_methods[0], args.backbone, args.image_size, {**args.model_args, **set_args.get(label, {})})
+        except (TypeError, ValueError, RuntimeError) as exc:
+            parser.error(f"FewShotContrastive on {label} (--model-args, --set-model-args, --backbone): {exc}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and write runs.jsonl, results.md and PNG plots."""
     parser = argparse.ArgumentParser(prog="python -m fsad_anomalib.benchmark", description=__doc__,
@@ -66,33 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mvtec-root", default="./datasets/MVTecAD")
     parser.add_argument("--visa-root", default="./datasets/visa")
     args = parser.parse_args(argv)
-    if args.sets is None:
-        args.sets = [] if args.data else ["ELPV/mono", "ELPV/poly", "Textile/local"]
-    if args.data and args.evaluation != "test":
-        parser.error(f"--evaluation {args.evaluation} applies to the offline --sets; a --data datamodule is scored on "
-                     "its own test set (ELPV and Textile take 'evaluation: dev' in their init_args).")
-    for label in [] if args.report_only else args.sets:  # built once now: a wrong name stops it before any run
-        try:
-            builtin_datamodule(label, args)
-        except ValueError as exc:
-            parser.error(f"--sets {label}: {exc}" if not str(exc).startswith("--") else str(exc))
-    data_configs = []
-    for path in args.data:
-        try:
-            data_configs.append(DataConfig(path))
-        except ValueError as exc:
-            parser.error(str(exc))
-        if max(args.k) > data_configs[-1].pool:
-            parser.error(f"--data {path}: --k {max(args.k)} needs {max(args.k)} normal training images, and the "
-                         f"datamodule's training split holds {data_configs[-1].pool}.")
-    labels = [*args.sets, *(config.label for config in data_configs)]
-    repeated = sorted({label for label in labels if labels.count(label) > 1})
-    if repeated:
-        parser.error(f"--sets/--data: the set {', '.join(repeated)} is given more than once (a --data set is named "
-                     "<class>/<category or name>).")
-    for config in data_configs:
-        for note in config.notes:
-            print(f"--data {config.path} ({config.label}): {note}.", flush=True)
+    labels, data_configs = _sets_and_data(parser, args)
     os.environ.setdefault("OPENVINO_TELEMETRY_DISABLED", "1")
     logging.basicConfig(level=logging.ERROR)
     for name in ("lightning", "lightning.pytorch", "lightning.fabric", "lightning_fabric", "anomalib"):
@@ -113,13 +130,8 @@ def main(argv: list[str] | None = None) -> int:
             set_args[label] = parse_json_object(text, f"--set-model-args '{item}'")
         except ValueError as exc:
             parser.error(str(exc))
-
-    fsc_methods = [method for method in args.methods if method in FSC_VARIANTS]
-    for label in [] if args.report_only or not fsc_methods else labels:  # built once: bad arguments fail now
-        try:
-            build_method(fsc_methods[0], args.backbone, args.image_size, {**fsc_args, **set_args.get(label, {})})
-        except (TypeError, ValueError, RuntimeError) as exc:
-            parser.error(f"FewShotContrastive on {label} (--model-args, --set-model-args, --backbone): {exc}")
+    if not args.report_only:
+        _check_model_args(parser, args, labels, set_args)
     from fsad_anomalib.benchmark.report import paired_table, write_plots, write_table
     from fsad_anomalib.benchmark.runner import load_runs, merge_runs, run_benchmark
 
