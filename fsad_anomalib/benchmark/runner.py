@@ -26,6 +26,7 @@ from anomalib.engine import Engine
 
 from fsad_anomalib.backbones import resolve_backbone
 from fsad_anomalib.benchmark.methods import FSC_VARIANTS, METHODS, build_method, method_callbacks
+from fsad_anomalib.benchmark.sets import test_label_counts
 from fsad_anomalib.data import FewShot
 
 logger = logging.getLogger(__name__)
@@ -159,16 +160,16 @@ def run_benchmark(
             msg = f"Unknown method '{method}'. Known: {METHODS}."
             raise ValueError(msg)
     plan = [(label, k, s, m) for label in datamodules for k in k_shots for s in seeds for m in methods]
+    keys = [(*label.partition("/")[::2], k, s, m) for label, k, s, m in plan]  # (dataset, category, K, seed, method)
     floor_file = output / "backbone_floor.json"
     if time_inference and not floor_file.exists():
         floor_file.write_text(json.dumps(backbone_floor(backbone, image_size), indent=2))
-    todo = sum(1 for label, k, s, m in plan if (*label.partition("/")[::2], k, s, m) not in done)
+    todo = sum(1 for key in keys if key not in done)
     if len(plan) > todo:
         progress(f"{len(plan) - todo} of {len(plan)} runs are already in {runs_file}; {todo} to run")
     started, finished = time.perf_counter(), 0
-    for index, (label, k_shot, seed, method) in enumerate(plan, 1):
-        dataset, _, category = label.partition("/")
-        key = (dataset, category, k_shot, seed, method)
+    for index, ((label, k_shot, seed, method), key) in enumerate(zip(plan, keys, strict=True), 1):
+        dataset, category = key[:2]
         if key in done:
             continue
         progress(f"[{index}/{len(plan)}] {label} K={k_shot} seed={seed} {method}")
@@ -221,7 +222,7 @@ def _run_one(
         engine.fit(model=model, datamodule=few_shot)
         train_s = time.perf_counter() - start
         metrics = engine.test(model=model, datamodule=few_shot, verbose=False)[0]
-    test_labels = few_shot.test_data.samples.label_index.value_counts().to_dict()
+    test_normal, test_anomalous = test_label_counts(few_shot)
     row: dict[str, Any] = {
         "dataset": dataset,
         "category": category,
@@ -235,8 +236,8 @@ def _run_one(
         "non_finite_scores": counter.scores,
         "non_finite_maps": counter.maps,
         "train_s": train_s,
-        "test_normal": int(test_labels.get(0, 0)),
-        "test_anomalous": int(test_labels.get(1, 0)),
+        "test_normal": test_normal,
+        "test_anomalous": test_anomalous,
         "support_set": few_shot.support_set,
         "model_args": (fsc_args or {}) if method in FSC_VARIANTS else {},
     }

@@ -15,9 +15,17 @@ from typing import Any
 
 from anomalib.data.datamodules.base.image import AnomalibDataModule
 
-__all__ = ["DataConfig", "builtin_datamodule"]
+from fsad_anomalib.data.few_shot import normal_pool
+
+__all__ = ["DataConfig", "builtin_datamodule", "test_label_counts"]
 
 SETS_HELP = "ELPV/mono, ELPV/poly, Textile/local, MVTecAD/<category>, Visa/<category>, Folder/<root>"
+
+
+def test_label_counts(datamodule: AnomalibDataModule) -> tuple[int, int]:
+    """How many normal and anomalous images a set-up datamodule's test split holds."""
+    counts = datamodule.test_data.samples.label_index.value_counts()
+    return int(counts.get(0, 0)), int(counts.get(1, 0))
 
 
 def builtin_datamodule(label: str, args: argparse.Namespace) -> AnomalibDataModule:
@@ -89,12 +97,12 @@ class DataConfig:
         except (OSError, ValueError, RuntimeError) as exc:
             msg = f"its datamodule ({type(datamodule).__name__}) could not list its images: {exc}"
             raise self._error(msg) from exc
-        test_labels = datamodule.test_data.samples.label_index.value_counts().to_dict()
-        if not (test_labels.get(0) and test_labels.get(1)):
-            msg = (f"its test set holds {test_labels.get(0, 0)} normal and {test_labels.get(1, 0)} anomalous images; "
-                   "image AUROC needs both (for Folder: normal_test_dir and abnormal_dir).")
+        normal, anomalous = test_label_counts(datamodule)
+        if not (normal and anomalous):
+            msg = (f"its test set holds {normal} normal and {anomalous} anomalous images; image AUROC needs both "
+                   "(for Folder: normal_test_dir and abnormal_dir).")
             raise self._error(msg)
-        self.pool = int((datamodule.train_data.samples.label_index == 0).sum())  # normals K-shot draws come from
+        self.pool = len(normal_pool(datamodule.train_data))
         self.label = f"{type(datamodule).__name__}/{datamodule.category or datamodule.name}"
 
     def _error(self, what: str) -> ValueError:

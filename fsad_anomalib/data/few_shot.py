@@ -15,7 +15,13 @@ from fsad_anomalib.data.validation import check_image_files
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FewShot", "load_support_set", "sample_support_set"]
+__all__ = ["FewShot", "load_support_set", "normal_pool", "sample_support_set"]
+
+
+def normal_pool(dataset: AnomalibDataset) -> list[str]:
+    """Paths of a training split's normal images: the pool K-shot support sets are drawn from."""
+    samples = dataset.samples
+    return [str(p) for p in samples.loc[samples.label_index == 0, "image_path"]]
 
 
 def sample_support_set(pool: list[str], k_shot: int, seed: int) -> list[str]:
@@ -182,9 +188,7 @@ class FewShot(AnomalibDataModule):
 
     def pool(self, dataset: AnomalibDataset | None = None) -> list[str]:
         """Paths of the normal images of the wrapped training split (the pool K images are drawn from)."""
-        dataset = dataset if dataset is not None else self.datamodule.train_data
-        samples = dataset.samples
-        return [str(p) for p in samples.loc[samples.label_index == 0, "image_path"]]
+        return normal_pool(dataset if dataset is not None else self.datamodule.train_data)
 
     def _select(self, train_data: AnomalibDataset) -> AnomalibDataset:
         pool = self.pool(train_data)
