@@ -24,11 +24,12 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-METRICS = {"image_AUROC": "auroc", "pixel_AUROC": "pixel_auroc"}  # run field -> summary entry
+METRICS = {"auroc": "image_AUROC", "pixel_auroc": "pixel_AUROC"}  # summary entry -> run field
 
 
 def summarise(rows: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
-    """Mean/std over seeds per (dataset, category, K, method); ``nan_runs``: runs without the metric's value."""
+    """Mean/std over seeds per (dataset, category, K, method) of each metric, and ``<metric>_nan_runs``: how many runs
+    lack its value (missing or NaN)."""
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
         groups[(row["dataset"], row["category"], row["k_shot"], row["method"])].append(row)
@@ -36,16 +37,15 @@ def summarise(rows: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
     for key, group in groups.items():
         out[key] = {
             "n": len(group),
-            **{entry: _mean_std([r.get(field) for r in group]) for field, entry in METRICS.items()},
-            "nan_runs": sum(1 for r in group if not _has_value(r["image_AUROC"])),
-            "pixel_nan_runs": sum(1 for r in group if not _has_value(r.get("pixel_AUROC"))),
+            **{entry: _mean_std([r.get(field) for r in group]) for entry, field in METRICS.items()},
+            **{f"{entry}_nan_runs": sum(not _has_value(r.get(field)) for r in group) for entry, field in METRICS.items()},
             "train_s": _mean_std([r["train_s"] for r in group]),
             "ms_b1": _mean_std([r.get("ms_b1", float("nan")) for r in group]),
         }
     return out
 
 
-def _metric_table(summary: dict[tuple, dict[str, Any]], methods: list[str], entry: str, nan_entry: str) -> list[str]:
+def _metric_table(summary: dict[tuple, dict[str, Any]], methods: list[str], entry: str) -> list[str]:
     sets = sorted({(k[0], k[1]) for k in summary})
     ks = sorted({k[2] for k in summary})
     lines = ["| set | method | " + " | ".join(f"K={k}" for k in ks) + " |", "|---|---|" + "---|" * len(ks)]
@@ -58,8 +58,9 @@ def _metric_table(summary: dict[tuple, dict[str, Any]], methods: list[str], entr
                     cells.append("")
                     continue
                 mean, std = values[entry]
-                if values[nan_entry]:
-                    cells.append(f"NaN in {values[nan_entry]}/{values['n']}" + ("" if math.isnan(mean) else f" ({mean:.3f})"))
+                nan_runs = values[f"{entry}_nan_runs"]
+                if nan_runs:
+                    cells.append(f"NaN in {nan_runs}/{values['n']}" + ("" if math.isnan(mean) else f" ({mean:.3f})"))
                 else:
                     cells.append(f"{mean:.3f} +- {std:.3f}")
             if any(cells):
@@ -75,7 +76,7 @@ def write_table(rows: list[dict[str, Any]], path: str | Path, methods: list[str]
     """
     summary = summarise(rows)
     methods = methods or sorted({k[3] for k in summary})
-    lines = _metric_table(summary, methods, "auroc", "nan_runs")
+    lines = _metric_table(summary, methods, "auroc")
     sizes = defaultdict(set)  # what each set's runs were scored on (older runs.jsonl lines do not say)
     for row in rows:
         if "test_normal" in row:
@@ -88,7 +89,7 @@ def write_table(rows: list[dict[str, Any]], path: str | Path, methods: list[str]
     if with_masks:
         pixel = {key: value for key, value in summary.items() if (key[0], key[1]) in with_masks}
         lines += ["", "Pixel AUROC (anomaly maps against the ground-truth masks), mean +- std over seeds:", ""]
-        lines += _metric_table(pixel, methods, "pixel_auroc", "pixel_nan_runs")
+        lines += _metric_table(pixel, methods, "pixel_auroc")
     text = "\n".join(lines) + "\n"
     Path(path).write_text(text)
     return text
