@@ -59,9 +59,14 @@ def _check_model_args(parser: argparse.ArgumentParser, args: argparse.Namespace,
                       set_args: dict[str, dict]) -> None:
     """Build FewShotContrastive once per set, so that a wrong argument stops the command before the first run."""
     fsc_methods = [method for method in args.methods if method in FSC_VARIANTS]
+    checked: list[dict] = []  # sets without --set-model-args share one check
     for label in labels if fsc_methods else []:
+        model_args = {**args.model_args, **set_args.get(label, {})}
+        if model_args in checked:
+            continue
+        checked.append(model_args)
         try:
-            build_method(fsc_methods[0], args.backbone, args.image_size, {**args.model_args, **set_args.get(label, {})})
+            build_method(fsc_methods[0], args.backbone, args.image_size, model_args)
         except (TypeError, ValueError, RuntimeError) as exc:
             parser.error(f"FewShotContrastive on {label} (--model-args, --set-model-args, --backbone): {exc}")
 

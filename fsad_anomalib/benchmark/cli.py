@@ -44,5 +44,4 @@ def int_at_least(minimum: int):  # noqa: ANN201
             raise argparse.ArgumentTypeError(msg)
         return value
 
-    parse.__name__ = f"integer >= {minimum}"
     return parse
