@@ -19,7 +19,7 @@ def test_benchmark_end_to_end_and_resume(generated_root, tmp_path):
     # as the command line builds them: no validation split, the test set is scored once
     sets = {"generated/toy": lambda: folder_datamodule(generated_root, val_split_mode="none")}
     methods = ["FewShotContrastive", "frozen", "PatchCore", "PaDiM"]
-    args = {"fine_tune_steps": 2, "n_views": 2}
+    args = {"fine_tuning": {"steps": 2}, "n_views": 2}
     printed = []
     rows = run_benchmark(sets, k_shots=[1, 2], seeds=[0], methods=methods, output=out, image_size=64,
                          fsc_args=args, progress=printed.append)  # fmt: skip
@@ -373,7 +373,9 @@ def test_benchmark_numeric_options_are_checked_up_front(argv, expected, tmp_path
     [
         (["--model-args", '{"score_mode": "bogus"}'], "score_mode must be one of"),
         (["--model-args", '{"nope": 1}'], "unexpected keyword argument 'nope'"),
-        (["--set-model-args", 'ELPV/mono={"fine_tune_steps": 0}'], "fine_tune_steps must be >= 1"),
+        (["--set-model-args", 'ELPV/mono={"fine_tuning": {"steps": 0}}'], "steps must be an integer >= 1"),
+        (["--model-args", '{"fine_tuning": {"synthesis": "perlin"}}'], "synthesis must be one of"),
+        (["--model-args", '{"fine_tuning": 3}'], "fine_tuning must be true, false or an object"),
     ],
 )
 def test_benchmark_checks_fewshotcontrastive_arguments_before_the_first_run(argv, expected, tmp_path, capsys):
@@ -393,10 +395,9 @@ def test_benchmark_checks_fewshotcontrastive_arguments_before_the_first_run(argv
         ("speed", ["--k", "0"], "argument --k: expected an integer >= 1"),
         ("speed", ["--image-size", "8"], "argument --image-size: expected an integer >= 32"),
         ("speed", ["--threads", "-2"], "argument --threads: expected an integer >= 0"),
-        ("startup", ["--runs", "0"], "argument --runs: expected an integer >= 1"),
     ],
 )
-def test_speed_and_startup_numeric_options_are_checked(module, argv, expected, capsys):
+def test_speed_numeric_options_are_checked(module, argv, expected, capsys):
     import importlib
 
     with pytest.raises(SystemExit):

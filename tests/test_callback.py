@@ -98,10 +98,11 @@ def test_few_shot_contrastive_fine_tunes_through_the_callback(generated_root, tm
     from fsad_anomalib.models import FewShotContrastive
 
     seed_everything(0)
-    model = FewShotContrastive(image_size=64, fine_tune_steps=3, visualizer=False)
+    model = FewShotContrastive(image_size=64, fine_tuning=ContrastiveFineTuning(steps=3), visualizer=False)
     assert any(isinstance(c, ContrastiveFineTuning) for c in model.configure_callbacks())
     assert not any(
-        isinstance(c, ContrastiveFineTuning) for c in FewShotContrastive(image_size=64, fine_tune=False).configure_callbacks()
+        isinstance(c, ContrastiveFineTuning)
+        for c in FewShotContrastive(image_size=64, fine_tuning=False).configure_callbacks()
     )
     initial = {k: v.clone() for k, v in model.model.feature_extractor.state_dict().items()}
     engine = Engine(default_root_dir=tmp_path, logger=CSVLogger(tmp_path, name="log"), enable_progress_bar=False,
@@ -121,89 +122,53 @@ def test_few_shot_contrastive_fine_tunes_through_the_callback(generated_root, tm
     assert all(r.get("fine_tune/loss_con") for r in rows if r.get("fine_tune/loss"))
 
 
-def test_fine_tuning_settings_have_one_default_across_model_callback_and_tuner():
-    """FewShotContrastive forwards its settings to the callback and the callback to the tuner by name."""
-    import inspect
-
+def test_fine_tuning_is_one_argument_of_the_model():
+    """True, False, a ContrastiveFineTuning or its arguments (as a checkpoint stores them); nothing else."""
     from fsad_anomalib.models import FewShotContrastive
-    from fsad_anomalib.models.components import ContrastiveFineTuner
 
-    def defaults(target, renames=None):  # noqa: ANN001, ANN202
-        renames = renames or {}
-        return {renames.get(n, n): p.default for n, p in inspect.signature(target).parameters.items()}
-
-    model = defaults(FewShotContrastive)
-    callback = defaults(ContrastiveFineTuning, {"steps": "fine_tune_steps", "batch_size": "fine_tune_batch_size",
-                                                "seed": "fine_tune_seed"})
-    tuner = defaults(ContrastiveFineTuner)
-    assert tuner.keys() <= callback.keys()
-    assert all(callback[name] == value for name, value in tuner.items())
-    shared = callback.keys() & model.keys()
-    assert shared >= {"fine_tune_steps", "fine_tune_batch_size", "lr_backbone", "lambda_np", "synthesis"}
-    assert all(model[name] == callback[name] for name in shared)
-    # and the values really arrive
-    fsc = FewShotContrastive(image_size=64, fine_tune_steps=3, fine_tune_batch_size=5, lambda_pp=0.25, synthesis="perlin")
-    assert (fsc.fine_tuning.steps, fsc.fine_tuning.batch_size) == (3, 5)
-    assert fsc.fine_tuning.tuner.loss.lambda_pp == 0.25
-    assert fsc.fine_tuning.tuner.synthesizer.mode == "perlin"
+    default = FewShotContrastive(image_size=64)
+    assert isinstance(default.fine_tuning, ContrastiveFineTuning) and default.fine_tuning.steps == 30
+    assert default.hparams["fine_tuning"]["synthesis"] == "cutpaste"  # plain values, loadable with weights_only
+    assert FewShotContrastive(image_size=64, fine_tuning=False).fine_tuning is None
+    assert FewShotContrastive(image_size=64, fine_tuning=False).hparams["fine_tuning"] is False
+    given = ContrastiveFineTuning(steps=3, batch_size=5, lambda_pp=0.25, synthesis="speck")
+    model = FewShotContrastive(image_size=64, fine_tuning=given)
+    assert model.fine_tuning is given and given in model.configure_callbacks()
+    assert model.hparams["fine_tuning"]["steps"] == 3
+    rebuilt = FewShotContrastive(image_size=64, fine_tuning=model.hparams["fine_tuning"])
+    assert dict(rebuilt.fine_tuning.hparams) == dict(given.hparams)
+    assert rebuilt.fine_tuning.tuner.loss.lambda_pp == 0.25 and rebuilt.fine_tuning.tuner.synthesizer.mode == "speck"
+    with pytest.raises(TypeError, match="fine_tuning must be True"):
+        FewShotContrastive(image_size=64, fine_tuning="yes")
 
 
-def test_norm_only_fine_tuning_changes_only_normalisation_affine_weights():
-    seed_everything(0)
-    model = build_method("PatchCore", "offline:tf_efficientnet_lite0", image_size=64)
-    network = model.model.feature_extractor.feature_extractor
-    norm_names = {
-        f"{name}.{p}" for name, m in network.named_modules() if isinstance(m, torch.nn.BatchNorm2d) for p in ("weight", "bias")
-    }
-    before = {k: v.clone() for k, v in network.named_parameters()}
-    flags = [p.requires_grad for p in network.parameters()]
-    ContrastiveFineTuning(steps=2, tuned_parameters="norm", lr_backbone=1e-2).fine_tune(model, torch.rand(3, 3, 64, 64))
-    changed = {k for k, v in network.named_parameters() if not torch.equal(v, before[k])}
-    assert changed, "no weight changed"
-    assert changed <= norm_names, changed - norm_names
-    assert [p.requires_grad for p in network.parameters()] == flags  # restored
-    with pytest.raises(ValueError, match="tuned_parameters"):
-        ContrastiveFineTuning(tuned_parameters="heads")
+def test_fine_tuning_views_take_the_models_symmetries_unless_set():
+    from fsad_anomalib.models import FewShotContrastive
+
+    model = FewShotContrastive(image_size=64, rot90=False, fine_tuning=ContrastiveFineTuning(vflip=False))
+    views = model.fine_tuning._views_for(model)  # noqa: SLF001
+    assert (views.hflip, views.vflip, views.rot90) == (True, False, False)
+    patchcore = build_method("PatchCore", "offline:tf_efficientnet_lite0", image_size=64)  # has no symmetries
+    views = ContrastiveFineTuning(rot90=False)._views_for(patchcore)  # noqa: SLF001
+    assert (views.hflip, views.vflip, views.rot90) == (True, True, False)
 
 
-def test_head_warmup_trains_heads_alone_then_the_extractor():
-    """LP-FT: the warm-up steps leave the extractor as it was; the steps after it train it."""
-    seed_everything(0)
-    model = build_method("PatchCore", "offline:tf_efficientnet_lite0", image_size=64)
-    network = model.model.feature_extractor.feature_extractor
-    before = {k: v.clone() for k, v in network.state_dict().items()}
-    flags = [p.requires_grad for p in network.parameters()]
-    images = torch.rand(3, 3, 64, 64)
-    warmup_only = ContrastiveFineTuning(steps=1, head_warmup_steps=3, lr_backbone=1e-2)
-    trained_after: list[bool] = []
-    step = warmup_only.tuner.forward
-
-    def spy(batch, embed):  # noqa: ANN001, ANN202
-        trained_after.append(any(p.requires_grad for p in network.parameters()))
-        return step(batch, embed)
-
-    warmup_only.tuner.forward = spy
-    snapshots = []
-    original_step = torch.optim.AdamW.step
-
-    def record(self, *args, **kwargs):  # noqa: ANN001, ANN202
-        result = original_step(self, *args, **kwargs)
-        snapshots.append({k: v.clone() for k, v in network.state_dict().items()})
-        return result
-
-    torch.optim.AdamW.step = record
-    try:
-        warmup_only.fine_tune(model, images)
-    finally:
-        torch.optim.AdamW.step = original_step
-    assert trained_after == [False, False, False, True]
-    assert len(warmup_only.history) == 4 and len(snapshots) == 4
-    for snapshot in snapshots[:3]:  # warm-up: the extractor does not move
-        assert all(torch.equal(snapshot[k], before[k]) for k in before)
-    assert any(not torch.equal(snapshots[3][k], before[k]) for k in before)  # then it does
-    assert [p.requires_grad for p in network.parameters()] == flags  # restored after fine-tuning
-    with pytest.raises(ValueError, match="head_warmup_steps"):
-        ContrastiveFineTuning(head_warmup_steps=-1)
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"steps": 0}, "steps must be an integer >= 1"),
+        ({"batch_size": 0}, "batch_size must be an integer >= 1"),
+        ({"lr_backbone": 0.0}, "lr_backbone must be > 0"),
+        ({"weight_decay": -1.0}, "weight_decay must be >= 0"),
+        ({"temperature": 0.0}, "temperature must be > 0"),
+        ({"lambda_np": -1.0}, "lambda_pp and lambda_np must be >= 0"),
+        ({"synthesis": "crack"}, "synthesis must be one of"),
+        ({"crop_scale": 1.5}, "crop_scale must be in"),
+    ],
+)
+def test_bad_fine_tuning_settings_are_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ContrastiveFineTuning(**kwargs)
 
 
 def _fine_tuned_weights(seed: int | None, global_seed: int) -> dict[str, torch.Tensor]:
@@ -235,22 +200,22 @@ def test_seed_makes_fine_tuning_repeat_whatever_ran_before():
 def test_bad_seed_is_named(seed):
     from fsad_anomalib.models import FewShotContrastive
 
-    with pytest.raises(ValueError, match=r"seed \(FewShotContrastive's fine_tune_seed\) must be None or an integer"):
+    with pytest.raises(ValueError, match=r"ContrastiveFineTuning: seed must be None or an integer"):
         ContrastiveFineTuning(seed=seed)
-    with pytest.raises(ValueError, match="fine_tune_seed"):
-        FewShotContrastive(image_size=64, fine_tune_seed=seed)
+    with pytest.raises(ValueError, match="seed must be None"):
+        FewShotContrastive(image_size=64, fine_tuning={"seed": seed})
 
 
 def test_seeded_cli_runs_repeat(generated_root, tmp_path):
-    """anomalib 2.7's CLI ignores seed_everything; with fine_tune_seed, two CLI runs give the same weights."""
+    """anomalib 2.7's CLI ignores seed_everything; with the fine-tuning seed, two CLI runs give the same weights."""
     from anomalib.cli import AnomalibCLI
 
     weights = []
     for run in range(2):
         torch.manual_seed(100 + run)  # a different global stream each time, as in two fresh processes
         cli = AnomalibCLI([
-            "fit", "--model", "FewShotContrastive", "--model.image_size", "64", "--model.fine_tune_steps", "2",
-            "--model.fine_tune_seed", "0", "--model.visualizer", "false",
+            "fit", "--model", "FewShotContrastive", "--model.image_size", "64",
+            "--model.fine_tuning.steps", "2", "--model.fine_tuning.seed", "0", "--model.visualizer", "false",
             "--data", "FewShot", "--data.k_shot", "3",
             "--data.datamodule", "Folder", "--data.datamodule.name", "generated",
             "--data.datamodule.root", str(generated_root), "--data.datamodule.normal_dir", "train/good",

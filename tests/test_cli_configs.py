@@ -32,7 +32,7 @@ def _overrides(config: Path, root: Path, workdir: Path) -> list[str]:
     if "ContrastiveFineTuning" in text:
         args += ["--trainer.callbacks.init_args.steps=2"]
     if "class_path: FewShotContrastive" in text:
-        args += ["--model.init_args.image_size=64", "--model.init_args.fine_tune_steps=2", "--model.init_args.n_views=2"]
+        args += ["--model.init_args.image_size=64", "--model.init_args.fine_tuning={"steps": 2}", "--model.init_args.n_views=2"]
     else:
         from fsad_anomalib.backbones import offline_backbone
 

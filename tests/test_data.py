@@ -82,7 +82,7 @@ def test_support_set_written_beside_results(generated_root, tmp_path):
 
     module = FewShot(folder_datamodule(generated_root), k_shot=2, seed=0)
     engine = Engine(default_root_dir=tmp_path, logger=False, enable_progress_bar=False, accelerator="cpu")
-    engine.fit(model=FewShotContrastive(image_size=64, fine_tune=False, n_views=2), datamodule=module)
+    engine.fit(model=FewShotContrastive(image_size=64, fine_tuning=False, n_views=2), datamodule=module)
     written = list(tmp_path.rglob("support_set.json"))
     assert written and json.loads(written[0].read_text())["image_paths"] == module.support_set
 

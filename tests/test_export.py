@@ -22,7 +22,7 @@ def trained(generated_root, tmp_path_factory):
     seed_everything(0)
     root = tmp_path_factory.mktemp("export")
     datamodule = FewShot(folder_datamodule(generated_root), k_shot=4, seed=0)
-    model = FewShotContrastive(image_size=IMAGE_SIZE, fine_tune_steps=3, n_views=4)
+    model = FewShotContrastive(image_size=IMAGE_SIZE, fine_tuning={"steps": 3}, n_views=4)
     engine = Engine(default_root_dir=root, logger=False, enable_progress_bar=False, accelerator="cpu")
     engine.fit(model=model, datamodule=datamodule)
     model.eval()

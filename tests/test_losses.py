@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fsad_anomalib.models.few_shot_contrastive.loss import (
+from fsad_anomalib.fine_tuning.loss import (
     CrossInstancePositiveLoss,
     FewShotContrastiveLoss,
     NTXentLoss,
@@ -104,7 +104,7 @@ def test_total_loss_combines_terms():
 
 
 def test_dense_negative_by_hand_and_gradient():
-    from fsad_anomalib.models.few_shot_contrastive.loss import DenseSynthesizedNegativeLoss
+    from fsad_anomalib.fine_tuning.loss import DenseSynthesizedNegativeLoss
 
     tau = 1.0
     # one image, 1x2 feature map: location 0 unchanged, location 1 inside the defect mask
@@ -120,71 +120,3 @@ def test_dense_negative_by_hand_and_gradient():
     assert (-grad_negative @ normal[0, :, 0, 0]).item() < 0  # the defect patch is pushed away
     empty = DenseSynthesizedNegativeLoss()(normal, anomalous.detach(), torch.zeros_like(mask))
     assert empty.item() == 0.0
-
-
-def test_nearest_neighbour_ranking_by_hand_and_gradient():
-    from fsad_anomalib.models.few_shot_contrastive.loss import NearestNeighbourRankingLoss
-
-    tau = 0.5
-    # two images, 1x2 feature maps; location 1 of each image is inside the synthesis mask
-    e0, e1, e2 = [1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]
-    first = unit(e0, e1, e0, e1).reshape(2, 1, 2, 3).permute(0, 3, 1, 2)
-    # second views: image 0 holds e1 twice, image 1 holds e0 and e2
-    second = unit(e1, e1, e0, e2).reshape(2, 1, 2, 3).permute(0, 3, 1, 2)
-    anomalous = unit(e0, e2, e0, [0.0, 1.0, 1.0]).reshape(2, 1, 2, 3).permute(0, 3, 1, 2).clone().requires_grad_(True)
-    mask = torch.tensor([0.0, 1.0, 0.0, 1.0]).reshape(2, 1, 1, 2)
-    loss = NearestNeighbourRankingLoss(tau)(first, second, anomalous, mask)
-    # normal patches (location 0): image 0's e0 meets image 1's bank {e0, e2}: d = 0; image 1's e0 meets
-    # image 0's bank {e1}: d = 1. Anomalous patches (location 1): image 0's e2 against {e0, e2}: d = 0;
-    # image 1's (e1 + e2) / sqrt(2) against {e1}: d = 1 - 1 / sqrt(2). The bank is always the *other* image's
-    # second view.
-    d_normal, d_anomalous = [0.0, 1.0], [0.0, 1.0 - 1.0 / math.sqrt(2.0)]
-    expected = sum(math.log1p(math.exp((a - b) / tau)) for a in d_normal for b in d_anomalous) / 4
-    assert loss.item() == pytest.approx(expected, rel=1e-6)
-    loss.backward()
-    # gradient descent moves the partly matched anomalous patch away from its nearest normal patch (e1)
-    assert (-anomalous.grad[1, :, 0, 1] @ torch.tensor(e1, dtype=torch.float64)).item() < 0
-    # one image: its own second view is the bank, so a normal patch equal to it ranks below any anomaly
-    one = NearestNeighbourRankingLoss(tau)(first[:1], first[:1], anomalous.detach()[:1] * -1, mask[:1])
-    assert one.item() < math.log(2)
-    empty = NearestNeighbourRankingLoss()(first, second, anomalous.detach(), torch.zeros_like(mask))
-    assert empty.item() == 0.0
-    with pytest.raises(ValueError, match="lambda_nn"):
-        from fsad_anomalib.models.components import ContrastiveFineTuner
-
-        ContrastiveFineTuner(lambda_nn=-1.0)
-
-
-def test_dense_cross_instance_positive_by_hand_and_gradient():
-    from fsad_anomalib.models.few_shot_contrastive.loss import DenseCrossInstancePositiveLoss
-
-    tau = 0.5
-    e0, e1, e2 = [1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]
-    # two images, 1x2 feature maps. First views: image 0 = (e0, e1), image 1 = (e0 + e1, e2)
-    first = unit(e0, e1, [1.0, 1.0, 0.0], e2).reshape(2, 1, 2, 3).permute(0, 3, 1, 2).clone().requires_grad_(True)
-    # second views: image 0 = (e0, e2), image 1 = (e1, e2)
-    second = unit(e0, e2, e1, e2).reshape(2, 1, 2, 3).permute(0, 3, 1, 2)
-    loss = DenseCrossInstancePositiveLoss(tau)(first, second)
-    # each anchor sees only the other image's second-view patches; its best match there is its positive
-    s = 1 / math.sqrt(2.0)
-    rows = [  # (similarities to the other image's two patches, index of the best)
-        ([0.0, 0.0], 0),  # image 0, e0 against image 1's (e1, e2): a tie, the first is taken
-        ([1.0, 0.0], 0),  # image 0, e1 against (e1, e2)
-        ([s, 0.0], 0),  # image 1, (e0 + e1) / sqrt 2 against image 0's (e0, e2)
-        ([0.0, 1.0], 1),  # image 1, e2 against (e0, e2)
-    ]
-    expected = sum(
-        -sims[best] / tau + math.log(sum(math.exp(v / tau) for v in sims)) for sims, best in rows
-    ) / len(rows)
-    assert loss.item() == pytest.approx(expected, rel=1e-6)
-    loss.backward()
-    # gradient descent turns image 1's (e0 + e1) patch towards its match e0, away from image 0's other patch e2
-    step = -first.grad[1, :, 0, 0]
-    assert (step @ torch.tensor(e0, dtype=torch.float64)).item() > 0
-    assert (step @ torch.tensor(e2, dtype=torch.float64)).item() <= 0
-    # one image: no other instance, no loss
-    assert DenseCrossInstancePositiveLoss()(first[:1].detach(), second[:1]).item() == 0.0
-    with pytest.raises(ValueError, match="lambda_pp_dense"):
-        from fsad_anomalib.models.components import ContrastiveFineTuner
-
-        ContrastiveFineTuner(lambda_pp_dense=-1.0)

@@ -11,6 +11,7 @@ from lightning.pytorch import seed_everything
 from anomalib.engine import Engine
 
 from fsad_anomalib.data import FewShot
+from fsad_anomalib.fine_tuning import ContrastiveFineTuning
 from fsad_anomalib.models import FewShotContrastive, NotFittedError
 
 from .conftest import folder_datamodule
@@ -19,7 +20,7 @@ IMAGE_SIZE = 96
 
 
 def make_model(**kwargs) -> FewShotContrastive:
-    args = {"image_size": IMAGE_SIZE, "fine_tune_steps": 4, "n_views": 4}
+    args = {"image_size": IMAGE_SIZE, "fine_tuning": ContrastiveFineTuning(steps=4), "n_views": 4}
     args.update(kwargs)
     return FewShotContrastive(**args)
 
@@ -65,7 +66,7 @@ def test_fine_tuning_changes_backbone_weights(trained):
 
 def test_frozen_mode_keeps_backbone_weights(generated_root, tmp_path):
     seed_everything(0)
-    model = make_model(fine_tune=False)
+    model = make_model(fine_tuning=False)
     before = {k: v.clone() for k, v in model.model.feature_extractor.state_dict().items()}
     engine(tmp_path).fit(model=model, datamodule=FewShot(folder_datamodule(generated_root), k_shot=3, seed=1))
     after = model.model.feature_extractor.state_dict()
@@ -154,7 +155,7 @@ def test_supported_backbones_and_errors(tmp_path):
 def _train_once(root: Path, generated_root: Path) -> torch.Tensor:
     seed_everything(123)
     datamodule = FewShot(folder_datamodule(generated_root), k_shot=3, seed=5)
-    model = make_model(fine_tune_steps=2, n_views=2, image_size=64)
+    model = make_model(fine_tuning=ContrastiveFineTuning(steps=2), n_views=2, image_size=64)
     engine(root).fit(model=model, datamodule=datamodule)
     seed_everything(0)
     images = torch.rand(4, 3, 64, 64)
@@ -241,7 +242,7 @@ def test_knn_patch_score_is_the_geometric_mean_of_both_patch_distances():
 
 
 def test_greedy_coreset_keeps_the_farthest_points():
-    from fsad_anomalib.models.few_shot_contrastive.torch_model import greedy_coreset
+    from fsad_anomalib.models.components import greedy_coreset
 
     line = torch.arange(11, dtype=torch.float32)[:, None] * torch.tensor([[1.0, 0.0]])
     kept = sorted(greedy_coreset(line, 3)[:, 0].tolist())

@@ -59,14 +59,14 @@ def test_grayscale_rgba_palette_images_are_handled(mode, dataset, tmp_path):
     check_image_file(next((dataset / "train" / "good").glob("*.png")))
     seed_everything(0)
     module = FewShot(folder_datamodule(dataset), k_shot=2)
-    model = FewShotContrastive(image_size=64, fine_tune=False, n_views=2)
+    model = FewShotContrastive(image_size=64, fine_tuning=False, n_views=2)
     _engine(tmp_path / "run").fit(model=model, datamodule=module)
     assert bool(model.model.is_fitted)
 
 
 def test_tiny_and_large_images_are_resized(dataset, tmp_path):
     seed_everything(0)
-    model = FewShotContrastive(image_size=64, fine_tune=False, n_views=2)
+    model = FewShotContrastive(image_size=64, fine_tuning=False, n_views=2)
     _engine(tmp_path / "run").fit(model=model, datamodule=FewShot(folder_datamodule(dataset), k_shot=2))
     model.eval()
     with torch.no_grad():
@@ -89,15 +89,16 @@ def test_wrong_tensor_shapes_and_unfitted_model():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"fine_tune_steps": 0}, "fine_tune_steps"),
-        ({"fine_tune_batch_size": 0}, "fine_tune_batch_size"),
+        ({"fine_tuning": {"steps": 0}}, "steps must be an integer >= 1"),
+        ({"fine_tuning": {"batch_size": 0}}, "batch_size must be an integer >= 1"),
         ({"n_views": 0}, "n_views"),
-        ({"lr_backbone": 0.0}, "lr_backbone"),
-        ({"synthesis": "glitter"}, "synthesis must be one of"),
-        ({"temperature": 0.0}, "temperature"),
-        ({"lambda_pp": -1.0}, "lambda"),
+        ({"fine_tuning": {"lr_backbone": 0.0}}, "lr_backbone"),
+        ({"fine_tuning": {"synthesis": "glitter"}}, "synthesis must be one of"),
+        ({"fine_tuning": {"temperature": 0.0}}, "temperature"),
+        ({"fine_tuning": {"lambda_pp": -1.0}}, "lambda"),
         ({"topk_ratio": 0.0}, "topk_ratio"),
-        ({"crop_scale": 0.0}, "crop_scale"),
+        ({"score_mode": "bogus"}, "score_mode must be one of"),
+        ({"fine_tuning": {"crop_scale": 0.0}}, "crop_scale"),
     ],
 )
 def test_bad_arguments_name_the_argument(kwargs, message):
@@ -121,11 +122,11 @@ def test_weights_that_do_not_fit_the_backbone(tmp_path):
 def test_checkpoint_from_another_configuration(dataset, tmp_path):
     seed_everything(0)
     module = FewShot(folder_datamodule(dataset), k_shot=2)
-    model = FewShotContrastive(image_size=64, fine_tune=False, n_views=2)
+    model = FewShotContrastive(image_size=64, fine_tuning=False, n_views=2)
     engine = _engine(tmp_path / "run")
     engine.fit(model=model, datamodule=module)
     ckpt = engine.trainer.checkpoint_callback.best_model_path
-    other = FewShotContrastive(image_size=64, layers=[3], fine_tune=False)
+    other = FewShotContrastive(image_size=64, layers=[3], fine_tuning=False)
     with pytest.raises(ValueError, match=r"another configuration \(layers"):
         _engine(tmp_path / "other").test(model=other, datamodule=module, ckpt_path=ckpt)
 
@@ -136,7 +137,7 @@ def test_identical_images_give_finite_non_constant_scores(tmp_path):
     for path in train[1:]:
         shutil.copy(train[0], path)
     seed_everything(0)
-    model = FewShotContrastive(image_size=64, fine_tune_steps=2, n_views=2)
+    model = FewShotContrastive(image_size=64, fine_tuning={"steps": 2}, n_views=2)
     _engine(tmp_path / "run").fit(model=model, datamodule=FewShot(folder_datamodule(root), k_shot=4))
     model.eval()
     with torch.no_grad():
@@ -153,7 +154,7 @@ def test_user_data_is_not_modified_and_runs_are_versioned(dataset, tmp_path):
     before = digest()
     for _ in range(2):
         seed_everything(0)
-        model = FewShotContrastive(image_size=64, fine_tune_steps=1, n_views=2)
+        model = FewShotContrastive(image_size=64, fine_tuning={"steps": 1}, n_views=2)
         _engine(tmp_path / "results").fit(model=model, datamodule=FewShot(folder_datamodule(dataset), k_shot=2))
     assert digest() == before
     runs = sorted((tmp_path / "results").rglob("support_set.json"))

@@ -26,6 +26,7 @@ __all__ = [
     "backbone_normalization",
     "available_offline_backbones",
     "cache_dir",
+    "load_features_weights",
     "offline_backbone",
     "resolve_backbone",
 ]
@@ -139,6 +140,28 @@ def offline_backbone(arch: str = "tf_efficientnet_lite0") -> str:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return f"local-dir:{target}"
+
+
+def load_features_weights(network: "torch.nn.Module", name: str) -> None:
+    """Load a ``local-dir:`` folder's weights into a timm features-only ``network``, strictly.
+
+    The folder holds a classifier's checkpoint; the tensors of the head that a features-only network lacks
+    (``conv_head``, ``bn2``, ``classifier`` on EfficientNet) are left out, every tensor the network has must be
+    there with its shape.
+
+    Raises:
+        OfflineWeightsError: The folder's weights do not fit ``network``.
+    """
+    from safetensors.torch import load_file  # noqa: PLC0415
+
+    path = Path(name.removeprefix("local-dir:")) / "model.safetensors"
+    state = load_file(str(path))
+    wanted = network.state_dict()
+    try:
+        network.load_state_dict({key: state[key] for key in wanted if key in state}, strict=True)
+    except RuntimeError as exc:
+        msg = f"Offline weights {path} do not fit the backbone: {str(exc)[:300]}"
+        raise OfflineWeightsError(msg) from exc
 
 
 def resolve_backbone(backbone: str) -> str:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from fsad_anomalib.benchmark.cli import int_at_least, json_object, parse_json_object
-from fsad_anomalib.benchmark.methods import FSC_VARIANTS, METHODS, build_method
+from fsad_anomalib.benchmark.methods import FSC_VARIANTS, METHODS, build_method, few_shot_contrastive_args
 from fsad_anomalib.benchmark.sets import SETS_HELP, DataConfig, builtin_datamodule
 
 
@@ -65,8 +65,10 @@ def _check_model_args(parser: argparse.ArgumentParser, args: argparse.Namespace,
         if model_args in checked:
             continue
         checked.append(model_args)
-        try:
-            build_method(fsc_methods[0], args.backbone, args.image_size, model_args)
+        try:  # the arguments as given (fine-tuning included, whichever variants run), then each variant's
+            build_method("FewShotContrastive", args.backbone, args.image_size, model_args)
+            for method in fsc_methods:
+                few_shot_contrastive_args(method, model_args)
         except (TypeError, ValueError, RuntimeError) as exc:
             parser.error(f"FewShotContrastive on {label} (--model-args, --set-model-args, --backbone): {exc}")
 

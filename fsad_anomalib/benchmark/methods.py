@@ -12,10 +12,11 @@ from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 
 from fsad_anomalib.backbones import backbone_normalization, resolve_backbone
+from fsad_anomalib.fine_tuning import ContrastiveFineTuning
 from fsad_anomalib.models import FewShotContrastive
 
-__all__ = ["FSC_VARIANTS", "METHODS", "OrderPreservingPostProcessor", "build_method", "method_callbacks",
-           "ranking_components"]
+__all__ = ["FSC_VARIANTS", "METHODS", "OrderPreservingPostProcessor", "build_method", "few_shot_contrastive_args",
+           "method_callbacks", "ranking_components"]
 
 
 class OrderPreservingPostProcessor(PostProcessor):
@@ -59,26 +60,53 @@ def ranking_components() -> dict[str, Any]:
 
 def method_callbacks(name: str) -> list:
     """Extra Lightning callbacks of a method: contrastive fine-tuning for the "+fine-tuning" rows."""
-    if name.endswith("+fine-tuning"):
-        from fsad_anomalib.callbacks import ContrastiveFineTuning  # noqa: PLC0415
+    return [ContrastiveFineTuning()] if name.endswith("+fine-tuning") else []
 
-        return [ContrastiveFineTuning()]
-    return []
 
-# FewShotContrastive variants: the default model (L_Con + L_PP + L_NP) and the paper's ablations.
-FSC_VARIANTS: dict[str, dict[str, Any]] = {
+# FewShotContrastive variants: the model as --model-args configures it, and the paper's ablations, which change
+# its fine-tuning only (frozen: none; L_Con: NT-Xent alone; L_Con+L_PP: no synthesized negatives)
+FSC_VARIANTS: dict[str, dict[str, Any] | bool] = {
     "FewShotContrastive": {},
-    "frozen": {"fine_tune": False},
+    "frozen": False,
     "L_Con": {"lambda_pp": 0.0, "synthesis": "none"},
     "L_Con+L_PP": {"synthesis": "none"},
 }
 METHODS = (*FSC_VARIANTS, "PatchCore", "PaDiM", "PatchCore+fine-tuning", "PaDiM+fine-tuning")
 
 
+def few_shot_contrastive_args(name: str, fsc_args: dict[str, Any] | None = None) -> dict[str, Any]:
+    """FewShotContrastive's arguments for variant ``name`` from the JSON ``fsc_args``.
+
+    ``fsc_args["fine_tuning"]`` may be ``true``, ``false`` or an object of
+    :class:`~fsad_anomalib.fine_tuning.ContrastiveFineTuning` arguments; the variant's fine-tuning settings go
+    over it.
+
+    Raises:
+        ValueError: An ablation asks for fine-tuning that ``fsc_args`` switches off.
+    """
+    args = dict(fsc_args or {})
+    variant = FSC_VARIANTS[name]
+    settings = args.pop("fine_tuning", True)
+    if variant is False:
+        args["fine_tuning"] = False
+        return args
+    if settings is False:
+        if variant:
+            msg = f"method {name} fine-tunes, and the model arguments say fine_tuning: false."
+            raise ValueError(msg)
+        args["fine_tuning"] = False
+        return args
+    if settings is not True and not isinstance(settings, dict):
+        msg = f"fine_tuning must be true, false or an object of ContrastiveFineTuning arguments, got {settings!r}."
+        raise ValueError(msg)
+    args["fine_tuning"] = ContrastiveFineTuning(**{**(settings if isinstance(settings, dict) else {}), **variant})
+    return args
+
+
 def build_method(name: str, backbone: str, image_size: int, fsc_args: dict[str, Any] | None = None):  # noqa: ANN201
     """Instantiate method ``name``; PatchCore and PaDiM get the backbone's normalisation and image size."""
     if name in FSC_VARIANTS:
-        args = {"visualizer": False, **ranking_components(), **(fsc_args or {}), **FSC_VARIANTS[name]}
+        args = {"visualizer": False, **ranking_components(), **few_shot_contrastive_args(name, fsc_args)}
         return FewShotContrastive(backbone=backbone, image_size=image_size, **args)
     name = name.removesuffix("+fine-tuning")
     timm_name = resolve_backbone(backbone)

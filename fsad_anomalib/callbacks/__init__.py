@@ -1,5 +1,5 @@
-"""Lightning callbacks of fsad-anomalib."""
+"""Lightning callbacks of fsad-anomalib, for any anomalib model (``--trainer.callbacks+=ContrastiveFineTuning``)."""
 
-from .contrastive_fine_tuning import ContrastiveFineTuning, find_feature_extractor
+from fsad_anomalib.fine_tuning import ContrastiveFineTuning
 
-__all__ = ["ContrastiveFineTuning", "find_feature_extractor"]
+__all__ = ["ContrastiveFineTuning"]

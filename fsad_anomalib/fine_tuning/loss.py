@@ -1,9 +1,17 @@
-"""Losses of FewShotContrastive: L = L_Con + lambda_PP * L_PP + lambda_NP * L_NP.
+"""Contrastive fine-tuning losses: L = L_Con + lambda_PP * L_PP + lambda_NP * (L_NP + L_NP^dense).
 
-All three take L2-normalised projections ``z`` (rows of unit norm) and a temperature ``tau``;
+Every loss takes L2-normalised projections ``z`` (rows of unit norm) and a temperature ``tau``;
 ``s(a, b) = a . b / tau`` is the scaled cosine similarity. The NT-Xent of SimCLR is written out
 here rather than taken from lightly or pytorch-metric-learning: neither is a dependency of anomalib,
 and L_NP needs the same InfoNCE form with an explicit negative set, which neither exposes as such.
+
+References:
+    - Chen et al., "A Simple Framework for Contrastive Learning of Visual Representations", ICML 2020
+      (NT-Xent, L_Con).
+    - Liao et al., "COFT-AD: COntrastive Fine-Tuning for Few-Shot Anomaly Detection", IEEE TIP 33, 2024,
+      arXiv:2402.18998 (cross-instance positives L_PP and synthesized negatives L_NP).
+    - Wang et al., "Dense Contrastive Learning for Self-Supervised Visual Pre-Training", CVPR 2021 (the dense,
+      per-location form of L_NP^dense).
 """
 
 from __future__ import annotations
@@ -11,6 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
+
 
 def _check_temperature(temperature: float) -> float:
     if temperature <= 0:
@@ -24,7 +33,6 @@ __all__ = [
     "DenseSynthesizedNegativeLoss",
     "FewShotContrastiveLoss",
     "NTXentLoss",
-    "NearestNeighbourRankingLoss",
     "SynthesizedNegativeLoss",
 ]
 
@@ -40,7 +48,19 @@ class NTXentLoss(nn.Module):
             \frac{\exp(s(z_i, z_{p(i)}))}{\sum_{k \ne i} \exp(s(z_i, z_k))}
 
     Views of the other N - 1 images are the negatives. With N = 1 there is no negative and the loss is
-    defined as 0 (the caller then relies on L_NP, see the model README).
+    defined as 0 (fine-tuning then relies on L_NP).
+
+    Reference: Chen et al., "A Simple Framework for Contrastive Learning of Visual Representations",
+    ICML 2020, arXiv:2002.05709.
+
+    Args:
+        temperature (float): Temperature ``tau``. Defaults to ``0.1``.
+
+    Example:
+        >>> import torch, torch.nn.functional as F
+        >>> z1, z2 = F.normalize(torch.randn(4, 8), dim=1), F.normalize(torch.randn(4, 8), dim=1)
+        >>> NTXentLoss(temperature=0.1)(z1, z2).shape
+        torch.Size([])
     """
 
     def __init__(self, temperature: float = 0.1) -> None:
@@ -69,6 +89,15 @@ class CrossInstancePositiveLoss(nn.Module):
 
     which is 0 when all normals share one embedding. It opposes L_Con, which pushes other images apart;
     ``lambda_PP`` balances the two. With one image there is no pair and the loss is 0.
+
+    Reference: Liao et al., "COFT-AD: COntrastive Fine-Tuning for Few-Shot Anomaly Detection", IEEE TIP 33,
+    2024, arXiv:2402.18998.
+
+    Example:
+        >>> import torch, torch.nn.functional as F
+        >>> z = F.normalize(torch.randn(4, 8), dim=1)
+        >>> float(CrossInstancePositiveLoss()(z, torch.tensor([0, 0, 1, 1]))) > 0
+        True
     """
 
     def forward(self, z: torch.Tensor, image_ids: torch.Tensor) -> torch.Tensor:
@@ -90,8 +119,20 @@ class SynthesizedNegativeLoss(nn.Module):
         L_{NP} = \frac{1}{2N} \sum_{n,\,v} -\log \frac{\exp(s(z_v^{(n)}, z_{\bar v}^{(n)}))}
             {\exp(s(z_v^{(n)}, z_{\bar v}^{(n)})) + \sum_{a \in A} \exp(s(z_v^{(n)}, a))}
 
-    It keeps the two views of a normal together and pushes every anomaly away from them. It is well
-    defined for N = 1, which makes it the training signal at K = 1.
+    It keeps the two views of a normal together and pushes every anomaly away from them (InfoNCE, van den
+    Oord et al., arXiv:1807.03748). It is well defined for N = 1, which makes it the training signal at K = 1.
+
+    Reference: Liao et al., "COFT-AD: COntrastive Fine-Tuning for Few-Shot Anomaly Detection", IEEE TIP 33,
+    2024, arXiv:2402.18998.
+
+    Args:
+        temperature (float): Temperature ``tau``. Defaults to ``0.1``.
+
+    Example:
+        >>> import torch, torch.nn.functional as F
+        >>> z1, z2, a = (F.normalize(torch.randn(n, 8), dim=1) for n in (2, 2, 2))
+        >>> SynthesizedNegativeLoss()(z1, z2, a).shape
+        torch.Size([])
     """
 
     def __init__(self, temperature: float = 0.1) -> None:
@@ -112,7 +153,23 @@ class SynthesizedNegativeLoss(nn.Module):
 
 
 class FewShotContrastiveLoss(nn.Module):
-    """L = L_Con + lambda_PP * L_PP + lambda_NP * L_NP; returns the total and each term."""
+    r"""The image-level loss :math:`L = L_{Con} + \lambda_{PP} L_{PP} + \lambda_{NP} L_{NP}`.
+
+    Reference: Liao et al., "COFT-AD: COntrastive Fine-Tuning for Few-Shot Anomaly Detection", IEEE TIP 33,
+    2024, arXiv:2402.18998 (the three terms and their weights).
+
+    Args:
+        temperature (float): Temperature of L_Con and L_NP. Defaults to ``0.1``.
+        lambda_pp (float): Weight of L_PP, ``>= 0``. Defaults to ``0.5``.
+        lambda_np (float): Weight of L_NP, ``>= 0``. Defaults to ``1.0``.
+
+    Example:
+        >>> import torch, torch.nn.functional as F
+        >>> z1, z2 = F.normalize(torch.randn(3, 8), dim=1), F.normalize(torch.randn(3, 8), dim=1)
+        >>> total, parts = FewShotContrastiveLoss()(z1, z2)
+        >>> sorted(parts)
+        ['loss_con', 'loss_np', 'loss_pp']
+    """
 
     def __init__(self, temperature: float = 0.1, lambda_pp: float = 0.5, lambda_np: float = 1.0) -> None:
         super().__init__()
@@ -156,8 +213,23 @@ class DenseSynthesizedNegativeLoss(nn.Module):
         L_{NP}^{dense} = \frac{1}{|\bar M|} \sum_{i \notin M} -\log
             \frac{\exp(s(u_i, u'_i))}{\exp(s(u_i, u'_i)) + \sum_{j \in M} \exp(s(u_i, u'_j))}
 
-    This trains exactly the patch features that score the anomaly map. ``max_anchors`` and
-    ``max_negatives`` bound the cost by sampling.
+    This trains the patch features that score the anomaly map. ``max_anchors`` and ``max_negatives`` bound
+    the cost by sampling.
+
+    Reference: the per-location contrast of Wang et al., "Dense Contrastive Learning for Self-Supervised
+    Visual Pre-Training", CVPR 2021, with the negatives of L_NP (Liao et al., arXiv:2402.18998).
+
+    Args:
+        temperature (float): Temperature ``tau``. Defaults to ``0.1``.
+        max_anchors (int): At most this many normal locations per batch. Defaults to ``512``.
+        max_negatives (int): At most this many anomalous locations per batch. Defaults to ``512``.
+
+    Example:
+        >>> import torch, torch.nn.functional as F
+        >>> u, ua = F.normalize(torch.randn(2, 8, 4, 4), dim=1), F.normalize(torch.randn(2, 8, 4, 4), dim=1)
+        >>> mask = torch.zeros(2, 1, 4, 4); mask[:, :, :2, :2] = 1
+        >>> DenseSynthesizedNegativeLoss()(u, ua, mask).shape
+        torch.Size([])
     """
 
     def __init__(self, temperature: float = 0.1, max_anchors: int = 512, max_negatives: int = 512) -> None:
@@ -185,96 +257,3 @@ class DenseSynthesizedNegativeLoss(nn.Module):
         logits = torch.cat([positive, negative], dim=1)
         targets = torch.zeros(len(anchors), dtype=torch.long, device=logits.device)
         return F.cross_entropy(logits, targets)
-
-
-def _unit_patches(x: torch.Tensor) -> torch.Tensor:
-    """``(B, C, h, w)`` features as ``(B * h * w, C)`` rows of unit norm, image by image."""
-    return F.normalize(x, dim=1).permute(0, 2, 3, 1).reshape(-1, x.shape[1])
-
-
-class NearestNeighbourRankingLoss(nn.Module):
-    r"""L_NN, a ranking loss on the nearest-neighbour distance that ``score_mode="knn"`` scores with.
-
-    The loss acts on the scored patch features themselves (no projection head), L2-normalised per location.
-    With :math:`d(x) = 1 - \max_{b \in B} x \cdot b` the distance of a patch to its nearest neighbour in the
-    bank :math:`B` (the second views' patches of the *other* images of the batch, as the test image is
-    another instance than the K in the memory bank; the image's own second view when the batch holds one
-    image), normal patches :math:`u_i` of the first views and synthesized anomalous patches :math:`a_j`
-    (inside the synthesis mask) are ranked against each other:
-
-    .. math::
-        L_{NN} = \frac{1}{|U||A|} \sum_{i,j} \operatorname{softplus}\big((d(u_i) - d(a_j)) / \tau\big)
-
-    a smooth surrogate of 1 - AUROC of the kNN score over patches. ``max_patches`` bounds the sampled
-    normal and anomalous patches each.
-    """
-
-    def __init__(self, temperature: float = 0.1, max_patches: int = 256) -> None:
-        super().__init__()
-        self.temperature = _check_temperature(temperature)
-        self.max_patches = max_patches
-
-    def _sample(self, index: torch.Tensor) -> torch.Tensor:
-        if len(index) > self.max_patches:
-            index = index[torch.randperm(len(index), device=index.device)[: self.max_patches]]
-        return index
-
-    def forward(
-        self, normal: torch.Tensor, second: torch.Tensor, anomalous: torch.Tensor, mask: torch.Tensor
-    ) -> torch.Tensor:
-        """``normal``, ``second``, ``anomalous``: ``(B, C, h, w)`` patch features of the first views, the
-        second views and the synthesized anomalies (made from the first views); ``mask``: ``(B, 1, h, w)``."""
-        b, _, h, w = normal.shape
-        image_of = torch.arange(b, device=normal.device).repeat_interleave(h * w)
-        m = mask.reshape(-1) > 0.5  # noqa: PLR2004
-        normal_idx = self._sample((~m).nonzero().flatten())
-        anomalous_idx = self._sample(m.nonzero().flatten())
-        if len(normal_idx) == 0 or len(anomalous_idx) == 0:
-            return normal.sum() * 0.0
-        bank = _unit_patches(second)
-
-        def distance(x: torch.Tensor, owners: torch.Tensor) -> torch.Tensor:
-            sim = x @ bank.T
-            if b > 1:  # nearest neighbour among the other images
-                sim = sim.masked_fill(owners[:, None] == image_of[None, :], float("-inf"))
-            return 1.0 - sim.max(dim=1).values
-
-        d_normal = distance(_unit_patches(normal)[normal_idx], image_of[normal_idx])
-        d_anomalous = distance(_unit_patches(anomalous)[anomalous_idx], image_of[anomalous_idx])
-        return F.softplus((d_normal[:, None] - d_anomalous[None, :]) / self.temperature).mean()
-
-
-class DenseCrossInstancePositiveLoss(nn.Module):
-    r"""L_PP at patch level: each normal patch's best match in the *other* normal images is its positive.
-
-    The loss acts on the scored patch features themselves (no projection head), L2-normalised per location,
-    so it trains exactly the distances ``score_mode="knn"`` scores with, and it needs no synthesized anomaly.
-    For an anchor patch :math:`u` of image :math:`i` (first views) and the patches :math:`b` of the other
-    images' second views, with :math:`b^+` the most similar of them (chosen without gradient):
-
-    .. math::
-        L_{PP}^{dense} = -\log \frac{\exp(u \cdot b^+ / \tau)}{\sum_{b} \exp(u \cdot b / \tau)}
-
-    It pulls every normal patch towards its nearest neighbour among the other instances (the test image
-    is another instance than the K in the memory bank) and away from the other instances' non-matching
-    patches, which keeps the features from collapsing. ``max_anchors`` bounds the sampled anchors. Zero for
-    a batch of one image (no other instance).
-    """
-
-    def __init__(self, temperature: float = 0.1, max_anchors: int = 512) -> None:
-        super().__init__()
-        self.temperature = _check_temperature(temperature)
-        self.max_anchors = max_anchors
-
-    def forward(self, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
-        """``first``, ``second``: ``(B, C, h, w)`` patch features of two views of the same B normal images."""
-        b, _, h, w = first.shape
-        if b < 2:  # noqa: PLR2004
-            return first.sum() * 0.0
-        anchors, bank = _unit_patches(first), _unit_patches(second)
-        image_of = torch.arange(b, device=first.device).repeat_interleave(h * w)
-        index = torch.randperm(len(anchors), device=first.device)[: self.max_anchors]
-        logits = anchors[index] @ bank.T / self.temperature
-        logits = logits.masked_fill(image_of[index, None] == image_of[None, :], float("-inf"))
-        positive = logits.detach().argmax(dim=1)
-        return F.cross_entropy(logits, positive)

@@ -1,0 +1,46 @@
+"""Deterministic views of the K normal images for the Gaussian fit and the memory bank."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+__all__ = ["fit_views"]
+
+
+def fit_views(
+    images: torch.Tensor, n_views: int, hflip: bool = True, vflip: bool = True, rot90: bool = True
+) -> Iterator[torch.Tensor]:
+    """Yield ``n_views`` deterministic views of ``images``: identity first, then the allowed flips and turns.
+
+    The symmetry group allowed by the flags (up to the 8 elements of the dihedral group) is cycled
+    through; views past its size repeat it. Only square images are turned by 90 degrees.
+    """
+    square = images.shape[-1] == images.shape[-2]
+    group = [(0, False, False)]
+    for turns in range(4 if (rot90 and square) else 1):
+        for h in (False, True) if hflip else (False,):
+            for v in (False, True) if vflip else (False,):
+                if (turns, h, v) != (0, False, False):
+                    group.append((turns, h, v))
+    # the dihedral group has 8 elements; h+v flips equal a 180 degree turn, drop duplicates
+    seen, unique = set(), []
+    probe = torch.arange(16.0).view(1, 1, 4, 4)
+    for turns, h, v in group:
+        t = _apply(probe, turns, h, v)
+        key = tuple(t.flatten().tolist())
+        if key not in seen:
+            seen.add(key)
+            unique.append((turns, h, v))
+    for index in range(n_views):
+        yield _apply(images, *unique[index % len(unique)])
+
+
+def _apply(images: torch.Tensor, turns: int, h: bool, v: bool) -> torch.Tensor:
+    out = torch.rot90(images, turns, dims=(-2, -1)) if turns else images
+    if h:
+        out = out.flip(-1)
+    if v:
+        out = out.flip(-2)
+    return out
