@@ -248,3 +248,15 @@ def test_greedy_coreset_keeps_the_farthest_points():
     kept = sorted(greedy_coreset(line, 3)[:, 0].tolist())
     assert kept == [0.0, 5.0, 10.0]  # both ends (farthest from the mean first), then the middle
     assert greedy_coreset(line, 20).shape == line.shape
+
+
+def test_building_the_model_leaves_the_pretrained_weights_as_they_are():
+    """No forward pass at construction: one in train mode moved every BatchNorm's running statistics."""
+    from fsad_anomalib.models.components import build_feature_extractor
+
+    model = FewShotContrastive(fine_tuning=False)
+    reference, _, _ = build_feature_extractor("offline:tf_efficientnet_lite0", [2, 3, 4], pre_trained=True)
+    built, pretrained = model.model.feature_extractor.state_dict(), reference.state_dict()
+    assert built.keys() == pretrained.keys()
+    assert all(torch.equal(built[k], pretrained[k]) for k in built)
+    assert model.model.map_stride == 8.0  # blocks.2 of EfficientNet-Lite0, from timm's feature_info

@@ -26,7 +26,7 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 from torchvision.transforms.v2 import Compose, Resize
 
-from anomalib import LearningType
+from anomalib import LearningType, TaskType
 from anomalib.data import Batch
 from anomalib.metrics import Evaluator
 from anomalib.models.components import AnomalibModule
@@ -175,9 +175,29 @@ class FewShotContrastive(AnomalibModule):
         """One epoch collects the K images (fine-tuning runs before it, in the callback); validation follows."""
         return {"max_epochs": 1, "check_val_every_n_epoch": 1, "num_sanity_val_steps": 0}
 
-    def configure_optimizers(self) -> None:
+    def configure_optimizers(self) -> list:
         """No optimiser here: the ContrastiveFineTuning callback owns the fine-tuning optimiser."""
-        return
+        return []
+
+    def setup(self, stage: str) -> None:
+        """Manual optimisation (the one epoch steps no optimiser), and no pixel metric for data without masks.
+
+        anomalib's default evaluator holds pixel metrics that skip batches without masks, and then compute over
+        no update at all, with a torchmetrics warning, on ELPV, Textile or a ``Folder`` without ``mask_dir``.
+        """
+        del stage
+        self.automatic_optimization = False
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        evaluator = self.evaluator if isinstance(self.evaluator, Evaluator) else None
+        if datamodule is None or evaluator is None:
+            return
+        for split, metrics in (("val_data", evaluator.val_metrics), ("test_data", evaluator.test_metrics)):
+            dataset = getattr(datamodule, split, None)
+            if getattr(dataset, "task", None) != TaskType.CLASSIFICATION:
+                continue
+            for index in reversed(range(len(metrics))):
+                if "gt_mask" in getattr(metrics[index], "fields", ()):
+                    del metrics[index]
 
     def configure_callbacks(self) -> list[Callback]:
         """anomalib's components, plus the fine-tuning callback unless ``fine_tuning`` is ``False``."""
@@ -193,7 +213,7 @@ class FewShotContrastive(AnomalibModule):
             key = str(path) if path is not None else f"#{len(self._support)}"
             self._support[key] = batch.image[index].detach().cpu()
 
-    def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+    def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:  # noqa: D417
         """Collect the K normal images (fine-tuning already ran in ContrastiveFineTuning.on_train_start)."""
         del args, kwargs
         self._check_images(batch.image, "training batch")

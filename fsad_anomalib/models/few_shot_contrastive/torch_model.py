@@ -111,9 +111,7 @@ class FewShotContrastiveModel(DynamicBufferMixin, nn.Module):
         self.register_buffer("is_fitted", torch.tensor(False))
         # The anomaly map is smoothed at feature resolution (sigma divided by the layer's stride), then
         # upsampled: the same smoothing as a blur at input resolution at a fraction of the cost.
-        with torch.no_grad():  # TEMPORARY (old behaviour, to check the refactor): a probe pass in train mode
-            probe = self.feature_extractor(torch.zeros(1, 3, 64, 64))[self.layers[0]]
-        self.map_stride = 64 / probe.shape[-1]
+        self.map_stride = self._stride(self.layers[0])
         feature_sigma = blur_sigma / self.map_stride
         self.blur = GaussianBlur2d(sigma=feature_sigma, channels=1) if feature_sigma > 0 else nn.Identity()
 
@@ -122,9 +120,13 @@ class FewShotContrastiveModel(DynamicBufferMixin, nn.Module):
         reductions = getattr(self.feature_extractor, "reductions", None)
         if reductions is not None:
             return float(reductions[list(self.feature_extractor.layers).index(layer)])
-        # nn.Module backbones (torchvision feature extraction) carry no feature_info: measure it
+        # nn.Module backbones (torchvision feature extraction) carry no feature_info: measure it, in eval mode
+        # so that the probe leaves the BatchNorm running statistics as they are
+        was_training = self.feature_extractor.training
+        self.feature_extractor.eval()
         with torch.no_grad():
             probe = self.feature_extractor(torch.zeros(1, 3, 64, 64))[layer]
+        self.feature_extractor.train(was_training)
         return 64 / probe.shape[-1]
 
     # ------------------------------------------------------------------ features
