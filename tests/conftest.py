@@ -45,7 +45,7 @@ def make_dataset(root: Path, n_train: int = 12, n_test: int = 8, size: int = 96,
 
 
 def folder_datamodule(root: Path, **kwargs):  # noqa: ANN201
-    """anomalib Folder over a generated dataset, with few-shot-safe split settings (METHOD.md section 6)."""
+    """anomalib Folder over a generated dataset, with few-shot-safe split settings."""
     from anomalib.data import Folder
 
     return Folder(

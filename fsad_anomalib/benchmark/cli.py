@@ -1,4 +1,4 @@
-"""Command-line helpers shared by the benchmark commands (``benchmark``, ``benchmark.speed``, ``benchmark.elpv_designs``)."""
+"""Command-line helpers shared by the benchmark commands (``benchmark`` and ``benchmark.speed``)."""
 
 from __future__ import annotations
 

@@ -40,7 +40,7 @@ def peak_rss_mb() -> float:
 
 
 def _trim_heap() -> None:
-    """Give freed heap back to the OS (PatchCore's coreset fragments glibc's heap, see METHOD.md)."""
+    """Give freed heap back to the OS (anomalib's k-center-greedy coreset in PatchCore fragments glibc's heap)."""
     gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)

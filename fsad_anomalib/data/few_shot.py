@@ -102,14 +102,25 @@ class FewShot(AnomalibDataModule):
     published support set can be reproduced with ``support_list``.
 
     Args:
-        datamodule: Any anomalib image datamodule (MVTecAD, Visa, Folder, ELPV, Textile, ...).
-        k_shot: Number of normal training images to keep (>= 1).
-        seed: Seed of the draw. The same seed and pool always give the same support set.
-        support_list: A JSON file written by a previous run, or a text file with one image path per line.
-            Paths must belong to the wrapped datamodule's normal training pool. Overrides ``k_shot``/``seed``.
-        train_batch_size: Batch size of the training loader; ``None`` puts the whole support set in one batch.
-        check_images: Open every support and evaluation image once at set-up, so a corrupt, empty, truncated
-            or 16-bit file fails with its name (instead of deep inside a data loader).
+        datamodule (AnomalibDataModule): Any anomalib image datamodule (MVTecAD, Visa, Folder, ELPV, Textile, ...).
+        k_shot (int): Number of normal training images to keep, ``>= 1``. Defaults to ``4``.
+        seed (int): Seed of the draw; the same seed and pool always give the same support set. Defaults to ``0``.
+        support_list (str | Path | None): A JSON file written by a previous run, or a text file with one image
+            path per line. Paths must belong to the wrapped datamodule's normal training pool. Overrides
+            ``k_shot`` and ``seed``. Defaults to ``None``.
+        train_batch_size (int | None): Batch size of the training loader; ``None`` puts the whole support set in
+            one batch. Defaults to ``None``.
+        check_images (bool): Open every support and evaluation image once at set-up, so a corrupt, empty,
+            truncated or 16-bit file fails with its name (instead of deep inside a data loader). Defaults to
+            ``True``.
+
+    Example:
+        >>> from anomalib.data import MVTecAD
+        >>> from fsad_anomalib.data import FewShot
+        >>> datamodule = FewShot(MVTecAD(category="bottle"), k_shot=4, seed=0)
+        >>> datamodule.setup()  # doctest: +SKIP
+        >>> len(datamodule.train_data)  # doctest: +SKIP
+        4
     """
 
     def __init__(

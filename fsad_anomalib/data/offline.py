@@ -248,6 +248,16 @@ class ELPV(_OfflineDataModule):
     the test set holds 150 normal and 150 anomalous cells and the pool the remaining normals
     (mono: 588 normals -> pool 438; poly: 920 normals -> pool 770). No pixel masks. ``evaluation="dev"``:
     100 pool normals and 100 anomalies the test set leaves out (mono has 313, poly 402) form a development set.
+
+    Args:
+        category (str): ``mono`` or ``poly``. Defaults to ``"mono"``.
+        **kwargs: Split sizes, ``evaluation`` (``test`` or ``dev``), batch sizes and anomalib's split modes.
+
+    Example:
+        >>> from fsad_anomalib.data import ELPV, FewShot
+        >>> datamodule = FewShot(ELPV("poly"), k_shot=8, seed=1)
+        >>> ELPV("mono", evaluation="dev").evaluation
+        'dev'
     """
 
     CATEGORIES = ("mono", "poly")
@@ -266,6 +276,16 @@ class Textile(_OfflineDataModule):
     1,000 nominal images; 500 with small local defects, 500 with a global texture shift. With the
     defaults the test set holds 150 nominal and 150 defective images and the pool 850 nominals. No masks.
     ``evaluation="dev"``: 100 pool nominals and 100 defective images outside the test set.
+
+    Args:
+        category (str): ``local`` or ``global``. Defaults to ``"local"``.
+        **kwargs: Split sizes, ``evaluation`` (``test`` or ``dev``), batch sizes and anomalib's split modes.
+
+    Example:
+        >>> from fsad_anomalib.data import FewShot, Textile
+        >>> datamodule = FewShot(Textile("local"), k_shot=4, seed=0)
+        >>> Textile().category
+        'local'
     """
 
     CATEGORIES = ("local", "global")

@@ -220,11 +220,12 @@ class FewShotContrastive(AnomalibModule):
         self._remember(batch)
 
     def fit(self) -> None:
-        """Fit the Gaussians on views of every support image seen in training."""
+        """Fit the Gaussians and memory bank on views of every support image seen in training, in path order."""
         if not self._support:
             msg = "FewShotContrastive has no training images to fit on: train it on K normal images first."
             raise NotFittedError(msg)
-        images = torch.stack(list(self._support.values())).to(self.device)
+        # in path order: the fit's sums then do not depend on the order the (shuffling) loader gave the images
+        images = torch.stack([self._support[key] for key in sorted(self._support)]).to(self.device)
         stats = self.model.fit(images, n_views=self.n_views, hflip=self.hflip, vflip=self.vflip, rot90=self.rot90)
         logger.info("Fitted Gaussians on %d images x %d views: %s", len(images), self.n_views, stats)
         self._fitted_at_step = self.global_step

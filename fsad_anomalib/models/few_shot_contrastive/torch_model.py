@@ -148,7 +148,7 @@ class FewShotContrastiveModel(DynamicBufferMixin, nn.Module):
         """Patch features ``(B, C, h, w)`` (locally averaged, upsampled to the first layer) and global ``(B, D)``.
 
         The same features the :class:`~fsad_anomalib.callbacks.ContrastiveFineTuning` callback trains
-        (:func:`~fsad_anomalib.models.components.fine_tuning.patch_and_global`).
+        (:func:`~fsad_anomalib.backbones.features.patch_and_global`).
         """
         feats = self.feature_extractor(self._normalised(images))
         return patch_and_global([feats[layer] for layer in self.layers], feats[self.global_layer])
