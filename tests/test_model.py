@@ -93,6 +93,7 @@ def test_checkpoint_round_trip_gives_identical_scores(trained, tmp_path):
     path = tmp_path / "model.ckpt"
     trained["engine"].trainer.save_checkpoint(path)
     reloaded = FewShotContrastive.load_from_checkpoint(path)
+    assert dict(reloaded.fine_tuning.hparams) == dict(model.fine_tuning.hparams)  # the settings travel as plain values
     images = torch.rand(2, 3, IMAGE_SIZE, IMAGE_SIZE)
     s1, m1 = scores(model, images)
     s2, m2 = scores(reloaded, images)

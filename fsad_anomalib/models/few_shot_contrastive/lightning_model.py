@@ -175,18 +175,20 @@ class FewShotContrastive(AnomalibModule):
         """One epoch collects the K images (fine-tuning runs before it, in the callback); validation follows."""
         return {"max_epochs": 1, "check_val_every_n_epoch": 1, "num_sanity_val_steps": 0}
 
-    def configure_optimizers(self) -> list:
-        """No optimiser here: the ContrastiveFineTuning callback owns the fine-tuning optimiser."""
-        return []
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        """A no-op optimiser for the one training step; the ContrastiveFineTuning callback owns the real one.
+
+        Lightning counts the step (checkpoints follow ``global_step``) and has nothing to warn about.
+        """
+        return torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)
 
     def setup(self, stage: str) -> None:
-        """Manual optimisation (the one epoch steps no optimiser), and no pixel metric for data without masks.
+        """No pixel metric for data without masks.
 
         anomalib's default evaluator holds pixel metrics that skip batches without masks, and then compute over
         no update at all, with a torchmetrics warning, on ELPV, Textile or a ``Folder`` without ``mask_dir``.
         """
         del stage
-        self.automatic_optimization = False
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         evaluator = self.evaluator if isinstance(self.evaluator, Evaluator) else None
         if datamodule is None or evaluator is None:
@@ -213,11 +215,12 @@ class FewShotContrastive(AnomalibModule):
             key = str(path) if path is not None else f"#{len(self._support)}"
             self._support[key] = batch.image[index].detach().cpu()
 
-    def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:  # noqa: D417
+    def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         """Collect the K normal images (fine-tuning already ran in ContrastiveFineTuning.on_train_start)."""
         del args, kwargs
         self._check_images(batch.image, "training batch")
         self._remember(batch)
+        return torch.zeros((), requires_grad=True, device=self.device)  # nothing to learn here (as in PatchCore)
 
     def fit(self) -> None:
         """Fit the Gaussians and memory bank on views of every support image seen in training, in path order."""
