@@ -1,7 +1,8 @@
 """PEP 517 backend: setuptools, plus ``fsad_anomalib-plugin.pth`` in the wheel (see ``fsad_anomalib._plugin``).
 
 setuptools has no declarative way to put a ``.pth`` file at the root of a wheel, so this thin wrapper
-adds it (with its RECORD line) to the wheels setuptools builds, editable ones included.
+adds it (with its RECORD line) to the wheels setuptools builds, editable ones included, and leaves this
+module itself out of them: it builds the wheel and is never imported from one.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from setuptools import build_meta as _orig
 from setuptools.build_meta import *  # noqa: F403
 
 PTH_NAME = "fsad_anomalib-plugin.pth"
+BUILD_ONLY = "fsad_anomalib/_build_backend.py"
 # One line, run by site.py at start-up: defines a finder that waits for ``import anomalib.models`` and
 # only then imports fsad_anomalib._plugin (see that module). It imports nothing itself.
 PTH_LINE = (
@@ -35,11 +37,11 @@ def _add_pth(wheel_directory: str, wheel_name: str) -> str:
     with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
         archive.writestr(PTH_NAME, PTH_LINE)
         for info, data in items:
-            if info.filename == PTH_NAME:
+            if info.filename in {PTH_NAME, BUILD_ONLY}:
                 continue
             if info.filename.endswith(".dist-info/RECORD"):
-                data = data.decode().rstrip("\n") + "\n" + record_line
-                data = data.encode()
+                lines = [line for line in data.decode().splitlines() if not line.startswith(BUILD_ONLY + ",")]
+                data = ("\n".join(lines) + "\n" + record_line).encode()
             archive.writestr(info, data)
     tmp.replace(path)
     return wheel_name
