@@ -261,3 +261,76 @@ def test_building_the_model_leaves_the_pretrained_weights_as_they_are():
     assert built.keys() == pretrained.keys()
     assert all(torch.equal(built[k], pretrained[k]) for k in built)
     assert model.model.map_stride == 8.0  # blocks.2 of EfficientNet-Lite0, from timm's feature_info
+
+
+def test_combined_scales_come_from_held_out_normals():
+    """Each image scored against Gaussians fitted on the other K - 1; one view held out at a time when K = 1."""
+    from fsad_anomalib.models import FewShotContrastiveModel
+    from fsad_anomalib.models.components import mahalanobis
+
+    torch.manual_seed(0)
+    images = torch.rand(3, 3, 64, 64)
+    model = FewShotContrastiveModel(score_mode="combined").eval()
+    model.fit(images)
+    global_held, patch_held = [], []
+    for i in range(3):
+        other = FewShotContrastiveModel(score_mode="patch").eval()
+        other.load_state_dict(model.state_dict())  # the same backbone
+        other.fit(torch.cat([images[:i], images[i + 1 :]]))
+        with torch.no_grad():
+            patch, emb = other.features(images[i : i + 1])
+            global_held.append(mahalanobis(emb, other.global_mean, other.global_precision))
+            patch_held.append(other._aggregate(other._patch_map(patch)))  # noqa: SLF001
+    expected = torch.stack([torch.cat(global_held).mean(), torch.cat(patch_held).mean()])
+    assert torch.allclose(model.score_scale, expected, rtol=1e-4)
+    # held-out normals score higher than the images the Gaussians were fitted on
+    in_sample = FewShotContrastiveModel(score_mode="patch").eval()
+    in_sample.load_state_dict(model.state_dict())
+    in_sample.fit(images)
+    assert torch.all(model.score_scale > in_sample.score_scale)
+    # K = 1: the views are held out in turn; one view alone leaves nothing to hold out and says so
+    one = FewShotContrastiveModel(score_mode="combined").eval()
+    one.load_state_dict(model.state_dict())
+    one.fit(images[:1], n_views=4)
+    assert torch.isfinite(one.score_scale).all() and torch.all(one.score_scale > 1e-6)
+    # K = 1 in one view: the flips and turns the fit did not use are the held-out evidence
+    one.fit(images[:1], n_views=1)
+    with torch.no_grad():
+        unseen = [one._scores(images[:1].flip(-1))[0], one._scores(images[:1].flip(-2))[0]]  # noqa: SLF001
+    assert torch.all(one.score_scale[0] > one._scores(images[:1])[0])  # noqa: SLF001
+    assert all(torch.isfinite(u).all() for u in unseen)
+
+
+def test_combined_score_catches_a_local_defect_and_a_whole_image_shift():
+    import cv2
+    import numpy as np
+
+    from fsad_anomalib.models import FewShotContrastiveModel
+
+    from .conftest import _normal
+
+    rng = np.random.default_rng(0)
+
+    def tensor(image: np.ndarray) -> torch.Tensor:
+        return torch.tensor(image).permute(2, 0, 1).float() / 255
+
+    def local_defect() -> torch.Tensor:
+        image = _normal(rng, 96)
+        x, y = (int(v) for v in rng.integers(20, 76, 2))
+        cv2.circle(image, (x, y), 7, (245, 245, 245), -1)
+        return tensor(image)
+
+    train = torch.stack([tensor(_normal(rng, 96)) for _ in range(4)])
+    normal = torch.stack([tensor(_normal(rng, 96)) for _ in range(16)])
+    local = torch.stack([local_defect() for _ in range(16)])
+    shifted = torch.stack([tensor(_normal(rng, 96)) for _ in range(16)]) ** 0.7  # the whole surface brighter
+    model = FewShotContrastiveModel(score_mode="combined").eval()
+    model.fit(train)
+    with torch.no_grad():
+        s_normal, s_local, s_shifted = (model(x).pred_score for x in (normal, local, shifted))
+
+    def auroc(anomalous: torch.Tensor) -> float:
+        return float((anomalous[:, None] > s_normal[None, :]).float().mean())  # Mann-Whitney, no ties here
+
+    assert auroc(s_local) >= 0.9
+    assert auroc(s_shifted) >= 0.9

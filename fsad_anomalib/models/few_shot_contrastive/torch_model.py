@@ -49,8 +49,8 @@ class FewShotContrastiveModel(DynamicBufferMixin, nn.Module):
         score_mode (str): ``patch`` (top-k mean of the patch Mahalanobis map), ``knn`` (each patch's Euclidean
             distance to its nearest neighbour in a coreset of the training patches, PatchCore's scoring),
             ``knn_patch`` (per patch, the geometric mean of both distances), ``global`` (the paper's image-level
-            Mahalanobis score) or ``combined`` (global + patch, each divided by its mean on the training views).
-            Defaults to ``"patch"``.
+            Mahalanobis score) or ``combined`` (global + patch, each divided by its mean on held-out normal
+            evidence: leave-one-out over the K images, or over the views when K = 1). Defaults to ``"patch"``.
         blur_sigma (float): Gaussian smoothing of the anomaly map, in input pixels. Defaults to ``4.0``.
         topk_ratio (float): Fraction of the patches whose mean is the image score. Defaults to ``0.01``.
         coreset_ratio (float): ``knn`` modes: fraction of the training patches kept in the memory bank
@@ -106,7 +106,7 @@ class FewShotContrastiveModel(DynamicBufferMixin, nn.Module):
         self.register_buffer("patch_precision", torch.eye(self.patch_dim))
         # knn mode: coreset of the training patches (its size follows the checkpoint, see DynamicBufferMixin)
         self.register_buffer("memory_bank", torch.zeros(0, self.patch_dim))
-        # mean score of each part on the training views, to put them on one scale in "combined" mode
+        # scale of each part (held-out normal evidence in "combined" mode), to put them on one scale
         self.register_buffer("score_scale", torch.ones(2))
         self.register_buffer("is_fitted", torch.tensor(False))
         # The anomaly map is smoothed at feature resolution (sigma divided by the layer's stride), then
@@ -182,14 +182,13 @@ class FewShotContrastiveModel(DynamicBufferMixin, nn.Module):
             raise ValueError(msg)
         was_training = self.training
         self.eval()
-        global_rows, patch_rows = [], []
+        global_views, patch_views = [], []  # per view: (K, D) embeddings and (K, C, h, w) patch features
         for view in fit_views(images, n_views, hflip, vflip, rot90):
-            for start in range(0, view.shape[0], batch_size):
-                patch, emb = self.features(view[start : start + batch_size])
-                global_rows.append(emb)
-                patch_rows.append(patch.permute(0, 2, 3, 1).reshape(-1, patch.shape[1]))
-        g = torch.cat(global_rows)
-        p = torch.cat(patch_rows)
+            parts = [self.features(view[start : start + batch_size]) for start in range(0, view.shape[0], batch_size)]
+            patch_views.append(torch.cat([patch for patch, _ in parts]))
+            global_views.append(torch.cat([emb for _, emb in parts]))
+        g = torch.cat(global_views)
+        p = torch.cat([patch.permute(0, 2, 3, 1).reshape(-1, patch.shape[1]) for patch in patch_views])
         if p.shape[0] > max_patches:
             p = p[torch.randperm(p.shape[0], device=p.device)[:max_patches]]
         self.global_mean, self.global_precision, g_shrink = fit_gaussian(g)
@@ -198,15 +197,82 @@ class FewShotContrastiveModel(DynamicBufferMixin, nn.Module):
             size = max(1, int(p.shape[0] * self.coreset_ratio))
             self.memory_bank = greedy_coreset(p, size)
         self.is_fitted = torch.tensor(True, device=self.is_fitted.device)
-        # put the two scores on one scale: mean of each on the (identity) training views
+        # put the two scores on one scale: in "combined" mode the mean of each on held-out normal evidence, elsewhere
+        # (where the scale does not change the ranking) the mean on the (identity) training views
         self.score_scale = torch.ones(2, device=self.score_scale.device)
-        g_score, p_score = self._scores(images)
+        held_out = None
+        if self.score_mode == "combined":
+            held_out = self._held_out_scores(torch.stack(global_views), torch.stack(patch_views), max_patches)
+            if held_out is None:  # one image in one view: its other flips and turns are views the fit did not see
+                held_out = self._unseen_view_scores(images, hflip, vflip, rot90)
+            if held_out is None:
+                logger.warning("FewShotContrastive: one image, one view and no flip or turn allowed leave no normal "
+                               "evidence to hold out; the combined score's scales come from the training image itself.")
+        if held_out is not None:
+            g_score, p_score = held_out
+        else:
+            g_score, p_score = self._scores(images)
         self.score_scale = torch.stack([g_score.mean(), p_score.mean()]).clamp_min(1e-6).to(self.score_scale)
         if self.score_mode in KNN_MODES:  # training patches sit in the bank (distance 0): no scale to take from them
             self.score_scale[1] = 1.0
         self.train(was_training)
         return {"global_shrinkage": g_shrink, "patch_shrinkage": p_shrink, "n_global": g.shape[0], "n_patch": p.shape[0],
                 "memory_bank": self.memory_bank.shape[0]}  # fmt: skip
+
+    def _held_out_scores(
+        self, global_views: torch.Tensor, patch_views: torch.Tensor, max_patches: int
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Global and patch Gaussian scores of normal evidence that the Gaussians did not see (leave-one-out).
+
+        A normal image scores low against Gaussians fitted on itself, and the two parts unevenly so: the global
+        Gaussian has K * N_A samples in hundreds of dimensions, the patch Gaussian thousands. Each of the K images
+        (all its views) is held out in turn, the Gaussians are fitted on the others, and the held-out image's views
+        are scored; with K = 1 each view is held out instead.
+
+        Args:
+            global_views (torch.Tensor): ``(V, K, D)`` embeddings of the fit's views.
+            patch_views (torch.Tensor): ``(V, K, C, h, w)`` patch features of the fit's views.
+            max_patches (int): At most this many patches in each leave-one-out patch fit.
+
+        Returns:
+            tuple[torch.Tensor, torch.Tensor] | None: The held-out global and patch image scores, or ``None`` for one
+            image in one view, which leaves nothing to hold out.
+        """
+        n_views, k = global_views.shape[:2]
+        if k >= 2:  # noqa: PLR2004
+            groups = [(slice(None), [i]) for i in range(k)]
+        elif n_views >= 2:  # noqa: PLR2004
+            groups = [([v], slice(None)) for v in range(n_views)]
+        else:
+            return None
+        g_scores, p_scores = [], []
+        for views, images in groups:
+            keep = torch.ones(n_views, k, dtype=torch.bool, device=global_views.device)
+            keep[views, images] = False
+            g_mean, g_precision, _ = fit_gaussian(global_views[keep])
+            rest = patch_views[keep].permute(0, 2, 3, 1).reshape(-1, patch_views.shape[2])
+            if rest.shape[0] > max_patches:
+                rest = rest[torch.linspace(0, rest.shape[0] - 1, max_patches, device=rest.device).long()]
+            p_mean, p_precision, _ = fit_gaussian(rest)
+            g_scores.append(mahalanobis(global_views[~keep], g_mean, g_precision))
+            held = patch_views[~keep]
+            flat = held.permute(0, 2, 3, 1).reshape(held.shape[0], -1, held.shape[1])
+            patch_map = mahalanobis(flat, p_mean, p_precision).reshape(held.shape[0], 1, *held.shape[-2:])
+            p_scores.append(self._aggregate(patch_map))
+        return torch.cat(g_scores), torch.cat(p_scores)
+
+    def _unseen_view_scores(
+        self, images: torch.Tensor, hflip: bool, vflip: bool, rot90: bool
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Global and patch scores of the flips and turns of ``images`` that the fit did not use (K = 1, one view)."""
+        seen = [images]
+        for view in fit_views(images, 8, hflip, vflip, rot90):
+            if not any(torch.equal(view, other) for other in seen):
+                seen.append(view)
+        if len(seen) == 1:
+            return None
+        scores = [self._scores(view) for view in seen[1:]]
+        return torch.cat([g for g, _ in scores]), torch.cat([p for _, p in scores])
 
     # ------------------------------------------------------------------ score
     def _patch_map(self, patch: torch.Tensor) -> torch.Tensor:
