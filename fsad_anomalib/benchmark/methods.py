@@ -99,7 +99,8 @@ def few_shot_contrastive_args(name: str, fsc_args: dict[str, Any] | None = None)
     if settings is not True and not isinstance(settings, dict):
         msg = f"fine_tuning must be true, false or an object of ContrastiveFineTuning arguments, got {settings!r}."
         raise ValueError(msg)
-    args["fine_tuning"] = ContrastiveFineTuning(**{**(settings if isinstance(settings, dict) else {}), **variant})
+    # FewShotContrastive builds the callback from the merged arguments (as from a checkpoint's)
+    args["fine_tuning"] = {**(settings if isinstance(settings, dict) else {}), **variant}
     return args
 
 
