@@ -28,6 +28,12 @@ SCORE_MODES = ("combined", "patch", "global", "knn", "knn_patch")
 KNN_MODES = ("knn", "knn_patch")
 
 
+def _gaussian_map(patch: torch.Tensor, mean: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
+    """Mahalanobis distance of every location of ``patch`` ``(B, C, h, w)`` to a Gaussian, as ``(B, 1, h, w)``."""
+    b, c, h, w = patch.shape
+    return mahalanobis(patch.permute(0, 2, 3, 1).reshape(b, h * w, c), mean, precision).reshape(b, 1, h, w)
+
+
 class NotFittedError(RuntimeError):
     """Raised when a model that was never fitted is asked to score."""
 
@@ -255,10 +261,7 @@ class FewShotContrastiveModel(DynamicBufferMixin, nn.Module):
                 rest = rest[torch.linspace(0, rest.shape[0] - 1, max_patches, device=rest.device).long()]
             p_mean, p_precision, _ = fit_gaussian(rest)
             g_scores.append(mahalanobis(global_views[~keep], g_mean, g_precision))
-            held = patch_views[~keep]
-            flat = held.permute(0, 2, 3, 1).reshape(held.shape[0], -1, held.shape[1])
-            patch_map = mahalanobis(flat, p_mean, p_precision).reshape(held.shape[0], 1, *held.shape[-2:])
-            p_scores.append(self._aggregate(patch_map))
+            p_scores.append(self._aggregate(_gaussian_map(patch_views[~keep], p_mean, p_precision)))
         return torch.cat(g_scores), torch.cat(p_scores)
 
     def _unseen_view_scores(
@@ -277,14 +280,14 @@ class FewShotContrastiveModel(DynamicBufferMixin, nn.Module):
     # ------------------------------------------------------------------ score
     def _patch_map(self, patch: torch.Tensor) -> torch.Tensor:
         b, c, h, w = patch.shape
-        flat = patch.permute(0, 2, 3, 1).reshape(b, h * w, c)
         if self.score_mode not in KNN_MODES or self.memory_bank.shape[0] == 0:
-            return mahalanobis(flat, self.patch_mean, self.patch_precision).reshape(b, 1, h, w)
+            return _gaussian_map(patch, self.patch_mean, self.patch_precision)
         # anomalib's export-friendly distance (no cdist), batched: (b, h*w, bank size)
+        flat = patch.permute(0, 2, 3, 1).reshape(b, h * w, c)
         knn = PatchcoreModel.euclidean_dist(flat, self.memory_bank).min(dim=-1).values.reshape(b, 1, h, w)
         if self.score_mode == "knn":
             return knn
-        return (knn * mahalanobis(flat, self.patch_mean, self.patch_precision).reshape(b, 1, h, w)).clamp_min(0).sqrt()
+        return (knn * _gaussian_map(patch, self.patch_mean, self.patch_precision)).clamp_min(0).sqrt()
 
     def _scores(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         patch, emb = self.features(images)
