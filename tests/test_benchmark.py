@@ -375,7 +375,7 @@ def test_benchmark_numeric_options_are_checked_up_front(argv, expected, tmp_path
         (["--model-args", '{"nope": 1}'], "unexpected keyword argument 'nope'"),
         (["--set-model-args", 'ELPV/mono={"fine_tuning": {"steps": 0}}'], "steps must be an integer >= 1"),
         (["--model-args", '{"fine_tuning": {"synthesis": "perlin"}}'], "synthesis must be one of"),
-        (["--model-args", '{"fine_tuning": 3}'], "fine_tuning must be true, false or an object"),
+        (["--model-args", '{"fine_tuning": 3}'], "fine_tuning must be \"auto\", true, false or an object"),
     ],
 )
 def test_benchmark_checks_fewshotcontrastive_arguments_before_the_first_run(argv, expected, tmp_path, capsys):

@@ -98,8 +98,13 @@ def test_few_shot_contrastive_fine_tunes_through_the_callback(generated_root, tm
     from fsad_anomalib.models import FewShotContrastive
 
     seed_everything(0)
-    model = FewShotContrastive(image_size=64, fine_tuning=ContrastiveFineTuning(steps=3), visualizer=False)
+    # with nothing left to choose, fine-tuning runs as a trainer callback before the epoch
+    model = FewShotContrastive(image_size=64, fine_tuning=ContrastiveFineTuning(steps=3), visualizer=False,
+                               layers=[2, 3], score_mode="patch")  # fmt: skip
     assert any(isinstance(c, ContrastiveFineTuning) for c in model.configure_callbacks())
+    # where the model chooses its layers, fine-tuning waits for the choice (it trains the chosen layers' features)
+    assert not any(isinstance(c, ContrastiveFineTuning)
+                   for c in FewShotContrastive(image_size=64, fine_tuning=ContrastiveFineTuning()).configure_callbacks())
     assert not any(
         isinstance(c, ContrastiveFineTuning)
         for c in FewShotContrastive(image_size=64, fine_tuning=False).configure_callbacks()
@@ -126,20 +131,24 @@ def test_fine_tuning_is_one_argument_of_the_model():
     """True, False, a ContrastiveFineTuning or its arguments (as a checkpoint stores them); nothing else."""
     from fsad_anomalib.models import FewShotContrastive
 
-    default = FewShotContrastive(image_size=64)
+    default = FewShotContrastive(image_size=64)  # "auto": the default callback, tried before it is kept
     assert isinstance(default.fine_tuning, ContrastiveFineTuning) and default.fine_tuning.steps == 30
-    assert default.hparams["fine_tuning"]["synthesis"] == "cutpaste"  # plain values, loadable with weights_only
+    assert default.hparams["fine_tuning"] == "auto" and default.fine_tuning.seed == 0
+    explicit = FewShotContrastive(image_size=64, fine_tuning=True)
+    assert explicit.hparams["fine_tuning"]["synthesis"] == "cutpaste"  # plain values, loadable with weights_only
     assert FewShotContrastive(image_size=64, fine_tuning=False).fine_tuning is None
     assert FewShotContrastive(image_size=64, fine_tuning=False).hparams["fine_tuning"] is False
     given = ContrastiveFineTuning(steps=3, batch_size=5, lambda_pp=0.25, synthesis="speck")
-    model = FewShotContrastive(image_size=64, fine_tuning=given)
+    model = FewShotContrastive(image_size=64, fine_tuning=given, layers=[2, 3], score_mode="patch")
     assert model.fine_tuning is given and given in model.configure_callbacks()
     assert model.hparams["fine_tuning"]["steps"] == 3
     rebuilt = FewShotContrastive(image_size=64, fine_tuning=model.hparams["fine_tuning"])
     assert dict(rebuilt.fine_tuning.hparams) == dict(given.hparams)
     assert rebuilt.fine_tuning.tuner.loss.lambda_pp == 0.25 and rebuilt.fine_tuning.tuner.synthesizer.mode == "speck"
-    with pytest.raises(TypeError, match="fine_tuning must be True"):
+    with pytest.raises(ValueError, match="fine_tuning must be 'auto', true, false"):
         FewShotContrastive(image_size=64, fine_tuning="yes")
+    with pytest.raises(TypeError, match="fine_tuning must be 'auto'"):
+        FewShotContrastive(image_size=64, fine_tuning=3)
 
 
 def test_fine_tuning_views_take_the_models_symmetries_unless_set():

@@ -96,9 +96,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="FewShotContrastive arguments for one set only, over --model-args, "
                         "e.g. 'Textile/local={\"layers\": [1, 2]}'")
     parser.add_argument("--no-timing", action="store_true", help="skip inference timing per run")
-    parser.add_argument("--evaluation", choices=["test", "dev"], default="test",
-                        help="offline sets: score on the test set, or on the development set (images the test set "
-                        "never uses) to choose settings")
+    parser.add_argument("--evaluation", choices=["test", "dev", "shift"], default="test",
+                        help="offline sets: score on the test set, on the development set (images the test set "
+                        "never uses) to choose settings, or on whole-image shifts of pool normals (shift)")
     parser.add_argument("--eval-batch-size", type=int_at_least(1), default=32)
     parser.add_argument("--accelerator", default="auto",
                         help="Lightning accelerator of every run (auto, cpu, gpu, ...); one device per run")

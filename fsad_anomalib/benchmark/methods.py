@@ -67,6 +67,9 @@ def method_callbacks(name: str) -> list:
 # its fine-tuning only (frozen: none; L_Con: NT-Xent alone; L_Con+L_PP: no synthesized negatives)
 FSC_VARIANTS: dict[str, dict[str, Any] | bool] = {
     "FewShotContrastive": {},
+    # the same model under another name, so that a run with other arguments (a per-set expert configuration given
+    # by --set-model-args) can be tabled and compared beside the default's runs (--include-runs)
+    "expert": {},
     "frozen": False,
     "L_Con": {"lambda_pp": 0.0, "synthesis": "none"},
     "L_Con+L_PP": {"synthesis": "none"},
@@ -77,16 +80,16 @@ METHODS = (*FSC_VARIANTS, "PatchCore", "PaDiM", "PatchCore+fine-tuning", "PaDiM+
 def few_shot_contrastive_args(name: str, fsc_args: dict[str, Any] | None = None) -> dict[str, Any]:
     """FewShotContrastive's arguments for variant ``name`` from the JSON ``fsc_args``.
 
-    ``fsc_args["fine_tuning"]`` may be ``true``, ``false`` or an object of
-    :class:`~fsad_anomalib.fine_tuning.ContrastiveFineTuning` arguments; the variant's fine-tuning settings go
-    over it.
+    ``fsc_args["fine_tuning"]`` may be ``"auto"`` (the default: the model decides), ``true``, ``false`` or an object
+    of :class:`~fsad_anomalib.fine_tuning.ContrastiveFineTuning` arguments; the variant's fine-tuning settings go
+    over it (an ablation under ``"auto"`` fine-tunes with its own settings).
 
     Raises:
         ValueError: An ablation asks for fine-tuning that ``fsc_args`` switches off.
     """
     args = dict(fsc_args or {})
     variant = FSC_VARIANTS[name]
-    settings = args.pop("fine_tuning", True)
+    settings = args.pop("fine_tuning", "auto")
     if variant is False:
         args["fine_tuning"] = False
         return args
@@ -96,8 +99,14 @@ def few_shot_contrastive_args(name: str, fsc_args: dict[str, Any] | None = None)
             raise ValueError(msg)
         args["fine_tuning"] = False
         return args
+    if settings == "auto":
+        if not variant:  # the model decides whether fine-tuning helps
+            args["fine_tuning"] = "auto"
+            return args
+        settings = True  # an ablation fine-tunes in its own way
     if settings is not True and not isinstance(settings, dict):
-        msg = f"fine_tuning must be true, false or an object of ContrastiveFineTuning arguments, got {settings!r}."
+        msg = (f"fine_tuning must be \"auto\", true, false or an object of ContrastiveFineTuning arguments, got "
+               f"{settings!r}.")
         raise ValueError(msg)
     # FewShotContrastive builds the callback from the merged arguments (as from a checkpoint's)
     args["fine_tuning"] = {**(settings if isinstance(settings, dict) else {}), **variant}

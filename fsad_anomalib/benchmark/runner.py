@@ -241,6 +241,10 @@ def _run_one(
         "support_set": few_shot.support_set,
         "model_args": (fsc_args or {}) if method in FSC_VARIANTS else {},
     }
+    record = getattr(model, "self_configuration", None)
+    if record:  # FewShotContrastive: what it chose from the K normals, and the fine-tuning decision's evidence
+        decision = {k: v for k, v in record.get("fine_tuning", {}).items() if k != "families"}
+        row["self_configuration"] = {"chosen": record.get("chosen"), "fine_tuning": decision or None}
     if time_inference:
         model.eval()
         device = next(model.parameters()).device

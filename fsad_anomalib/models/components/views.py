@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import torch
 
-__all__ = ["fit_views"]
+__all__ = ["fit_views", "symmetry_count"]
 
 
 def fit_views(
@@ -17,7 +17,18 @@ def fit_views(
     The symmetry group allowed by the flags (up to the 8 elements of the dihedral group) is cycled
     through; views past its size repeat it. Only square images are turned by 90 degrees.
     """
-    square = images.shape[-1] == images.shape[-2]
+    unique = _group(hflip, vflip, rot90, square=images.shape[-1] == images.shape[-2])
+    for index in range(n_views):
+        yield _apply(images, *unique[index % len(unique)])
+
+
+def symmetry_count(hflip: bool = True, vflip: bool = True, rot90: bool = True, square: bool = True) -> int:
+    """How many distinct views the flags allow (the identity included): 1, 2, 4 or 8."""
+    return len(_group(hflip, vflip, rot90, square))
+
+
+def _group(hflip: bool, vflip: bool, rot90: bool, square: bool) -> list[tuple[int, bool, bool]]:
+    """The distinct flips and turns the flags allow, identity first."""
     group = [(0, False, False)]
     for turns in range(4 if (rot90 and square) else 1):
         for h in (False, True) if hflip else (False,):
@@ -33,8 +44,7 @@ def fit_views(
         if key not in seen:
             seen.add(key)
             unique.append((turns, h, v))
-    for index in range(n_views):
-        yield _apply(images, *unique[index % len(unique)])
+    return unique
 
 
 def _apply(images: torch.Tensor, turns: int, h: bool, v: bool) -> torch.Tensor:

