@@ -72,7 +72,8 @@ def test_auto_writes_its_choice_and_evidence_and_keeps_them_in_the_checkpoint(de
     record = json.loads((Path(default_run["engine"].trainer.default_root_dir) / "self_configuration.json").read_text())
     assert record["k_shot"] == 4 and record["seed"] == 0
     table = record["selection"]["table"]
-    assert len(table) == len(model.model.candidates) > 1
+    # K >= 2: every local scoring, each fused with the global score
+    assert [(row["local"], row["fusion"]) for row in table] == [("knn_patch", "max"), ("patch", "max"), ("knn", "max")]
     assert all(0 <= row["score"] <= 1 and set(row["families"]) == set(SHIFT_FAMILIES) for row in table)
     chosen = record["chosen"]
     assert chosen == {**model.model.describe(), "fine_tuned": chosen["fine_tuned"]}
@@ -117,7 +118,7 @@ def test_explicit_arguments_override_auto(generated_root, tmp_path):
     assert record["chosen"] == {"layers": [2, 3], "local": "knn", "fusion": "local", "fine_tuned": False}
     assert "table" not in record["selection"] and "fine_tuning" not in record
     # one argument given, the others chosen: score_mode fixed, layers among the candidates
-    partial = FewShotContrastiveModel(pre_trained=False, score_mode="patch")
+    partial = FewShotContrastiveModel(pre_trained=False, score_mode="patch", layers="auto")
     assert {c[1:] for c in partial.candidates} == {("patch", "local")} and len(partial.candidates) == 2
     with pytest.raises(ValueError, match="layers must be 'auto'"):
         FewShotContrastiveModel(pre_trained=False, layers="deep")
@@ -133,7 +134,9 @@ def test_k_equals_one_configures_over_views_and_skips_fine_tuning(generated_root
     engine.fit(model=model, datamodule=datamodule)
     metrics = engine.test(model=model, datamodule=datamodule)[0]
     record = json.loads((Path(engine.trainer.default_root_dir) / "self_configuration.json").read_text())
-    assert len(record["selection"]["table"]) == len(model.model.candidates)
+    # K = 1: the local scorings alone (one embedding leaves the global part nothing to hold out)
+    assert [row["fusion"] for row in record["selection"]["table"]] == ["local"] * 3
+    assert model.model.fusion == "local"
     assert record["fine_tuning"]["fine_tuned"] is False and "K = 1" in record["fine_tuning"]["reason"]
     assert metrics["image_AUROC"] >= 0.8
     assert torch.isfinite(model.model.score_scale).all()
