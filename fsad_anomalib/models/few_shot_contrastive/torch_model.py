@@ -393,10 +393,11 @@ class FewShotContrastiveModel(DynamicBufferMixin, nn.Module):
             total = max(n_views, symmetry_count(hflip, vflip, rot90, square=images.shape[-1] == images.shape[-2]))
             if total < 2:  # noqa: PLR2004
                 logger.warning("FewShotContrastive: one image, one view and no flip or turn allowed leave no normal "
-                               "evidence to hold out; each part is divided by its score on the training image.")
+                               "evidence to hold out; each part is divided by its score on the training image, or by "
+                               "1 where that is 0 (one embedding, a memory bank of its own patches).")
                 g_score, p_score = self._scores(images)
-                p_value = p_score.mean() if self.local_mode == "patch" else torch.ones((), device=scale.device)
-                return shift_, torch.stack([g_score.mean(), p_value]).clamp_min(1e-6).to(scale)
+                values = torch.stack([g_score.mean(), p_score.mean()]).to(scale)
+                return shift_, torch.where(values > 1e-3, values, torch.ones_like(values))  # noqa: PLR2004
             views = torch.cat(list(fit_views(images, total, hflip, vflip, rot90)))
             patches, embeddings = [], []
             for start in range(0, views.shape[0], batch_size):
