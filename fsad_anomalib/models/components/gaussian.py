@@ -52,7 +52,9 @@ def fit_gaussian(x: torch.Tensor, eps: float = 1e-3) -> tuple[torch.Tensor, torc
     chol = torch.linalg.cholesky(cov)
     precision = torch.cholesky_inverse(chol)
     precision = 0.5 * (precision + precision.T)
-    return mean.to(x.dtype), precision.to(x.dtype), shrinkage
+    # contiguous: the symmetrised sum can come out with transposed strides, and BLAS then takes another path than for
+    # the same matrix loaded from a checkpoint (scores that differ in the last bits after a round trip)
+    return mean.to(x.dtype), precision.to(x.dtype).contiguous(), shrinkage
 
 
 def mahalanobis(x: torch.Tensor, mean: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
