@@ -3,7 +3,7 @@
 from .feature_extractor import build_feature_extractor, features_until
 from .gaussian import fit_gaussian, ledoit_wolf, mahalanobis
 from .sampling import greedy_coreset
-from .views import fit_views
+from fsad_anomalib.data.views import fit_views
 
 __all__ = [
     "build_feature_extractor",

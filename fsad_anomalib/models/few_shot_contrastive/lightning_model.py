@@ -17,6 +17,7 @@ and a second ``fit`` refits, where the mixin fits once per lifetime.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -41,6 +42,7 @@ from anomalib.visualization import Visualizer
 from fsad_anomalib.data.shifts import SHIFT_FAMILIES
 from fsad_anomalib.fine_tuning import ContrastiveFineTuning
 from fsad_anomalib.models.few_shot_contrastive.torch_model import FewShotContrastiveModel, NotFittedError
+from fsad_anomalib.post_processing import NormalThresholdPostProcessor
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +118,10 @@ class FewShotContrastive(AnomalibModule):
         seed (int): Seeds self-configuration's synthetic anomalies and ``"auto"`` fine-tuning: the same seed and
             images give the same choice. Defaults to ``0``.
         pre_processor (PreProcessor | bool): anomalib's pre-processor; ``True`` resizes to ``image_size``.
-        post_processor (PostProcessor | bool): anomalib's post-processor. Defaults to ``True``.
+        post_processor (PostProcessor | bool): ``True``: a
+            :class:`~fsad_anomalib.post_processing.NormalThresholdPostProcessor`, whose OK/NG threshold comes from
+            the K normals at a 5 % false-reject rate; anomalib's ``PostProcessor()`` learns the F1-optimal one from
+            labelled anomalies in a validation set. Defaults to ``True``.
         evaluator (Evaluator | bool): anomalib's evaluator. Defaults to ``True``.
         visualizer (Visualizer | bool): anomalib's visualizer. Defaults to ``True``.
 
@@ -206,8 +211,12 @@ class FewShotContrastive(AnomalibModule):
 
     @staticmethod
     def configure_post_processor() -> PostProcessor:
-        """anomalib's default post-processor (normalisation and thresholds from validation)."""
-        return PostProcessor()
+        """The OK/NG threshold (and the normalisation) from the K normals alone, at a 5 % false-reject rate.
+
+        ``post_processor=anomalib.post_processing.PostProcessor()`` learns anomalib's F1-optimal threshold from a
+        validation set with labelled anomalies instead.
+        """
+        return NormalThresholdPostProcessor()
 
     @property
     def learning_type(self) -> LearningType:
@@ -386,6 +395,22 @@ class FewShotContrastive(AnomalibModule):
         path = Path(trainer.default_root_dir) / "self_configuration.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(self.self_configuration, indent=2, default=float) + "\n")
+
+    def refit(self, images: torch.Tensor) -> FewShotContrastiveModel:
+        """A copy of the fitted torch model, refitted on ``images`` (for held-out scores of the normals).
+
+        The copy keeps what training chose from all K images (configuration, fine-tuned or frozen weights); only the
+        Gaussians, memory bank and standardisation are fitted again, with the model's views.
+        :class:`~fsad_anomalib.post_processing.NormalThresholdPostProcessor` scores each training image against
+        the model refitted on the others.
+        """
+        self._fit_if_needed()
+        self._require_fitted("refit")
+        with torch.inference_mode(False):
+            clone = copy.deepcopy(self.model)
+            clone.fit(images.to(self.device).clone(), n_views=self.n_views, hflip=self.hflip, vflip=self.vflip,
+                      rot90=self.rot90)  # fmt: skip
+        return clone.eval()
 
     def _fit_if_needed(self) -> None:
         if self._support and (not bool(self.model.is_fitted) or self._fitted_at_step != self.global_step):

@@ -32,7 +32,7 @@ from fsad_anomalib.models.components.held_out import (
     topk_mean,
 )
 from fsad_anomalib.models.components.sampling import greedy_coreset
-from fsad_anomalib.models.components.views import fit_views, symmetry_count
+from fsad_anomalib.data.views import fit_views, symmetry_count
 
 logger = logging.getLogger(__name__)
 

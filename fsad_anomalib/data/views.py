@@ -1,4 +1,5 @@
-"""Deterministic views of the K normal images for the Gaussian fit and the memory bank."""
+"""Deterministic views of the K normal images (identity, then the flips and turns the product allows): the fit's
+views, and the held-out views of self-configuration and of the normal-only threshold."""
 
 from __future__ import annotations
 

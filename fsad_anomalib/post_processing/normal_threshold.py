@@ -1,0 +1,327 @@
+"""An OK/NG threshold from the K normal training images alone, at a false-reject rate the user chooses.
+
+anomalib's :class:`~anomalib.post_processing.PostProcessor` learns its threshold (the F1-optimal one) and its score
+normalisation from a validation set that holds anomalies. A few-shot user has K good images and nothing else.
+:class:`NormalThresholdPostProcessor` sets both from those K images:
+
+1. **Held-out evidence.** A training image scores near zero against a memory bank or Gaussian fitted on itself, so
+   each of the K images is scored by the model refitted on the other K - 1 (leave-one-out). Below
+   ``VIEWS_BELOW`` images, each held-out image is also scored in the flips and turns the product allows; with
+   K = 1 the model is fitted on the image and scored on its flips and turns alone.
+2. **A small-sample bound.** The threshold is the one-sided normal *prediction bound* of the held-out scores
+   (log scores where all are positive, since distances are skewed to the right)::
+
+       threshold = mean + t(1 - rate; n - 1) * std * sqrt(1 + 1 / n)
+
+   For scores drawn from a normal distribution, a new normal image exceeds it with probability exactly
+   ``rate``, whatever n is (Student's t accounts for the mean and the deviation being estimated from n samples).
+   A plain quantile cannot do that with 4 or 8 samples (a 5 % quantile needs at least 20), and a conformal bound
+   would be infinite below 19. The price is the normality assumption; the benchmark measures the rate it reaches
+   on test normals.
+3. **Labels, masks and normalised scores.** The image threshold is set on the held-out image scores, the pixel
+   threshold on the maxima of the held-out anomaly maps (so that a good part's mask is empty at the same rate),
+   and both become anomalib's threshold buffers: the normalised score is 0.5 at the threshold, 0 at the lowest
+   held-out normal score, 1 as far above the threshold as that is below it. Checkpoints and exported graphs
+   carry the buffers, so a deployed model labels as the trained one does.
+
+Any memory-bank anomalib model (PatchCore, PaDiM, DFM, DFKDE, ...: a ``fit()`` after a training epoch that runs
+no optimiser) is refitted on copies made before its training epoch. A model can instead offer
+``refit(images) -> scorer``, a torch module fitted on ``images`` whose forward returns an ``InferenceBatch``, as
+FewShotContrastive does (its self-configuration and fine-tuning are kept; only the fit is redone).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from lightning import LightningModule, Trainer
+from scipy import stats
+from torch import nn
+
+from anomalib.data import Batch, ImageBatch, InferenceBatch
+from anomalib.post_processing import PostProcessor
+
+from fsad_anomalib.data.views import fit_views, symmetry_count
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["VIEWS_BELOW", "NormalThresholdPostProcessor", "prediction_bound"]
+
+# below this many images, each held-out image is also scored in its flips and turns
+VIEWS_BELOW = 4
+
+
+def prediction_bound(scores: torch.Tensor, false_reject_rate: float, n_effective: int | None = None) -> dict[str, Any]:
+    """The one-sided normal prediction bound of ``scores`` at ``false_reject_rate``.
+
+    Args:
+        scores (torch.Tensor): Held-out normal scores (1-D, finite).
+        false_reject_rate (float): The target probability that a new normal score lies above the bound.
+        n_effective (int | None): The number of independent samples behind ``scores`` (the images, where several
+            views of one image were scored); defaults to ``scores.numel()``.
+
+    Returns:
+        dict[str, Any]: ``threshold`` (float) and what it was computed from: ``transform`` (``log`` where all
+        scores are positive, else ``identity``), ``mean`` and ``std`` in that space, ``n``, ``t``.
+    """
+    values = scores.detach().double().flatten().cpu()
+    n = int(n_effective or values.numel())
+    if values.numel() < 2 or n < 2:  # noqa: PLR2004
+        msg = f"a prediction bound needs at least 2 held-out scores from 2 samples, got {values.numel()} from {n}."
+        raise ValueError(msg)
+    transform = "log" if bool((values > 0).all()) else "identity"
+    x = values.log() if transform == "log" else values
+    mean, std = float(x.mean()), float(x.std())
+    # scores that agree to the last digits would give a bound at the mean: keep a floor of 1 % of the level
+    std = max(std, 0.01 * max(abs(mean), 1e-12)) if transform == "identity" else max(std, 1e-3)
+    t = float(stats.t.ppf(1.0 - false_reject_rate, df=n - 1))
+    bound = mean + t * std * math.sqrt(1.0 + 1.0 / n)
+    threshold = math.exp(bound) if transform == "log" else bound
+    return {"threshold": threshold, "transform": transform, "mean": mean, "std": std, "n": n, "t": t}
+
+
+class NormalThresholdPostProcessor(PostProcessor):
+    """anomalib's post-processor with its threshold and normalisation set from the K normal training images.
+
+    Use it with any memory-bank anomalib model, or with FewShotContrastive (its default), and no validation split
+    (``val_split_mode: none``): the threshold is set when training ends, from leave-one-out refits on the training
+    images. Validation batches, where there are any, do not change it. To learn anomalib's F1-optimal threshold
+    from labelled anomalies instead, use :class:`anomalib.post_processing.PostProcessor` and a validation set.
+
+    Args:
+        false_reject_rate (float): Target share of good parts rejected, in (0, 0.5): 0.05 rejects about 50 good
+            parts in 1,000. Defaults to ``0.05``.
+        hflip (bool): The product may be flipped left-right: such views of a held-out image count as held-out
+            normals below ``VIEWS_BELOW`` images. Defaults to ``True``.
+        vflip (bool): As ``hflip``, top-bottom. Defaults to ``True``.
+        rot90 (bool): As ``hflip``, turns by 90 degrees (square images only). Defaults to ``True``.
+        **kwargs: :class:`~anomalib.post_processing.PostProcessor`'s arguments (``image_sensitivity`` other
+            than 0.5 moves the decision away from the threshold).
+
+    Example:
+        >>> from anomalib.models import Patchcore
+        >>> from fsad_anomalib.post_processing import NormalThresholdPostProcessor
+        >>> model = Patchcore(post_processor=NormalThresholdPostProcessor(false_reject_rate=0.01))
+    """
+
+    def __init__(
+        self,
+        false_reject_rate: float = 0.05,
+        hflip: bool = True,
+        vflip: bool = True,
+        rot90: bool = True,
+        **kwargs: Any,  # noqa: ANN401
+    ) -> None:
+        if isinstance(false_reject_rate, bool) or not isinstance(false_reject_rate, (int, float)) or not (
+            0.0 < float(false_reject_rate) < 0.5  # noqa: PLR2004
+        ):
+            msg = f"false_reject_rate must be a number in (0, 0.5), e.g. 0.05 for 5 % of good parts, got {false_reject_rate!r}."
+            raise ValueError(msg)
+        super().__init__(**kwargs)
+        self.false_reject_rate = float(false_reject_rate)
+        self.hflip, self.vflip, self.rot90 = bool(hflip), bool(vflip), bool(rot90)
+        # what the threshold was computed from (plain types: it goes into checkpoints)
+        self.calibration: dict[str, Any] = {}
+        self._images: dict[str, torch.Tensor] = {}
+        self._snapshot: LightningModule | None = None
+        self._calibrated = False
+
+    @property
+    def _checkpoint_config_keys(self) -> tuple[str, ...]:
+        return (*super()._checkpoint_config_keys, "false_reject_rate", "hflip", "vflip", "rot90", "calibration")
+
+    # ------------------------------------------------------------------ collecting the K normals
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Start a new calibration, and refuse a model it cannot refit before anything runs."""
+        del trainer
+        self._images, self._snapshot, self._calibrated = {}, None, False
+        if not callable(getattr(pl_module, "refit", None)) and not callable(getattr(pl_module, "fit", None)):
+            msg = (
+                f"NormalThresholdPostProcessor sets its threshold from leave-one-out refits on the training images, "
+                f"and {type(pl_module).__name__} can be neither refitted (it has no fit() after its training epoch, "
+                "as memory-bank models such as Patchcore and Padim do) nor asked to (no refit(images) method). Use "
+                "anomalib's PostProcessor and a validation set with labelled anomalies for this model."
+            )
+            raise TypeError(msg)
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Batch, batch_idx: int) -> None:
+        """Copy the model as it is before its first training step (after fine-tuning callbacks): the refits' start."""
+        del trainer, batch, batch_idx
+        if self._snapshot is None and not callable(getattr(pl_module, "refit", None)):
+            attached = pl_module._trainer  # noqa: SLF001 - a copy must not drag the trainer (and its data) along
+            pl_module._trainer = None  # noqa: SLF001
+            try:
+                self._snapshot = copy.deepcopy(pl_module)
+            finally:
+                pl_module._trainer = attached  # noqa: SLF001
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Batch, batch_idx: int  # noqa: ANN401
+    ) -> None:
+        """Keep the training images as the model saw them (after the pre-processor)."""
+        del trainer, pl_module, outputs, batch_idx
+        paths = getattr(batch, "image_path", None) or [None] * batch.image.shape[0]
+        for index, path in enumerate(paths):
+            key = str(path) if path is not None else f"#{len(self._images):06d}"
+            self._images[key] = batch.image[index].detach().cpu().clone()
+
+    # ------------------------------------------------------------------ when the threshold is set
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Set the threshold before the first validation (validation data never changes it)."""
+        self._calibrate_once(pl_module)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Set the threshold when training ends without a validation pass (``val_split_mode: none``)."""
+        self._calibrate_once(pl_module)
+
+    def on_validation_batch_end(self, *args: Any, **kwargs: Any) -> None:  # noqa: ANN401
+        """Validation batches do not move a threshold set on the normals."""
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Validation batches do not move a threshold set on the normals."""
+
+    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Warn when testing without a threshold (a model built but never trained with this post-processor)."""
+        self._warn_if_unset("test")
+
+    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Warn when predicting without a threshold."""
+        self._warn_if_unset("predict")
+
+    def _warn_if_unset(self, what: str) -> None:
+        if torch.isnan(self._image_threshold).item() and torch.isnan(self._pixel_threshold).item():
+            logger.warning("NormalThresholdPostProcessor: no threshold to %s with: train the model (with this "
+                           "post-processor) or load a trained checkpoint; scores are left raw and unlabelled.", what)
+
+    def _calibrate_once(self, pl_module: LightningModule) -> None:
+        if self._calibrated or not self._images:
+            return
+        self._calibrated = True
+        images = torch.stack([self._images[key] for key in sorted(self._images)])
+        refit = pl_module.refit if callable(getattr(pl_module, "refit", None)) else self._refit
+        was_training = pl_module.training
+        try:
+            self.calibrate(images, refit)
+        finally:
+            pl_module.train(was_training)
+            self._snapshot = None  # the copy is only needed for the refits
+            self._images = {}
+
+    # ------------------------------------------------------------------ the threshold
+    def _refit(self, images: torch.Tensor) -> nn.Module:
+        """The model refitted on ``images`` from the copy made before training: its torch model, fitted."""
+        if self._snapshot is None:
+            msg = "NormalThresholdPostProcessor: no copy of the model from before training to refit."
+            raise RuntimeError(msg)
+        clone = copy.deepcopy(self._snapshot)
+        device = next((p.device for p in clone.parameters()), torch.device("cpu"))
+        clone.train()
+        with torch.no_grad():
+            for start in range(0, images.shape[0], 32):
+                clone.training_step(ImageBatch(image=images[start : start + 32].to(device)), start // 32)
+            clone.fit()
+        if hasattr(clone, "_is_fitted"):  # anomalib's MemoryBankMixin
+            clone._is_fitted = torch.tensor([True], device=device)  # noqa: SLF001
+        return clone.model.eval()
+
+    def held_out(
+        self, images: torch.Tensor, refit: Callable[[torch.Tensor], nn.Module]
+    ) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+        """Held-out image scores and anomaly-map maxima of the K normal ``images``.
+
+        Returns the scores, the map maxima (NaN where the model gives no map), how many independent images they
+        come from, and how many views of each were scored.
+        """
+        k = images.shape[0]
+        n_views = symmetry_count(self.hflip, self.vflip, self.rot90, square=images.shape[-1] == images.shape[-2])
+        if k >= VIEWS_BELOW:
+            n_views = 1
+        scores, maxima = [], []
+
+        def score(scorer: nn.Module, query: torch.Tensor) -> None:
+            device = next((b.device for b in scorer.buffers()), query.device)
+            with torch.no_grad():
+                out = scorer(query.to(device))
+            out = out if isinstance(out, InferenceBatch) else InferenceBatch(**dict(out))
+            pred = out.pred_score if out.pred_score is not None else out.anomaly_map.flatten(1).amax(dim=1)
+            scores.append(pred.detach().float().flatten().cpu())
+            if out.anomaly_map is not None:
+                maxima.append(out.anomaly_map.detach().float().flatten(1).amax(dim=1).cpu())
+            else:
+                maxima.append(torch.full((query.shape[0],), float("nan")))
+
+        if k == 1:
+            if n_views < 2:  # noqa: PLR2004
+                msg = ("one training image and no flip or turn allowed (hflip, vflip, rot90 all False) leave no "
+                       "normal evidence to hold out")  # fmt: skip
+                raise ValueError(msg)
+            score(refit(images), torch.cat(list(fit_views(images, n_views, self.hflip, self.vflip, self.rot90)))[1:])
+            return torch.cat(scores), torch.cat(maxima), n_views - 1, n_views
+        for i in range(k):
+            keep = torch.cat([images[:i], images[i + 1 :]])
+            query = torch.cat(list(fit_views(images[i : i + 1], n_views, self.hflip, self.vflip, self.rot90)))
+            score(refit(keep), query)
+        return torch.cat(scores), torch.cat(maxima), k * n_views, n_views
+
+    def calibrate(self, images: torch.Tensor, refit: Callable[[torch.Tensor], nn.Module]) -> dict[str, Any]:
+        """Set the image and pixel thresholds and the normalisation from held-out scores of the normal ``images``.
+
+        ``refit(images)`` returns a scorer fitted on ``images``. The record of what was computed is kept in
+        ``calibration`` (and in checkpoints).
+        """
+        k = images.shape[0]
+        try:
+            scores, maxima, n_scores, n_views = self.held_out(images, refit)
+        except ValueError as error:
+            logger.warning("NormalThresholdPostProcessor: %s; no threshold is set and scores stay unlabelled.", error)
+            self.calibration = {"k_shot": k, "error": str(error)}
+            return self.calibration
+        record: dict[str, Any] = {"k_shot": k, "false_reject_rate": self.false_reject_rate, "views": n_views,
+                                  "estimator": "normal prediction bound", "held_out_scores": scores.tolist()}  # fmt: skip
+        image = self._bound(scores, n_scores, "image scores")
+        if image is not None:
+            record["image"] = image
+            self._set(self._image_threshold, self.image_min, self.image_max, image["threshold"], float(scores.min()))
+        finite = maxima[torch.isfinite(maxima)]
+        pixel = self._bound(finite, n_scores, "anomaly-map maxima") if finite.numel() else None
+        if pixel is not None:
+            record["pixel"] = pixel
+            self._set(self._pixel_threshold, self.pixel_min, self.pixel_max, pixel["threshold"], float(finite.min()))
+        if k == 1:
+            logger.warning("NormalThresholdPostProcessor: the threshold rests on one image (scored in %d flips and "
+                           "turns): its false-reject rate is a rough guess. Train on more normal images for a "
+                           "threshold you can defend.", n_views - 1)  # fmt: skip
+        elif k < VIEWS_BELOW:
+            logger.warning("NormalThresholdPostProcessor: the threshold rests on %d images (each also scored in its "
+                           "flips and turns, which are not independent): its false-reject rate is uncertain.", k)
+        if image is not None:
+            logger.info("NormalThresholdPostProcessor: image threshold %.6g for a %.1f %% false-reject rate, from %d "
+                        "held-out scores of %d images", image["threshold"], 100 * self.false_reject_rate, scores.numel(),
+                        k)  # fmt: skip
+        self.calibration = record
+        return record
+
+    def _bound(self, scores: torch.Tensor, n_scores: int, what: str) -> dict[str, Any] | None:
+        finite = scores[torch.isfinite(scores)]
+        if finite.numel() < scores.numel():
+            logger.warning("NormalThresholdPostProcessor: %d of %d held-out %s are NaN or infinite (the model cannot "
+                           "score from the remaining images); they are left out.", scores.numel() - finite.numel(),
+                           scores.numel(), what)  # fmt: skip
+        try:
+            return prediction_bound(finite, self.false_reject_rate, n_effective=min(n_scores, finite.numel()))
+        except ValueError as error:
+            logger.warning("NormalThresholdPostProcessor: no threshold from the %s: %s", what, error)
+            return None
+
+    @staticmethod
+    def _set(threshold: torch.Tensor, low: torch.Tensor, high: torch.Tensor, value: float, lowest: float) -> None:
+        """0.5 at the threshold, 0 at the lowest held-out normal, 1 as far above the threshold."""
+        lowest = min(lowest, value)
+        threshold.fill_(value)
+        low.fill_(lowest)
+        high.fill_(2 * value - lowest if value > lowest else value + 1.0)
