@@ -43,6 +43,14 @@ def test_benchmark_end_to_end_and_resume(generated_root, tmp_path):
     assert padim_1["non_finite_scores"] > 0 and math.isnan(padim_1["image_AUROC"])
     assert all(r["non_finite_scores"] == 0 for r in rows if r is not padim_1)
     assert json.loads((out / "backbone_floor.json").read_text())["ms_b1"] > 0
+    # each run's threshold, set from its K normals, and what it does on the test set beside the oracle's
+    for r in (by_method["FewShotContrastive"], by_method["PatchCore"]):
+        record = r["threshold"]
+        assert record["target_false_reject_rate"] == 0.05 and math.isfinite(record["threshold"])
+        assert 0 <= record["false_reject_rate"] <= 1 and record["detection_rate"] > 0.5
+        assert set(record["at"]) == {"0.01", "0.05"} and record["at"]["0.01"]["threshold"] > record["threshold"]
+        assert record["oracle_detection_rate"] >= 0.5
+    assert "false rejects" in printed[1]
     # resuming runs nothing new
     printed.clear()
     again = run_benchmark(sets, k_shots=[1, 2], seeds=[0], methods=methods, output=out, image_size=64,
@@ -53,6 +61,7 @@ def test_benchmark_end_to_end_and_resume(generated_root, tmp_path):
     table = write_table(again, out / "results.md", methods=methods)
     assert "PatchCore" in table and "K=2" in table
     assert "NaN in 1/1" in table  # PaDiM at K = 1
+    assert "OK/NG decision" in table and "| generated toy | 2 | 1 % | PatchCore | 1 |" in table
     plots = write_plots(again, out)
     assert all(p.exists() and p.stat().st_size > 0 for p in plots)
     # the command line rewrites the table from the runs alone, for a subset, without running anything
@@ -353,6 +362,7 @@ def test_benchmark_refuses_a_wrong_set_before_the_first_run(argv, expected, tmp_
         (["--seeds", "-1"], "argument --seeds: expected an integer >= 0, got '-1'"),  # numpy's seed bound, deep inside
         (["--image-size", "16"], "argument --image-size: expected an integer >= 32, got '16'"),
         (["--eval-batch-size", "0"], "argument --eval-batch-size: expected an integer >= 1, got '0'"),
+        (["--false-reject-rate", "5"], "argument --false-reject-rate: expected a rate in (0, 0.5), e.g. 0.05"),
     ],
 )
 def test_benchmark_numeric_options_are_checked_up_front(argv, expected, tmp_path, capsys):

@@ -1,4 +1,8 @@
-"""Export to torch, ONNX and OpenVINO gives the eager model's scores, labels and maps."""
+"""Export to torch, ONNX and OpenVINO gives the eager model's scores, labels and maps.
+
+The model trains with no validation split: its OK/NG threshold comes from the K normals alone
+(NormalThresholdPostProcessor, the default), and the exported graphs carry it.
+"""
 
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ IMAGE_SIZE = 96
 def trained(generated_root, tmp_path_factory):
     seed_everything(0)
     root = tmp_path_factory.mktemp("export")
-    datamodule = FewShot(folder_datamodule(generated_root), k_shot=4, seed=0)
+    datamodule = FewShot(folder_datamodule(generated_root, val_split_mode="none"), k_shot=4, seed=0)
     model = FewShotContrastive(image_size=IMAGE_SIZE, fine_tuning={"steps": 3}, n_views=4)
     engine = Engine(default_root_dir=root, logger=False, enable_progress_bar=False, accelerator="cpu")
     engine.fit(model=model, datamodule=datamodule)
@@ -30,6 +34,17 @@ def trained(generated_root, tmp_path_factory):
     with torch.no_grad():
         eager = model(images)
     return {"model": model, "engine": engine, "root": root, "images": images, "eager": eager}
+
+
+def test_the_normal_only_threshold_labels_the_test_images(trained):
+    """No validation set: the threshold is finite and separates the generated test images (so that the label
+    comparisons below compare decisions, not a constant)."""
+    post = trained["model"].post_processor
+    assert torch.isfinite(post.image_threshold) and torch.isfinite(post.pixel_threshold)
+    labels = trained["eager"].pred_label.flatten()
+    assert 0 < int(labels.sum()) < labels.numel()
+    # normalised score 0.5 at the threshold: label <=> score above 0.5
+    assert torch.equal(labels.bool(), trained["eager"].pred_score.flatten() > 0.5)
 
 
 def test_onnx_runtime_matches_eager(trained):
@@ -61,6 +76,10 @@ def test_openvino_matches_eager(trained, tmp_path, monkeypatch):
         np.testing.assert_allclose(np.asarray(result.anomaly_map).reshape(-1), eager.anomaly_map[index].numpy().reshape(-1), rtol=1e-3, atol=1e-4)
         if abs(eager.pred_score[index].item() - 0.5) > 1e-4:
             assert bool(np.asarray(result.pred_label).item()) == bool(eager.pred_label[index].item())
+    labels = [bool(np.asarray(inferencer.predict(image).pred_label).item()) for image in trained["images"]]
+    agree = [a == bool(b) for a, b, s in zip(labels, eager.pred_label.flatten(), eager.pred_score.flatten(), strict=True)
+             if abs(s.item() - 0.5) > 1e-4]  # fmt: skip
+    assert all(agree) and len(agree) >= len(labels) - 1
 
 
 def test_onnx_accepts_other_image_sizes(trained):

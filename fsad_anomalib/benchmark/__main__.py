@@ -73,6 +73,17 @@ def _check_model_args(parser: argparse.ArgumentParser, args: argparse.Namespace,
             parser.error(f"FewShotContrastive on {label} (--model-args, --set-model-args, --backbone): {exc}")
 
 
+def _rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 < value < 0.5:  # noqa: PLR2004
+        msg = f"expected a rate in (0, 0.5), e.g. 0.05 for 5 % of good parts rejected, got '{text}'"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and write runs.jsonl, results.md and PNG plots."""
     parser = argparse.ArgumentParser(prog="python -m fsad_anomalib.benchmark", description=__doc__,
@@ -99,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--evaluation", choices=["test", "dev", "shift"], default="test",
                         help="offline sets: score on the test set, on the development set (images the test set "
                         "never uses) to choose settings, or on whole-image shifts of pool normals (shift)")
+    parser.add_argument("--false-reject-rate", type=_rate, default=0.05,
+                        help="each method's OK/NG threshold is set from its K normals for this target share of good "
+                        "parts rejected; results.md tables the rates it gives on the test set (default 0.05)")
     parser.add_argument("--eval-batch-size", type=int_at_least(1), default=32)
     parser.add_argument("--accelerator", default="auto",
                         help="Lightning accelerator of every run (auto, cpu, gpu, ...); one device per run")
@@ -160,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = run_benchmark(
         builders, k_shots=args.k, seeds=args.seeds, methods=args.methods, output=args.output,
             backbone=args.backbone, image_size=args.image_size, fsc_args=fsc_args, set_fsc_args=set_args,
-            time_inference=not args.no_timing, accelerator=args.accelerator,
+            time_inference=not args.no_timing, accelerator=args.accelerator, false_reject_rate=args.false_reject_rate,
             progress=lambda line: print(line, flush=True),
         )  # fmt: skip
     wanted = {tuple(label.partition("/")[::2]) for label in labels}

@@ -8,30 +8,39 @@ from torchvision.transforms.v2 import Compose, Normalize, Resize
 
 from anomalib.metrics import AUROC, Evaluator
 from anomalib.models import Padim, Patchcore
-from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 
 from fsad_anomalib.backbones import backbone_normalization, resolve_backbone
 from fsad_anomalib.fine_tuning import ContrastiveFineTuning
 from fsad_anomalib.models import FewShotContrastive
+from fsad_anomalib.post_processing import NormalThresholdPostProcessor
 
 __all__ = ["FSC_VARIANTS", "METHODS", "OrderPreservingPostProcessor", "build_method", "few_shot_contrastive_args",
            "method_callbacks", "ranking_components"]
 
 
-class OrderPreservingPostProcessor(PostProcessor):
-    """Maps scores and anomaly maps into (0, 1) with ``0.5 + 0.5 * s / (1 + |s|)``, which keeps their order.
+class OrderPreservingPostProcessor(NormalThresholdPostProcessor):
+    """The normal-only threshold of :class:`NormalThresholdPostProcessor`, with scores kept in their order.
 
-    No statistics, so no validation pass is needed. The map matters: torchmetrics' AUROC passes scores
-    outside [0, 1] through a sigmoid, which rounds every distance above about 17 to 1.0 in float32 and
-    turns the ranking into ties.
+    The threshold is set from the K training normals exactly as in deployment; the test batches' raw scores and
+    labels are kept (``raw_scores``, ``gt_labels``) so that the benchmark can measure the false-reject and detection
+    rates at it. Scores and anomaly maps are then mapped into (0, 1) with ``0.5 + 0.5 * s / (1 + |s|)``, which keeps
+    their order: anomalib's normalisation clamps every score far above the threshold to 1, which ties anomalies,
+    and torchmetrics' AUROC passes scores outside [0, 1] through a sigmoid, which rounds every distance above about
+    17 to 1.0 in float32.
     """
 
-    def __init__(self) -> None:
-        super().__init__(enable_normalization=False, enable_thresholding=False)
+    def __init__(self, false_reject_rate: float = 0.05) -> None:
+        super().__init__(false_reject_rate=false_reject_rate, enable_normalization=False, enable_thresholding=False)
+        self.raw_scores: list[float] = []
+        self.gt_labels: list[int] = []
 
     def post_process_batch(self, batch) -> None:  # noqa: ANN001
-        """Squash ``pred_score`` and ``anomaly_map`` in place, in float64 to keep close scores apart."""
+        """Keep the raw scores and labels, then squash ``pred_score`` and ``anomaly_map`` in place (float64)."""
+        if batch.pred_score is not None:
+            self.raw_scores += batch.pred_score.detach().double().flatten().cpu().tolist()
+            labels = batch.gt_label if batch.gt_label is not None else [-1] * batch.pred_score.shape[0]
+            self.gt_labels += [int(label) for label in labels]
         for field in ("pred_score", "anomaly_map"):
             value = getattr(batch, field, None)
             if value is not None:
@@ -39,16 +48,15 @@ class OrderPreservingPostProcessor(PostProcessor):
                 setattr(batch, field, (0.5 + 0.5 * v / (1 + v.abs())).to(value.dtype))
 
 
-def ranking_components() -> dict[str, Any]:
+def ranking_components(false_reject_rate: float = 0.05) -> dict[str, Any]:
     """Post-processor and evaluator for the benchmark: anomalib's AUROC, one pass over the test set.
 
-    anomalib's default post-processor normalises scores with statistics from a validation pass, and its
-    evaluator needs thresholds from it. AUROC is a ranking metric: any increasing map of the scores gives
-    the same value, so the benchmark maps the scores with :class:`OrderPreservingPostProcessor` and skips
+    The post-processor sets each method's threshold from its K normals (:class:`OrderPreservingPostProcessor`);
+    AUROC is a ranking metric, so any increasing map of the scores gives the same value, and the benchmark skips
     the validation pass, which scored the same test images a second time.
     """
     return {
-        "post_processor": OrderPreservingPostProcessor(),
+        "post_processor": OrderPreservingPostProcessor(false_reject_rate),
         "evaluator": Evaluator(
             test_metrics=[
                 AUROC(fields=["pred_score", "gt_label"], prefix="image_"),
@@ -113,10 +121,16 @@ def few_shot_contrastive_args(name: str, fsc_args: dict[str, Any] | None = None)
     return args
 
 
-def build_method(name: str, backbone: str, image_size: int, fsc_args: dict[str, Any] | None = None):  # noqa: ANN201
-    """Instantiate method ``name``; PatchCore and PaDiM get the backbone's normalisation and image size."""
+def build_method(  # noqa: ANN201
+    name: str, backbone: str, image_size: int, fsc_args: dict[str, Any] | None = None, false_reject_rate: float = 0.05
+):
+    """Instantiate method ``name``; PatchCore and PaDiM get the backbone's normalisation and image size.
+
+    Every method's threshold comes from its K normals at ``false_reject_rate``.
+    """
+    components = ranking_components(false_reject_rate)
     if name in FSC_VARIANTS:
-        args = {"visualizer": False, **ranking_components(), **few_shot_contrastive_args(name, fsc_args)}
+        args = {"visualizer": False, **components, **few_shot_contrastive_args(name, fsc_args)}
         return FewShotContrastive(backbone=backbone, image_size=image_size, **args)
     name = name.removesuffix("+fine-tuning")
     timm_name = resolve_backbone(backbone)
@@ -124,9 +138,9 @@ def build_method(name: str, backbone: str, image_size: int, fsc_args: dict[str, 
     pre = PreProcessor(transform=Compose([Resize((image_size, image_size), antialias=True), Normalize(mean, std)]))
     if name == "PatchCore":
         return Patchcore(backbone=timm_name, layers=["blocks.2", "blocks.4"], pre_processor=pre, visualizer=False,
-                         **ranking_components())
+                         **components)
     if name == "PaDiM":
         return Padim(backbone=timm_name, layers=["blocks.1", "blocks.2", "blocks.4"], n_features=100, pre_processor=pre,
-                     visualizer=False, **ranking_components())
+                     visualizer=False, **components)
     msg = f"Unknown method '{name}'. Known: {METHODS}."
     raise ValueError(msg)

@@ -9,7 +9,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-__all__ = ["paired_table", "sign_flip_p", "summarise", "write_plots", "write_table", "write_time_plot"]
+__all__ = ["paired_table", "sign_flip_p", "summarise", "threshold_table", "write_plots", "write_table", "write_time_plot"]
 
 
 def _has_value(value: float | None) -> bool:
@@ -68,6 +68,37 @@ def _metric_table(summary: dict[tuple, dict[str, Any]], methods: list[str], entr
     return lines
 
 
+def threshold_table(rows: list[dict[str, Any]], methods: list[str] | None = None) -> list[str]:
+    """Per set, K and method: the normal-only threshold's false-reject rate on the test normals and detection rate
+    on the test anomalies (means over seeds), beside the same rates at anomalib's oracle F1 threshold, learned on the
+    test set itself. Runs without a threshold record (older runs.jsonl lines) are left out."""
+    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        if isinstance(row.get("threshold"), dict):
+            record = row["threshold"]
+            targets = record.get("at") or {f"{record['target_false_reject_rate']:g}": record}
+            for target, at in targets.items():
+                groups[(row["dataset"], row["category"], row["k_shot"], float(target), row["method"])].append(
+                    {**record, "false_reject_rate": at["false_reject_rate"], "detection_rate": at["detection_rate"]})
+    if not groups:
+        return []
+    order = {name: index for index, name in enumerate(methods or sorted({key[4] for key in groups}))}
+    lines = ["| set | K | target | method | runs | false rejects | detected | oracle F1: false rejects | detected |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for key in sorted(groups, key=lambda key: (key[0], key[1], key[2], key[3], order.get(key[4], len(order)), key[4])):
+        dataset, category, k, target, method = key
+        group = groups[key]
+        cells = []
+        for field in ("false_reject_rate", "detection_rate", "oracle_false_reject_rate", "oracle_detection_rate"):
+            values = [r[field] for r in group if _has_value(r.get(field))]
+            missing = len(group) - len(values)
+            cell = f"{100 * statistics.fmean(values):.1f} %" if values else "-"
+            cells.append(cell + (f" ({missing} without)" if missing and values else ""))
+        lines.append(f"| {dataset} {category} | {k} | {100 * target:g} % | {method} | {len(group)} | "
+                     + " | ".join(cells) + " |")
+    return lines
+
+
 def write_table(rows: list[dict[str, Any]], path: str | Path, methods: list[str] | None = None) -> str:
     """Markdown table: one row per set and method, one column per K, mean +- std image AUROC.
 
@@ -90,6 +121,11 @@ def write_table(rows: list[dict[str, Any]], path: str | Path, methods: list[str]
         pixel = {key: value for key, value in summary.items() if (key[0], key[1]) in with_masks}
         lines += ["", "Pixel AUROC (anomaly maps against the ground-truth masks), mean +- std over seeds:", ""]
         lines += _metric_table(pixel, methods, "pixel_auroc")
+    thresholds = threshold_table(rows, methods)
+    if thresholds:
+        lines += ["", "OK/NG decision at the threshold each method sets from its K normals (target false-reject rate), "
+                  "and at anomalib's F1-optimal threshold learned on the test set (an oracle no user has); rates on "
+                  "the test normals and anomalies, means over seeds:", "", *thresholds]
     text = "\n".join(lines) + "\n"
     Path(path).write_text(text)
     return text

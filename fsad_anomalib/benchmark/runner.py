@@ -10,6 +10,7 @@ import ctypes
 import gc
 import json
 import logging
+import math
 import resource
 import statistics
 import tempfile
@@ -31,7 +32,8 @@ from fsad_anomalib.data import FewShot
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["NonFiniteScoreCounter", "load_runs", "merge_runs", "peak_rss_mb", "run_benchmark", "time_forward"]
+__all__ = ["RECORDED_RATES", "NonFiniteScoreCounter", "decision_rates", "load_runs", "merge_runs", "oracle_f1_threshold",
+           "peak_rss_mb", "run_benchmark", "threshold_record", "time_forward"]
 
 
 def peak_rss_mb() -> float:
@@ -128,6 +130,59 @@ def merge_runs(rows: list[dict[str, Any]], *others: list[dict[str, Any]]) -> lis
     return merged
 
 
+def decision_rates(scores: list[float], labels: list[int], threshold: float) -> dict[str, float]:
+    """False-reject rate on the normals (label 0) and detection rate on the anomalies (label 1) of ``score >
+    threshold``, the decision anomalib's post-processor makes; NaN where the threshold or a class is missing."""
+    normal = [s for s, y in zip(scores, labels, strict=True) if y == 0]
+    anomalous = [s for s, y in zip(scores, labels, strict=True) if y == 1]
+    finite = threshold is not None and math.isfinite(threshold)
+
+    def rate(values: list[float]) -> float:
+        return sum(v > threshold for v in values) / len(values) if finite and values else float("nan")
+
+    return {"false_reject_rate": rate(normal), "detection_rate": rate(anomalous)}
+
+
+def oracle_f1_threshold(scores: list[float], labels: list[int]) -> float:
+    """anomalib's F1-adaptive threshold learned on these (test) scores and labels: the best F1 they allow."""
+    from anomalib.metrics.threshold.f1_adaptive_threshold import _F1AdaptiveThreshold  # noqa: PLC0415
+
+    pairs = [(s, y) for s, y in zip(scores, labels, strict=True) if y in (0, 1) and math.isfinite(s)]
+    if not pairs or len({y for _, y in pairs}) < 2:  # noqa: PLR2004
+        return float("nan")
+    metric = _F1AdaptiveThreshold()
+    metric.update(torch.tensor([s for s, _ in pairs], dtype=torch.float64), torch.tensor([y for _, y in pairs]))
+    return float(metric.compute())
+
+
+# besides the run's own target, every run records what the same held-out evidence gives at these targets
+RECORDED_RATES = (0.01, 0.05)
+
+
+def threshold_record(post_processor: Any, target: float) -> dict[str, Any]:  # noqa: ANN401
+    """What a run's normal-only threshold does on the test set, beside anomalib's oracle F1 threshold.
+
+    ``at`` holds the threshold and the two rates at each of ``RECORDED_RATES`` and ``target``, all from the same
+    held-out evidence (:meth:`NormalThresholdPostProcessor.threshold_at`), so one run measures several targets.
+    """
+    scores = list(getattr(post_processor, "raw_scores", []))
+    labels = list(getattr(post_processor, "gt_labels", []))
+    threshold = float(post_processor._image_threshold) if post_processor is not None else float("nan")  # noqa: SLF001
+    oracle = oracle_f1_threshold(scores, labels)
+    own, best = decision_rates(scores, labels, threshold), decision_rates(scores, labels, oracle)
+    at = {}
+    for rate in sorted({*RECORDED_RATES, target}):
+        try:
+            value = float(post_processor.threshold_at(rate)) if rate != target else threshold
+        except (AttributeError, ValueError):
+            value = float("nan")
+        at[f"{rate:g}"] = {"threshold": value, **decision_rates(scores, labels, value)}
+    return {"target_false_reject_rate": target, "threshold": threshold, "false_reject_rate": own["false_reject_rate"],
+            "detection_rate": own["detection_rate"], "oracle_threshold": oracle,
+            "oracle_false_reject_rate": best["false_reject_rate"], "oracle_detection_rate": best["detection_rate"],
+            "at": at}  # fmt: skip
+
+
 def run_benchmark(
     datamodules: dict[str, Callable[[], AnomalibDataModule]],
     k_shots: Iterable[int] = (1, 2, 4, 8, 16),
@@ -141,13 +196,15 @@ def run_benchmark(
     set_fsc_args: dict[str, dict[str, Any]] | None = None,
     accelerator: str = "auto",
     progress: Callable[[str], None] = print,
+    false_reject_rate: float = 0.05,
 ) -> list[dict[str, Any]]:
     """Run every (datamodule, K, seed, method) not yet in ``output/runs.jsonl`` and return all rows.
 
     ``fsc_args`` go to every FewShotContrastive variant; ``set_fsc_args[label]`` override them on one set.
     Each run trains and tests on one device of ``accelerator`` (Lightning's name: ``auto``, ``cpu``, ``gpu``);
     spread a large sweep by giving each process its own ``--sets`` or ``--seeds`` and output folder.
-    Each row records the arguments its model was built with.
+    Each row records the arguments its model was built with, and what its threshold, set from the K normals at
+    ``false_reject_rate``, does on the test set (beside anomalib's oracle F1 threshold learned on it).
     """
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
@@ -175,7 +232,7 @@ def run_benchmark(
         progress(f"[{index}/{len(plan)}] {label} K={k_shot} seed={seed} {method}")
         args = {**(fsc_args or {}), **(set_fsc_args or {}).get(label, {})}
         row = _run_one(datamodules[label](), dataset, category, k_shot, seed, method, backbone, image_size, args,
-                       time_inference, accelerator)
+                       time_inference, accelerator, false_reject_rate)
         rows.append(row)
         with runs_file.open("a") as handle:
             handle.write(json.dumps(row) + "\n")
@@ -185,7 +242,9 @@ def run_benchmark(
         finished += 1
         elapsed = time.perf_counter() - started
         left = f", about {_duration(elapsed / finished * (todo - finished))} left" if finished < todo else ""
-        progress(f"    image AUROC {row['image_AUROC']:.3f}  train {row['train_s']:.1f}s  peak RSS {row['peak_rss_mb']:.0f} MiB"
+        rates = row["threshold"]
+        progress(f"    image AUROC {row['image_AUROC']:.3f}  false rejects {rates['false_reject_rate']:.1%}  detected "
+                 f"{rates['detection_rate']:.1%}  train {row['train_s']:.1f}s  peak RSS {row['peak_rss_mb']:.0f} MiB"
                  f"  ({finished}/{todo} done in {_duration(elapsed)}{left})")
         _trim_heap()
     return rows
@@ -211,10 +270,11 @@ def _run_one(
     fsc_args: dict[str, Any] | None,
     time_inference: bool,
     accelerator: str = "auto",
+    false_reject_rate: float = 0.05,
 ) -> dict[str, Any]:
     seed_everything(seed, verbose=False)
     few_shot = FewShot(datamodule, k_shot=k_shot, seed=seed)
-    model = build_method(method, backbone, image_size, fsc_args)
+    model = build_method(method, backbone, image_size, fsc_args, false_reject_rate)
     with tempfile.TemporaryDirectory(prefix="fsad-bench-") as workdir:
         engine = Engine(default_root_dir=workdir, logger=False, enable_progress_bar=False, enable_model_summary=False,
                         accelerator=accelerator, devices=1, callbacks=[*method_callbacks(method), counter := NonFiniteScoreCounter()])
@@ -240,6 +300,7 @@ def _run_one(
         "test_anomalous": test_anomalous,
         "support_set": few_shot.support_set,
         "model_args": (fsc_args or {}) if method in FSC_VARIANTS else {},
+        "threshold": threshold_record(model.post_processor, false_reject_rate),
     }
     record = getattr(model, "self_configuration", None)
     if record:  # FewShotContrastive: what it chose from the K normals, and the fine-tuning decision's evidence

@@ -18,11 +18,17 @@ normalisation from a validation set that holds anomalies. A few-shot user has K 
    A plain quantile cannot do that with 4 or 8 samples (a 5 % quantile needs at least 20), and a conformal bound
    would be infinite below 19. The price is the normality assumption; the benchmark measures the rate it reaches
    on test normals.
+   Leave-one-out scores come from K - 1 references, and a normal scores a little higher against fewer (its nearest
+   neighbours lie farther); where the normals vary little this bias outweighs their spread. From ``VIEWS_BELOW``
+   images on, each image is also scored against K - 2 of the others, and the step from K - 2 to K - 1 references
+   is extrapolated to K (:func:`bank_size_shift`), which lowers the mean before the bound. Models whose scores are
+   standardised on held-out normals of their own bank (FewShotContrastive) carry no such bias and skip it.
 3. **Labels, masks and normalised scores.** The image threshold is set on the held-out image scores, the pixel
    threshold on the maxima of the held-out anomaly maps (so that a good part's mask is empty at the same rate),
-   and both become anomalib's threshold buffers: the normalised score is 0.5 at the threshold, 0 at the lowest
-   held-out normal score, 1 as far above the threshold as that is below it. Checkpoints and exported graphs
-   carry the buffers, so a deployed model labels as the trained one does.
+   and both become anomalib's threshold buffers: the normalised score is 0.5 at the threshold, 0.25 at the lowest
+   held-out normal score, 0.75 as far above the threshold as that is below it, and strictly increasing in (0, 1)
+   (never clamped, so AUROC on normalised scores equals AUROC on raw ones). Checkpoints and exported graphs carry
+   the buffers, so a deployed model labels as the trained one does.
 
 Any memory-bank anomalib model (PatchCore, PaDiM, DFM, DFKDE, ...: a ``fit()`` after a training epoch that runs
 no optimiser) is refitted on copies made before its training epoch. A model can instead offer
@@ -50,13 +56,25 @@ from fsad_anomalib.data.views import fit_views, symmetry_count
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["VIEWS_BELOW", "NormalThresholdPostProcessor", "prediction_bound"]
+__all__ = ["VIEWS_BELOW", "NormalThresholdPostProcessor", "bank_size_shift", "bound_at", "prediction_bound"]
 
 # below this many images, each held-out image is also scored in its flips and turns
 VIEWS_BELOW = 4
 
 
-def prediction_bound(scores: torch.Tensor, false_reject_rate: float, n_effective: int | None = None) -> dict[str, Any]:
+def transform_of(scores: torch.Tensor) -> str:
+    """``log`` where all ``scores`` are positive (distances, skewed to the right), else ``identity``."""
+    return "log" if bool((scores > 0).all()) else "identity"
+
+
+def _transformed(scores: torch.Tensor, transform: str) -> torch.Tensor:
+    values = scores.detach().double().flatten().cpu()
+    return values.log() if transform == "log" else values
+
+
+def prediction_bound(
+    scores: torch.Tensor, false_reject_rate: float, n_effective: int | None = None, shift: float = 0.0
+) -> dict[str, Any]:
     """The one-sided normal prediction bound of ``scores`` at ``false_reject_rate``.
 
     Args:
@@ -64,6 +82,7 @@ def prediction_bound(scores: torch.Tensor, false_reject_rate: float, n_effective
         false_reject_rate (float): The target probability that a new normal score lies above the bound.
         n_effective (int | None): The number of independent samples behind ``scores`` (the images, where several
             views of one image were scored); defaults to ``scores.numel()``.
+        shift (float): Added to the mean (in the transformed space) before the bound: the bank-size correction.
 
     Returns:
         dict[str, Any]: ``threshold`` (float) and what it was computed from: ``transform`` (``log`` where all
@@ -74,15 +93,67 @@ def prediction_bound(scores: torch.Tensor, false_reject_rate: float, n_effective
     if values.numel() < 2 or n < 2:  # noqa: PLR2004
         msg = f"a prediction bound needs at least 2 held-out scores from 2 samples, got {values.numel()} from {n}."
         raise ValueError(msg)
-    transform = "log" if bool((values > 0).all()) else "identity"
-    x = values.log() if transform == "log" else values
-    mean, std = float(x.mean()), float(x.std())
+    transform = transform_of(values)
+    x = _transformed(values, transform)
+    mean, std = float(x.mean()) + shift, float(x.std())
     # scores that agree to the last digits would give a bound at the mean: keep a floor of 1 % of the level
     std = max(std, 0.01 * max(abs(mean), 1e-12)) if transform == "identity" else max(std, 1e-3)
     t = float(stats.t.ppf(1.0 - false_reject_rate, df=n - 1))
+    threshold = _bound_value(mean, std, n, t, transform)
+    return {"threshold": threshold, "transform": transform, "mean": mean, "std": std, "n": n, "t": t, "shift": shift}
+
+
+def _bound_value(mean: float, std: float, n: int, t: float, transform: str) -> float:
     bound = mean + t * std * math.sqrt(1.0 + 1.0 / n)
-    threshold = math.exp(bound) if transform == "log" else bound
-    return {"threshold": threshold, "transform": transform, "mean": mean, "std": std, "n": n, "t": t}
+    return math.exp(bound) if transform == "log" else bound
+
+
+def bound_at(record: dict[str, Any], false_reject_rate: float) -> float:
+    """The threshold a :func:`prediction_bound` ``record`` gives at another ``false_reject_rate`` (same evidence)."""
+    t = float(stats.t.ppf(1.0 - false_reject_rate, df=int(record["n"]) - 1))
+    return _bound_value(float(record["mean"]), float(record["std"]), int(record["n"]), t, str(record["transform"]))
+
+
+def bank_size_shift(once: torch.Tensor, twice: torch.Tensor, k: int, transform: str) -> float:
+    """How much lower a normal scores against all ``k`` images than against ``k - 1``, in the transformed space.
+
+    ``once[i]`` is image i's score against the other ``k - 1`` images, ``twice[i]`` its mean score against ``k - 2``
+    of them. A normal image scores higher against fewer references (its nearest neighbours lie farther, a Gaussian
+    is estimated from fewer samples), so leave-one-out scores sit above what a new normal scores against the final
+    model. The drop per step is extrapolated from ``k - 2`` to ``k - 1`` on to ``k`` as a power law of the number
+    of references (nearest-neighbour distances shrink as ``m ** (-1 / d)``): linear in ``log m``. Never positive, and
+    never larger than the range of the ``once`` scores.
+    """
+    once_x = _transformed(once, transform)
+    drop = float((_transformed(twice, transform) - once_x).mean())
+    if not math.isfinite(drop) or drop <= 0 or k < 3:  # noqa: PLR2004
+        return 0.0
+    shift = -drop * (math.log(k) - math.log(k - 1)) / (math.log(k - 1) - math.log(k - 2))
+    # an extrapolation beyond the spread of the held-out scores themselves is not trusted (a model whose scores
+    # break down on K - 2 images): it is capped there
+    return max(shift, -float(once_x.max() - once_x.min()))
+
+
+def _check_rate(false_reject_rate: Any) -> None:  # noqa: ANN401
+    if isinstance(false_reject_rate, bool) or not isinstance(false_reject_rate, (int, float)) or not (
+        0.0 < float(false_reject_rate) < 0.5  # noqa: PLR2004
+    ):
+        msg = f"false_reject_rate must be a number in (0, 0.5), e.g. 0.05 for 5 % of good parts, got {false_reject_rate!r}."
+        raise ValueError(msg)
+
+
+def _score(scorer: nn.Module, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image scores and anomaly-map maxima (NaN without a map) of ``query`` under a fitted ``scorer``."""
+    device = next((b.device for b in scorer.buffers()), query.device)
+    with torch.no_grad():
+        out = scorer(query.to(device))
+    out = out if isinstance(out, InferenceBatch) else InferenceBatch(**dict(out))
+    pred = out.pred_score if out.pred_score is not None else out.anomaly_map.flatten(1).amax(dim=1)
+    if out.anomaly_map is not None:
+        maxima = out.anomaly_map.detach().float().flatten(1).amax(dim=1).cpu()
+    else:
+        maxima = torch.full((query.shape[0],), float("nan"))
+    return pred.detach().float().flatten().cpu(), maxima
 
 
 class NormalThresholdPostProcessor(PostProcessor):
@@ -117,11 +188,7 @@ class NormalThresholdPostProcessor(PostProcessor):
         rot90: bool = True,
         **kwargs: Any,  # noqa: ANN401
     ) -> None:
-        if isinstance(false_reject_rate, bool) or not isinstance(false_reject_rate, (int, float)) or not (
-            0.0 < float(false_reject_rate) < 0.5  # noqa: PLR2004
-        ):
-            msg = f"false_reject_rate must be a number in (0, 0.5), e.g. 0.05 for 5 % of good parts, got {false_reject_rate!r}."
-            raise ValueError(msg)
+        _check_rate(false_reject_rate)
         super().__init__(**kwargs)
         self.false_reject_rate = float(false_reject_rate)
         self.hflip, self.vflip, self.rot90 = bool(hflip), bool(vflip), bool(rot90)
@@ -206,7 +273,7 @@ class NormalThresholdPostProcessor(PostProcessor):
         refit = pl_module.refit if callable(getattr(pl_module, "refit", None)) else self._refit
         was_training = pl_module.training
         try:
-            self.calibrate(images, refit)
+            self.calibrate(images, refit, bank_size_correction=bool(getattr(pl_module, "bank_size_correction", True)))
         finally:
             pl_module.train(was_training)
             self._snapshot = None  # the copy is only needed for the refits
@@ -230,67 +297,77 @@ class NormalThresholdPostProcessor(PostProcessor):
         return clone.model.eval()
 
     def held_out(
-        self, images: torch.Tensor, refit: Callable[[torch.Tensor], nn.Module]
-    ) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+        self, images: torch.Tensor, refit: Callable[[torch.Tensor], nn.Module], bank_size_correction: bool = True
+    ) -> dict[str, Any]:
         """Held-out image scores and anomaly-map maxima of the K normal ``images``.
 
-        Returns the scores, the map maxima (NaN where the model gives no map), how many independent images they
-        come from, and how many views of each were scored.
+        Returns ``scores`` and ``maxima`` (NaN where the model gives no map) of every held-out view, ``n`` (how many
+        independent images they come from), ``views`` (how many views of each were scored) and, from
+        ``VIEWS_BELOW`` images on and with ``bank_size_correction``, ``twice_scores`` / ``twice_maxima``: each image's
+        mean score against K - 2 of the others (image i is held out with i + 1 and with i - 1), for the correction.
         """
         k = images.shape[0]
         n_views = symmetry_count(self.hflip, self.vflip, self.rot90, square=images.shape[-1] == images.shape[-2])
         if k >= VIEWS_BELOW:
             n_views = 1
-        scores, maxima = [], []
-
-        def score(scorer: nn.Module, query: torch.Tensor) -> None:
-            device = next((b.device for b in scorer.buffers()), query.device)
-            with torch.no_grad():
-                out = scorer(query.to(device))
-            out = out if isinstance(out, InferenceBatch) else InferenceBatch(**dict(out))
-            pred = out.pred_score if out.pred_score is not None else out.anomaly_map.flatten(1).amax(dim=1)
-            scores.append(pred.detach().float().flatten().cpu())
-            if out.anomaly_map is not None:
-                maxima.append(out.anomaly_map.detach().float().flatten(1).amax(dim=1).cpu())
-            else:
-                maxima.append(torch.full((query.shape[0],), float("nan")))
-
         if k == 1:
             if n_views < 2:  # noqa: PLR2004
                 msg = ("one training image and no flip or turn allowed (hflip, vflip, rot90 all False) leave no "
                        "normal evidence to hold out")  # fmt: skip
                 raise ValueError(msg)
-            score(refit(images), torch.cat(list(fit_views(images, n_views, self.hflip, self.vflip, self.rot90)))[1:])
-            return torch.cat(scores), torch.cat(maxima), n_views - 1, n_views
+            views = torch.cat(list(fit_views(images, n_views, self.hflip, self.vflip, self.rot90)))[1:]
+            scores, maxima = _score(refit(images), views)
+            return {"scores": scores, "maxima": maxima, "n": n_views - 1, "views": n_views}
+        parts = []
         for i in range(k):
             keep = torch.cat([images[:i], images[i + 1 :]])
-            query = torch.cat(list(fit_views(images[i : i + 1], n_views, self.hflip, self.vflip, self.rot90)))
-            score(refit(keep), query)
-        return torch.cat(scores), torch.cat(maxima), k * n_views, n_views
+            parts.append(_score(refit(keep), torch.cat(list(fit_views(images[i : i + 1], n_views, self.hflip,
+                                                                       self.vflip, self.rot90)))))  # fmt: skip
+        record = {"scores": torch.cat([p[0] for p in parts]), "maxima": torch.cat([p[1] for p in parts]), "n": k * n_views,
+                  "views": n_views}  # fmt: skip
+        if k >= VIEWS_BELOW and bank_size_correction:
+            twice_scores, twice_maxima = torch.zeros(k), torch.zeros(k)
+            for i in range(k):
+                j = (i + 1) % k
+                keep = images[[index for index in range(k) if index not in (i, j)]]
+                scores, maxima = _score(refit(keep), images[[i, j]])
+                twice_scores[[i, j]] += 0.5 * scores
+                twice_maxima[[i, j]] += 0.5 * maxima
+            record.update(twice_scores=twice_scores, twice_maxima=twice_maxima)
+        return record
 
-    def calibrate(self, images: torch.Tensor, refit: Callable[[torch.Tensor], nn.Module]) -> dict[str, Any]:
+    def calibrate(
+        self, images: torch.Tensor, refit: Callable[[torch.Tensor], nn.Module], bank_size_correction: bool = True
+    ) -> dict[str, Any]:
         """Set the image and pixel thresholds and the normalisation from held-out scores of the normal ``images``.
 
-        ``refit(images)`` returns a scorer fitted on ``images``. The record of what was computed is kept in
-        ``calibration`` (and in checkpoints).
+        ``refit(images)`` returns a scorer fitted on ``images``. ``bank_size_correction=False`` skips the K - 2 refits
+        and the correction, for models whose scores are already standardised on held-out normals (a model says so
+        with a ``bank_size_correction = False`` attribute, as FewShotContrastive does). The record of what was
+        computed is kept in ``calibration`` (and in checkpoints).
         """
         k = images.shape[0]
         try:
-            scores, maxima, n_scores, n_views = self.held_out(images, refit)
+            evidence = self.held_out(images, refit, bank_size_correction)
         except ValueError as error:
             logger.warning("NormalThresholdPostProcessor: %s; no threshold is set and scores stay unlabelled.", error)
             self.calibration = {"k_shot": k, "error": str(error)}
             return self.calibration
+        scores, maxima, n_scores, n_views = evidence["scores"], evidence["maxima"], evidence["n"], evidence["views"]
         record: dict[str, Any] = {"k_shot": k, "false_reject_rate": self.false_reject_rate, "views": n_views,
                                   "estimator": "normal prediction bound", "held_out_scores": scores.tolist()}  # fmt: skip
-        image = self._bound(scores, n_scores, "image scores")
+        if "twice_scores" in evidence:
+            record["held_out_scores_k_minus_2"] = evidence["twice_scores"].tolist()
+        image = self._bound(scores, n_scores, "image scores", evidence.get("twice_scores"), k)
         if image is not None:
-            record["image"] = image
-            self._set(self._image_threshold, self.image_min, self.image_max, image["threshold"], float(scores.min()))
+            lowest = float(scores[torch.isfinite(scores)].min())
+            record["image"] = {**image, "lowest": lowest}
+            self._set(self._image_threshold, self.image_min, self.image_max, image["threshold"], lowest)
         finite = maxima[torch.isfinite(maxima)]
-        pixel = self._bound(finite, n_scores, "anomaly-map maxima") if finite.numel() else None
+        twice = evidence.get("twice_maxima")
+        pixel = self._bound(maxima, n_scores, "anomaly-map maxima", twice, k) if finite.numel() else None
         if pixel is not None:
-            record["pixel"] = pixel
+            record["pixel"] = {**pixel, "lowest": float(finite.min())}
             self._set(self._pixel_threshold, self.pixel_min, self.pixel_max, pixel["threshold"], float(finite.min()))
         if k == 1:
             logger.warning("NormalThresholdPostProcessor: the threshold rests on one image (scored in %d flips and "
@@ -306,21 +383,76 @@ class NormalThresholdPostProcessor(PostProcessor):
         self.calibration = record
         return record
 
-    def _bound(self, scores: torch.Tensor, n_scores: int, what: str) -> dict[str, Any] | None:
+    def _bound(
+        self, scores: torch.Tensor, n_scores: int, what: str, twice: torch.Tensor | None = None, k: int = 0
+    ) -> dict[str, Any] | None:
         finite = scores[torch.isfinite(scores)]
+        shift = 0.0
+        if twice is not None and finite.numel() == scores.numel() and bool(torch.isfinite(twice).all()):
+            shift = bank_size_shift(scores, twice, k, transform_of(torch.cat([scores, twice])))
+            if transform_of(scores) != transform_of(torch.cat([scores, twice])):
+                shift = 0.0
         if finite.numel() < scores.numel():
             logger.warning("NormalThresholdPostProcessor: %d of %d held-out %s are NaN or infinite (the model cannot "
                            "score from the remaining images); they are left out.", scores.numel() - finite.numel(),
                            scores.numel(), what)  # fmt: skip
         try:
-            return prediction_bound(finite, self.false_reject_rate, n_effective=min(n_scores, finite.numel()))
+            return prediction_bound(finite, self.false_reject_rate, n_effective=min(n_scores, finite.numel()), shift=shift)
         except ValueError as error:
             logger.warning("NormalThresholdPostProcessor: no threshold from the %s: %s", what, error)
             return None
 
+    def threshold_at(self, false_reject_rate: float) -> float:
+        """The image threshold the calibration gives at another target ``false_reject_rate``, without refitting.
+
+        Raises:
+            ValueError: The rate is not in (0, 0.5), or no image threshold has been set (train the model first).
+        """
+        _check_rate(false_reject_rate)
+        if "image" not in self.calibration:
+            msg = "no image threshold has been set yet: train the model with this post-processor, or load a checkpoint."
+            raise ValueError(msg)
+        return bound_at(self.calibration["image"], float(false_reject_rate))
+
+    def set_false_reject_rate(self, false_reject_rate: float) -> None:
+        """Move the image and pixel thresholds to another target rate, from the same held-out evidence.
+
+        The held-out scores are kept in ``calibration``, so a line can tighten or loosen its decision after training
+        without another fit. Save the checkpoint (or export) again afterwards to deploy the new thresholds.
+        """
+        image = self.threshold_at(false_reject_rate)
+        self.false_reject_rate = float(false_reject_rate)
+        self._set(self._image_threshold, self.image_min, self.image_max, image, self.calibration["image"]["lowest"])
+        self.calibration["image"]["threshold"] = image
+        if "pixel" in self.calibration:
+            pixel = bound_at(self.calibration["pixel"], self.false_reject_rate)
+            self._set(self._pixel_threshold, self.pixel_min, self.pixel_max, pixel, self.calibration["pixel"]["lowest"])
+            self.calibration["pixel"]["threshold"] = pixel
+        self.calibration["false_reject_rate"] = self.false_reject_rate
+
+    @staticmethod
+    def _normalize(
+        preds: torch.Tensor | None, norm_min: torch.Tensor, norm_max: torch.Tensor, threshold: torch.Tensor
+    ) -> torch.Tensor | None:
+        """Map ``preds`` into (0, 1), strictly increasing: 0.5 at the threshold, 0.25 at the lowest held-out normal.
+
+        With ``z = (preds - threshold) / (threshold - norm_min)`` the map is ``0.5 + 0.5 * z / (1 + |z|)``: 0.75 as far
+        above the threshold as the lowest normal lies below it, and never clamped, so scores keep their order
+        (anomalib's linear map clamps every score beyond its range to 0 or 1, which ties the anomalies far above a
+        threshold set from normals alone, and lowers AUROC). Left raw where no threshold was set.
+        """
+        if preds is None:
+            return preds
+        half_range = (norm_max - norm_min) / 2
+        safe = torch.where(half_range > 0, half_range, torch.ones_like(half_range))
+        z = (preds - threshold) / safe
+        normalized = 0.5 + 0.5 * z / (1 + z.abs())
+        has_range = ~torch.isnan(norm_min) & ~torch.isnan(norm_max) & ~torch.isnan(threshold)
+        return torch.where(has_range, normalized, preds)
+
     @staticmethod
     def _set(threshold: torch.Tensor, low: torch.Tensor, high: torch.Tensor, value: float, lowest: float) -> None:
-        """0.5 at the threshold, 0 at the lowest held-out normal, 1 as far above the threshold."""
+        """Buffers for :meth:`_normalize`: 0.25 at the lowest held-out normal, 0.5 at the threshold."""
         lowest = min(lowest, value)
         threshold.fill_(value)
         low.fill_(lowest)

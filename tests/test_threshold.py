@@ -1,0 +1,215 @@
+"""The OK/NG threshold from the K normals alone (NormalThresholdPostProcessor)."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+
+import pytest
+import torch
+from lightning.pytorch import seed_everything
+
+from anomalib.engine import Engine
+from anomalib.models import Padim, Patchcore
+
+from fsad_anomalib.benchmark.runner import decision_rates, oracle_f1_threshold
+from fsad_anomalib.data import FewShot
+from fsad_anomalib.models import FewShotContrastive
+from fsad_anomalib.post_processing import NormalThresholdPostProcessor, prediction_bound
+
+from .conftest import folder_datamodule, make_dataset
+
+SIZE = 64
+
+
+def _engine(root) -> Engine:
+    return Engine(default_root_dir=root, logger=False, enable_progress_bar=False, accelerator="cpu")
+
+
+def _patchcore(rate: float = 0.05) -> Patchcore:
+    return Patchcore(backbone="resnet18", pre_trained=False, layers=["layer2", "layer3"], coreset_sampling_ratio=0.1,
+                     pre_processor=Patchcore.configure_pre_processor(image_size=(SIZE, SIZE)), visualizer=False,
+                     post_processor=NormalThresholdPostProcessor(false_reject_rate=rate))
+
+
+@pytest.mark.parametrize(("n", "rate"), [(4, 0.05), (8, 0.05), (8, 0.01)])
+def test_prediction_bound_rejects_the_target_share_of_new_normal_scores(n, rate):
+    """Over many support sets of n log-normal scores, a new score lies above the bound with probability ``rate``."""
+    generator = torch.Generator().manual_seed(n)
+    mu, sigma = 1.0, 0.4
+    exceed = []
+    for _ in range(3000):
+        scores = (mu + sigma * torch.randn(n, generator=generator, dtype=torch.float64)).exp()
+        bound = prediction_bound(scores, rate)
+        assert bound["transform"] == "log"
+        z = (math.log(bound["threshold"]) - mu) / sigma
+        exceed.append(0.5 * math.erfc(z / math.sqrt(2)))
+    assert sum(exceed) / len(exceed) == pytest.approx(rate, rel=0.15)
+
+
+def test_prediction_bound_refuses_a_single_sample():
+    with pytest.raises(ValueError, match="at least 2"):
+        prediction_bound(torch.tensor([1.0]), 0.05)
+    # negative scores (a standardised score) are bounded on their own scale
+    assert prediction_bound(torch.tensor([-1.0, 0.5, 0.2]), 0.05)["transform"] == "identity"
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.5, -0.1, True, "5%"])
+def test_bad_false_reject_rate_is_refused(rate):
+    with pytest.raises(ValueError, match="false_reject_rate"):
+        NormalThresholdPostProcessor(false_reject_rate=rate)
+
+
+def test_a_model_it_cannot_refit_is_refused_before_training():
+    class Trainable(torch.nn.Module):  # no fit(), no refit(): a model trained by gradient descent
+        pass
+
+    with pytest.raises(TypeError, match="Trainable.*validation set"):
+        NormalThresholdPostProcessor().on_fit_start(None, Trainable())
+
+
+def test_false_reject_rate_on_fresh_normals_is_near_its_target(tmp_path):
+    """PatchCore (random weights) on generated stripes: 5 support sets of K = 8, 150 fresh normals each."""
+    root = make_dataset(tmp_path / "data", n_train=24, n_test=150, size=SIZE)
+    rates, thresholds = [], []
+    for seed in range(5):
+        seed_everything(seed)
+        datamodule = FewShot(folder_datamodule(root, val_split_mode="none"), k_shot=8, seed=seed)
+        model = _patchcore()
+        engine = _engine(tmp_path / f"run{seed}")
+        engine.fit(model=model, datamodule=datamodule)
+        predictions = engine.predict(model=model, dataloaders=datamodule.test_dataloader())
+        labels = torch.cat([batch.pred_label.flatten() for batch in predictions])
+        truth = torch.cat([batch.gt_label.flatten() for batch in predictions])
+        rates.append(float(labels[truth == 0].float().mean()))
+        thresholds.append(float(model.post_processor.image_threshold))
+        assert float(labels[truth == 1].float().mean()) > 0.9  # the bright blobs are still caught
+    assert len(set(thresholds)) == len(thresholds)  # each support set sets its own threshold
+    assert 0.01 <= sum(rates) / len(rates) <= 0.12, rates
+
+
+@pytest.fixture(scope="module")
+def default_without_validation(generated_root, tmp_path_factory):
+    seed_everything(0)
+    root = tmp_path_factory.mktemp("threshold")
+    datamodule = FewShot(folder_datamodule(generated_root, val_split_mode="none"), k_shot=4, seed=0)
+    model = FewShotContrastive(image_size=SIZE, fine_tuning=False)
+    engine = _engine(root)
+    engine.fit(model=model, datamodule=datamodule)
+    return {"model": model, "engine": engine, "datamodule": datamodule, "root": root}
+
+
+def test_without_a_validation_split_it_trains_tests_and_predicts_with_labels(default_without_validation):
+    run = default_without_validation
+    model, engine, datamodule = run["model"], run["engine"], run["datamodule"]
+    assert not datamodule.val_dataloader()  # no validation data at all
+    calibration = model.post_processor.calibration
+    assert calibration["k_shot"] == 4 and len(calibration["held_out_scores"]) == 4
+    assert math.isfinite(calibration["image"]["threshold"]) and math.isfinite(calibration["pixel"]["threshold"])
+    metrics = engine.test(model=model, datamodule=datamodule, verbose=False)[0]
+    assert metrics["image_AUROC"] > 0.9 and "image_F1Score" in metrics
+    predictions = engine.predict(model=model, dataloaders=datamodule.test_dataloader())
+    labels = torch.cat([batch.pred_label.flatten() for batch in predictions])
+    scores = torch.cat([batch.pred_score.flatten() for batch in predictions])
+    masks = torch.cat([batch.pred_mask for batch in predictions])
+    truth = torch.cat([batch.gt_label.flatten() for batch in predictions])
+    assert labels.dtype == torch.bool and torch.equal(labels, scores > 0.5)
+    assert float(labels[truth == 1].float().mean()) > 0.8 and float(labels[truth == 0].float().mean()) < 0.5
+    assert bool(((scores >= 0) & (scores <= 1)).all()) and masks.dtype == torch.bool
+
+
+def test_checkpoint_carries_the_threshold(default_without_validation):
+    run = default_without_validation
+    path = run["root"] / "model.ckpt"
+    run["engine"].trainer.save_checkpoint(path)
+    loaded = FewShotContrastive.load_from_checkpoint(path)
+    post, saved = loaded.post_processor, run["model"].post_processor
+    assert isinstance(post, NormalThresholdPostProcessor)
+    assert torch.equal(post.image_threshold, saved.image_threshold) and torch.equal(post.image_max, saved.image_max)
+    assert post.calibration == saved.calibration and post.false_reject_rate == 0.05
+    images = torch.stack([run["datamodule"].test_data[i].image for i in range(6)])
+    run["model"].eval()
+    loaded.eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(images).pred_label, run["model"](images).pred_label)
+
+
+def test_validation_batches_do_not_move_the_threshold(generated_root, tmp_path, default_without_validation):
+    """The same support set validated on labelled test images gives the same normal-only threshold."""
+    seed_everything(0)
+    datamodule = FewShot(folder_datamodule(generated_root, val_split_mode="same_as_test"), k_shot=4, seed=0)
+    model = FewShotContrastive(image_size=SIZE, fine_tuning=False)
+    _engine(tmp_path).fit(model=model, datamodule=datamodule)
+    expected = default_without_validation["model"].post_processor
+    assert torch.equal(model.post_processor.image_threshold, expected.image_threshold)
+
+
+def test_anomalib_f1_threshold_stays_available(generated_root, tmp_path):
+    from anomalib.post_processing import PostProcessor
+
+    seed_everything(0)
+    datamodule = FewShot(folder_datamodule(generated_root), k_shot=4, seed=0)
+    model = FewShotContrastive(image_size=SIZE, fine_tuning=False, post_processor=PostProcessor())
+    _engine(tmp_path).fit(model=model, datamodule=datamodule)
+    assert type(model.post_processor) is PostProcessor and torch.isfinite(model.post_processor.image_threshold)
+
+
+def test_k_equals_one_gives_a_finite_threshold_and_a_warning(generated_root, tmp_path, caplog):
+    seed_everything(0)
+    datamodule = FewShot(folder_datamodule(generated_root, val_split_mode="none"), k_shot=1, seed=0)
+    model = FewShotContrastive(image_size=SIZE)
+    with caplog.at_level(logging.WARNING, logger="fsad_anomalib.post_processing.normal_threshold"):
+        _engine(tmp_path).fit(model=model, datamodule=datamodule)
+    assert math.isfinite(float(model.post_processor.image_threshold))
+    assert model.post_processor.calibration["views"] == 8  # one image, scored in its 7 other flips and turns
+    assert any("rests on one image" in record.getMessage() for record in caplog.records)
+
+
+def test_padim_gets_a_threshold_and_its_checkpoint_loads_into_the_stock_post_processor(generated_root, tmp_path):
+    """Any memory-bank model: PaDiM refitted leave-one-out; its checkpoint's threshold reaches a stock PaDiM."""
+    seed_everything(0)
+    datamodule = FewShot(folder_datamodule(generated_root, val_split_mode="none"), k_shot=4, seed=0)
+    model = Padim(backbone="resnet18", pre_trained=False, layers=["layer1", "layer2"], visualizer=False,
+                  pre_processor=Padim.configure_pre_processor(image_size=(SIZE, SIZE)),
+                  post_processor=NormalThresholdPostProcessor())
+    engine = _engine(tmp_path)
+    engine.fit(model=model, datamodule=datamodule)
+    threshold = model.post_processor.image_threshold
+    assert torch.isfinite(threshold) and len(model.post_processor.calibration["held_out_scores"]) == 4
+    engine.trainer.save_checkpoint(tmp_path / "padim.ckpt")
+    stock = Padim.load_from_checkpoint(tmp_path / "padim.ckpt", backbone="resnet18", pre_trained=False,
+                                       layers=["layer1", "layer2"])  # fmt: skip
+    assert torch.equal(stock.post_processor.image_threshold, threshold)
+
+
+def test_benchmark_rates_at_a_threshold_and_at_the_oracle():
+    scores, labels = [0.1, 0.2, 0.3, 0.9, 0.4, 0.8, 0.7], [0, 0, 0, 0, 1, 1, 1]
+    assert decision_rates(scores, labels, 0.35) == {"false_reject_rate": 0.25, "detection_rate": 1.0}
+    assert math.isnan(decision_rates(scores, labels, float("nan"))["false_reject_rate"])
+    oracle = oracle_f1_threshold(scores, labels)
+    rates = decision_rates(scores, labels, oracle)
+    assert 0.3 <= oracle < 0.9 and rates["detection_rate"] >= 2 / 3
+
+
+def test_scores_keep_their_order_and_the_rate_can_move_after_training(default_without_validation):
+    post = default_without_validation["model"].post_processor
+    raw = torch.linspace(-50.0, 5000.0, 2001)
+    normalised = post._normalize(raw, post.image_min, post.image_max, post.image_threshold)
+    assert bool((normalised.diff() > 0).all()) and bool(((normalised > 0) & (normalised < 1)).all())
+    assert float(post._normalize(post.image_threshold, post.image_min, post.image_max, post.image_threshold)) == 0.5
+    at_five = float(post.image_threshold)
+    assert post.threshold_at(0.05) == pytest.approx(at_five)
+    strict = post.threshold_at(0.01)
+    assert strict > at_five
+    saved = copy.deepcopy(post.calibration)
+    try:
+        post.set_false_reject_rate(0.01)
+        assert float(post.image_threshold) == pytest.approx(strict) and post.false_reject_rate == 0.01
+        assert post.calibration["image"]["threshold"] == pytest.approx(strict)
+    finally:
+        post.calibration = saved
+        post.set_false_reject_rate(0.05)
+    assert float(post.image_threshold) == pytest.approx(at_five)
+    with pytest.raises(ValueError, match="false_reject_rate"):
+        post.threshold_at(0.7)
