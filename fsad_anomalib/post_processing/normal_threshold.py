@@ -167,10 +167,12 @@ class NormalThresholdPostProcessor(PostProcessor):
     Args:
         false_reject_rate (float): Target share of good parts rejected, in (0, 0.5): 0.05 rejects about 50 good
             parts in 1,000. Defaults to ``0.05``.
-        hflip (bool): The product may be flipped left-right: such views of a held-out image count as held-out
-            normals below ``VIEWS_BELOW`` images. Defaults to ``True``.
-        vflip (bool): As ``hflip``, top-bottom. Defaults to ``True``.
-        rot90 (bool): As ``hflip``, turns by 90 degrees (square images only). Defaults to ``True``.
+        hflip (bool | None): The product may be flipped left-right: such views of a held-out image count as
+            held-out normals below ``VIEWS_BELOW`` images. ``None`` (the default) takes the model's own ``hflip``
+            where it has one (FewShotContrastive), else ``False``: a flip is a claim about the product that only
+            the user can make.
+        vflip (bool | None): As ``hflip``, top-bottom.
+        rot90 (bool | None): As ``hflip``, turns by 90 degrees (square images only).
         **kwargs: :class:`~anomalib.post_processing.PostProcessor`'s arguments (``image_sensitivity`` other
             than 0.5 moves the decision away from the threshold).
 
@@ -183,15 +185,15 @@ class NormalThresholdPostProcessor(PostProcessor):
     def __init__(
         self,
         false_reject_rate: float = 0.05,
-        hflip: bool = True,
-        vflip: bool = True,
-        rot90: bool = True,
+        hflip: bool | None = None,
+        vflip: bool | None = None,
+        rot90: bool | None = None,
         **kwargs: Any,  # noqa: ANN401
     ) -> None:
         _check_rate(false_reject_rate)
         super().__init__(**kwargs)
         self.false_reject_rate = float(false_reject_rate)
-        self.hflip, self.vflip, self.rot90 = bool(hflip), bool(vflip), bool(rot90)
+        self.hflip, self.vflip, self.rot90 = (None if flag is None else bool(flag) for flag in (hflip, vflip, rot90))
         # what the threshold was computed from (plain types: it goes into checkpoints)
         self.calibration: dict[str, Any] = {}
         self._images: dict[str, torch.Tensor] = {}
@@ -269,6 +271,9 @@ class NormalThresholdPostProcessor(PostProcessor):
         if self._calibrated or not self._images:
             return
         self._calibrated = True
+        for name in ("hflip", "vflip", "rot90"):  # unset symmetries: the model's, else none
+            if getattr(self, name) is None:
+                setattr(self, name, bool(getattr(pl_module, name, False)))
         images = torch.stack([self._images[key] for key in sorted(self._images)])
         refit = pl_module.refit if callable(getattr(pl_module, "refit", None)) else self._refit
         was_training = pl_module.training
@@ -307,22 +312,24 @@ class NormalThresholdPostProcessor(PostProcessor):
         mean score against K - 2 of the others (image i is held out with i + 1 and with i - 1), for the correction.
         """
         k = images.shape[0]
-        n_views = symmetry_count(self.hflip, self.vflip, self.rot90, square=images.shape[-1] == images.shape[-2])
+        hflip, vflip, rot90 = bool(self.hflip), bool(self.vflip), bool(self.rot90)
+        n_views = symmetry_count(hflip, vflip, rot90, square=images.shape[-1] == images.shape[-2])
         if k >= VIEWS_BELOW:
             n_views = 1
         if k == 1:
             if n_views < 2:  # noqa: PLR2004
-                msg = ("one training image and no flip or turn allowed (hflip, vflip, rot90 all False) leave no "
+                msg = ("one training image and no flip or turn allowed (pass NormalThresholdPostProcessor(hflip=True, "
+                       "...) for the symmetries your product has) leave no "
                        "normal evidence to hold out")  # fmt: skip
                 raise ValueError(msg)
-            views = torch.cat(list(fit_views(images, n_views, self.hflip, self.vflip, self.rot90)))[1:]
+            views = torch.cat(list(fit_views(images, n_views, hflip, vflip, rot90)))[1:]
             scores, maxima = _score(refit(images), views)
             return {"scores": scores, "maxima": maxima, "n": n_views - 1, "views": n_views}
         parts = []
         for i in range(k):
             keep = torch.cat([images[:i], images[i + 1 :]])
-            parts.append(_score(refit(keep), torch.cat(list(fit_views(images[i : i + 1], n_views, self.hflip,
-                                                                       self.vflip, self.rot90)))))  # fmt: skip
+            parts.append(_score(refit(keep), torch.cat(list(fit_views(images[i : i + 1], n_views, hflip, vflip,
+                                                                       rot90)))))  # fmt: skip
         record = {"scores": torch.cat([p[0] for p in parts]), "maxima": torch.cat([p[1] for p in parts]), "n": k * n_views,
                   "views": n_views}  # fmt: skip
         if k >= VIEWS_BELOW and bank_size_correction:
