@@ -69,8 +69,27 @@ def test_a_model_it_cannot_refit_is_refused_before_training():
         NormalThresholdPostProcessor().on_fit_start(None, Trainable())
 
 
-def test_false_reject_rate_on_fresh_normals_is_near_its_target(tmp_path):
-    """PatchCore (random weights) on generated stripes: 5 support sets of K = 8, 150 fresh normals each."""
+def test_false_reject_rate_on_real_fresh_normals_is_near_its_target(tmp_path):
+    """PatchCore (offline EfficientNet-Lite0 weights) on the ELPV mono development set (100 normals that no support
+    set holds, never the test set): 10 support sets of K = 4, the benchmark's own runs, a 5 % target."""
+    from fsad_anomalib.benchmark.runner import run_benchmark  # noqa: PLC0415
+    from fsad_anomalib.data import ELPV  # noqa: PLC0415
+
+    rows = run_benchmark({"ELPV/mono": lambda: ELPV("mono", evaluation="dev", val_split_mode="none", eval_batch_size=32)},
+                         k_shots=[4], seeds=range(10), methods=["PatchCore"], output=tmp_path, time_inference=False,
+                         progress=lambda line: None)  # fmt: skip
+    rates = [row["threshold"]["false_reject_rate"] for row in rows]
+    assert len(rates) == 10 and len(set(row["threshold"]["threshold"] for row in rows)) == 10
+    # single support sets scatter widely (a few images need not show how much normals vary); their mean does not
+    assert 0.025 <= sum(rates) / len(rates) <= 0.10, rates
+    detected = [row["threshold"]["detection_rate"] for row in rows]
+    assert sum(detected) / len(detected) > 4 * sum(rates) / len(rates), detected
+
+
+def test_near_identical_normals_err_on_the_safe_side(tmp_path):
+    """PatchCore (random weights) on generated stripes that differ only in pixel noise: 5 support sets of K = 8, 150
+    fresh normals each. A held-out image is scored against K - 1 images and a new part against K; where normals
+    hardly vary this gap outweighs their spread, and fewer good parts than the target are rejected."""
     root = make_dataset(tmp_path / "data", n_train=24, n_test=150, size=SIZE)
     rates, thresholds = [], []
     for seed in range(5):
@@ -86,7 +105,7 @@ def test_false_reject_rate_on_fresh_normals_is_near_its_target(tmp_path):
         thresholds.append(float(model.post_processor.image_threshold))
         assert float(labels[truth == 1].float().mean()) > 0.9  # the bright blobs are still caught
     assert len(set(thresholds)) == len(thresholds)  # each support set sets its own threshold
-    assert 0.01 <= sum(rates) / len(rates) <= 0.12, rates
+    assert sum(rates) / len(rates) <= 0.05, rates
 
 
 @pytest.fixture(scope="module")

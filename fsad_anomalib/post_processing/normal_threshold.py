@@ -18,11 +18,11 @@ normalisation from a validation set that holds anomalies. A few-shot user has K 
    A plain quantile cannot do that with 4 or 8 samples (a 5 % quantile needs at least 20), and a conformal bound
    would be infinite below 19. The price is the normality assumption; the benchmark measures the rate it reaches
    on test normals.
-   Leave-one-out scores come from K - 1 references, and a normal scores a little higher against fewer (its nearest
-   neighbours lie farther); where the normals vary little this bias outweighs their spread. From ``VIEWS_BELOW``
-   images on, each image is also scored against K - 2 of the others, and the step from K - 2 to K - 1 references
-   is extrapolated to K (:func:`bank_size_shift`), which lowers the mean before the bound. Models whose scores are
-   standardised on held-out normals of their own bank (FewShotContrastive) carry no such bias and skip it.
+   Leave-one-out scores come from K - 1 references and a new part is scored against K, so a nearest-neighbour
+   model's held-out scores could run a little high. No correction is made for it: on the development sets of the
+   offline data an extrapolated correction (from K - 2 to K - 1 references, on to K) lowered the threshold by
+   more than the bias it meant to remove, and raised the false-reject rate on every set and K (at K = 4 from about
+   6 % to 10-12 % for a 5 % target; ``benchmarks/EXPERIMENTS.md``).
 3. **Labels, masks and normalised scores.** The image threshold is set on the held-out image scores, the pixel
    threshold on the maxima of the held-out anomaly maps (so that a good part's mask is empty at the same rate),
    and both become anomalib's threshold buffers: the normalised score is 0.5 at the threshold, 0.25 at the lowest
@@ -56,7 +56,7 @@ from fsad_anomalib.data.views import fit_views, symmetry_count
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["VIEWS_BELOW", "NormalThresholdPostProcessor", "bank_size_shift", "bound_at", "prediction_bound"]
+__all__ = ["VIEWS_BELOW", "NormalThresholdPostProcessor", "bound_at", "prediction_bound"]
 
 # below this many images, each held-out image is also scored in its flips and turns
 VIEWS_BELOW = 4
@@ -72,9 +72,7 @@ def _transformed(scores: torch.Tensor, transform: str) -> torch.Tensor:
     return values.log() if transform == "log" else values
 
 
-def prediction_bound(
-    scores: torch.Tensor, false_reject_rate: float, n_effective: int | None = None, shift: float = 0.0
-) -> dict[str, Any]:
+def prediction_bound(scores: torch.Tensor, false_reject_rate: float, n_effective: int | None = None) -> dict[str, Any]:
     """The one-sided normal prediction bound of ``scores`` at ``false_reject_rate``.
 
     Args:
@@ -82,7 +80,6 @@ def prediction_bound(
         false_reject_rate (float): The target probability that a new normal score lies above the bound.
         n_effective (int | None): The number of independent samples behind ``scores`` (the images, where several
             views of one image were scored); defaults to ``scores.numel()``.
-        shift (float): Added to the mean (in the transformed space) before the bound: the bank-size correction.
 
     Returns:
         dict[str, Any]: ``threshold`` (float) and what it was computed from: ``transform`` (``log`` where all
@@ -95,12 +92,12 @@ def prediction_bound(
         raise ValueError(msg)
     transform = transform_of(values)
     x = _transformed(values, transform)
-    mean, std = float(x.mean()) + shift, float(x.std())
+    mean, std = float(x.mean()), float(x.std())
     # scores that agree to the last digits would give a bound at the mean: keep a floor of 1 % of the level
     std = max(std, 0.01 * max(abs(mean), 1e-12)) if transform == "identity" else max(std, 1e-3)
     t = float(stats.t.ppf(1.0 - false_reject_rate, df=n - 1))
     threshold = _bound_value(mean, std, n, t, transform)
-    return {"threshold": threshold, "transform": transform, "mean": mean, "std": std, "n": n, "t": t, "shift": shift}
+    return {"threshold": threshold, "transform": transform, "mean": mean, "std": std, "n": n, "t": t}
 
 
 def _bound_value(mean: float, std: float, n: int, t: float, transform: str) -> float:
@@ -112,26 +109,6 @@ def bound_at(record: dict[str, Any], false_reject_rate: float) -> float:
     """The threshold a :func:`prediction_bound` ``record`` gives at another ``false_reject_rate`` (same evidence)."""
     t = float(stats.t.ppf(1.0 - false_reject_rate, df=int(record["n"]) - 1))
     return _bound_value(float(record["mean"]), float(record["std"]), int(record["n"]), t, str(record["transform"]))
-
-
-def bank_size_shift(once: torch.Tensor, twice: torch.Tensor, k: int, transform: str) -> float:
-    """How much lower a normal scores against all ``k`` images than against ``k - 1``, in the transformed space.
-
-    ``once[i]`` is image i's score against the other ``k - 1`` images, ``twice[i]`` its mean score against ``k - 2``
-    of them. A normal image scores higher against fewer references (its nearest neighbours lie farther, a Gaussian
-    is estimated from fewer samples), so leave-one-out scores sit above what a new normal scores against the final
-    model. The drop per step is extrapolated from ``k - 2`` to ``k - 1`` on to ``k`` as a power law of the number
-    of references (nearest-neighbour distances shrink as ``m ** (-1 / d)``): linear in ``log m``. Never positive, and
-    never larger than the range of the ``once`` scores.
-    """
-    once_x = _transformed(once, transform)
-    drop = float((_transformed(twice, transform) - once_x).mean())
-    if not math.isfinite(drop) or drop <= 0 or k < 3:  # noqa: PLR2004
-        return 0.0
-    shift = -drop * (math.log(k) - math.log(k - 1)) / (math.log(k - 1) - math.log(k - 2))
-    # an extrapolation beyond the spread of the held-out scores themselves is not trusted (a model whose scores
-    # break down on K - 2 images): it is capped there
-    return max(shift, -float(once_x.max() - once_x.min()))
 
 
 def _check_rate(false_reject_rate: Any) -> None:  # noqa: ANN401
@@ -278,7 +255,7 @@ class NormalThresholdPostProcessor(PostProcessor):
         refit = pl_module.refit if callable(getattr(pl_module, "refit", None)) else self._refit
         was_training = pl_module.training
         try:
-            self.calibrate(images, refit, bank_size_correction=bool(getattr(pl_module, "bank_size_correction", True)))
+            self.calibrate(images, refit)
         finally:
             pl_module.train(was_training)
             self._snapshot = None  # the copy is only needed for the refits
@@ -301,15 +278,11 @@ class NormalThresholdPostProcessor(PostProcessor):
             clone._is_fitted = torch.tensor([True], device=device)  # noqa: SLF001
         return clone.model.eval()
 
-    def held_out(
-        self, images: torch.Tensor, refit: Callable[[torch.Tensor], nn.Module], bank_size_correction: bool = True
-    ) -> dict[str, Any]:
+    def held_out(self, images: torch.Tensor, refit: Callable[[torch.Tensor], nn.Module]) -> dict[str, Any]:
         """Held-out image scores and anomaly-map maxima of the K normal ``images``.
 
         Returns ``scores`` and ``maxima`` (NaN where the model gives no map) of every held-out view, ``n`` (how many
-        independent images they come from), ``views`` (how many views of each were scored) and, from
-        ``VIEWS_BELOW`` images on and with ``bank_size_correction``, ``twice_scores`` / ``twice_maxima``: each image's
-        mean score against K - 2 of the others (image i is held out with i + 1 and with i - 1), for the correction.
+        independent images they come from) and ``views`` (how many views of each were scored).
         """
         k = images.shape[0]
         hflip, vflip, rot90 = bool(self.hflip), bool(self.vflip), bool(self.rot90)
@@ -332,47 +305,37 @@ class NormalThresholdPostProcessor(PostProcessor):
                                                                        rot90)))))  # fmt: skip
         record = {"scores": torch.cat([p[0] for p in parts]), "maxima": torch.cat([p[1] for p in parts]), "n": k * n_views,
                   "views": n_views}  # fmt: skip
-        if k >= VIEWS_BELOW and bank_size_correction:
-            twice_scores, twice_maxima = torch.zeros(k), torch.zeros(k)
-            for i in range(k):
-                j = (i + 1) % k
-                keep = images[[index for index in range(k) if index not in (i, j)]]
-                scores, maxima = _score(refit(keep), images[[i, j]])
-                twice_scores[[i, j]] += 0.5 * scores
-                twice_maxima[[i, j]] += 0.5 * maxima
-            record.update(twice_scores=twice_scores, twice_maxima=twice_maxima)
         return record
 
-    def calibrate(
-        self, images: torch.Tensor, refit: Callable[[torch.Tensor], nn.Module], bank_size_correction: bool = True
-    ) -> dict[str, Any]:
+    def calibrate(self, images: torch.Tensor, refit: Callable[[torch.Tensor], nn.Module]) -> dict[str, Any]:
         """Set the image and pixel thresholds and the normalisation from held-out scores of the normal ``images``.
 
-        ``refit(images)`` returns a scorer fitted on ``images``. ``bank_size_correction=False`` skips the K - 2 refits
-        and the correction, for models whose scores are already standardised on held-out normals (a model says so
-        with a ``bank_size_correction = False`` attribute, as FewShotContrastive does). The record of what was
-        computed is kept in ``calibration`` (and in checkpoints).
+        ``refit(images)`` returns a scorer fitted on ``images``. The record of what was computed is kept in
+        ``calibration`` (and in checkpoints).
         """
         k = images.shape[0]
         try:
-            evidence = self.held_out(images, refit, bank_size_correction)
+            evidence = self.held_out(images, refit)
         except ValueError as error:
             logger.warning("NormalThresholdPostProcessor: %s; no threshold is set and scores stay unlabelled.", error)
             self.calibration = {"k_shot": k, "error": str(error)}
             return self.calibration
+        except Exception as error:  # noqa: BLE001 - the model's own fit failed on fewer images: train on, unlabelled
+            text = f"the model could not be refitted on {max(k - 1, 1)} of the {k} images ({type(error).__name__}: {error})"
+            logger.warning("NormalThresholdPostProcessor: %s; no threshold is set and scores stay unlabelled. Train "
+                           "on more images for a threshold.", text)  # fmt: skip
+            self.calibration = {"k_shot": k, "error": text}
+            return self.calibration
         scores, maxima, n_scores, n_views = evidence["scores"], evidence["maxima"], evidence["n"], evidence["views"]
         record: dict[str, Any] = {"k_shot": k, "false_reject_rate": self.false_reject_rate, "views": n_views,
                                   "estimator": "normal prediction bound", "held_out_scores": scores.tolist()}  # fmt: skip
-        if "twice_scores" in evidence:
-            record["held_out_scores_k_minus_2"] = evidence["twice_scores"].tolist()
-        image = self._bound(scores, n_scores, "image scores", evidence.get("twice_scores"), k)
+        image = self._bound(scores, n_scores, "image scores")
         if image is not None:
             lowest = float(scores[torch.isfinite(scores)].min())
             record["image"] = {**image, "lowest": lowest}
             self._set(self._image_threshold, self.image_min, self.image_max, image["threshold"], lowest)
         finite = maxima[torch.isfinite(maxima)]
-        twice = evidence.get("twice_maxima")
-        pixel = self._bound(maxima, n_scores, "anomaly-map maxima", twice, k) if finite.numel() else None
+        pixel = self._bound(maxima, n_scores, "anomaly-map maxima") if finite.numel() else None
         if pixel is not None:
             record["pixel"] = {**pixel, "lowest": float(finite.min())}
             self._set(self._pixel_threshold, self.pixel_min, self.pixel_max, pixel["threshold"], float(finite.min()))
@@ -390,21 +353,14 @@ class NormalThresholdPostProcessor(PostProcessor):
         self.calibration = record
         return record
 
-    def _bound(
-        self, scores: torch.Tensor, n_scores: int, what: str, twice: torch.Tensor | None = None, k: int = 0
-    ) -> dict[str, Any] | None:
+    def _bound(self, scores: torch.Tensor, n_scores: int, what: str) -> dict[str, Any] | None:
         finite = scores[torch.isfinite(scores)]
-        shift = 0.0
-        if twice is not None and finite.numel() == scores.numel() and bool(torch.isfinite(twice).all()):
-            shift = bank_size_shift(scores, twice, k, transform_of(torch.cat([scores, twice])))
-            if transform_of(scores) != transform_of(torch.cat([scores, twice])):
-                shift = 0.0
         if finite.numel() < scores.numel():
             logger.warning("NormalThresholdPostProcessor: %d of %d held-out %s are NaN or infinite (the model cannot "
                            "score from the remaining images); they are left out.", scores.numel() - finite.numel(),
                            scores.numel(), what)  # fmt: skip
         try:
-            return prediction_bound(finite, self.false_reject_rate, n_effective=min(n_scores, finite.numel()), shift=shift)
+            return prediction_bound(finite, self.false_reject_rate, n_effective=min(n_scores, finite.numel()))
         except ValueError as error:
             logger.warning("NormalThresholdPostProcessor: no threshold from the %s: %s", what, error)
             return None

@@ -396,10 +396,6 @@ class FewShotContrastive(AnomalibModule):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(self.self_configuration, indent=2, default=float) + "\n")
 
-    # its scores are standardised on held-out normals of its own bank (leave-one-out inside each fit), so a refit on
-    # fewer images is standardised the same way: no bank-size correction of held-out scores is needed (or sound)
-    bank_size_correction = False
-
     def refit(self, images: torch.Tensor) -> FewShotContrastiveModel:
         """A copy of the fitted torch model, refitted on ``images`` (for held-out scores of the normals).
 
