@@ -51,6 +51,7 @@ def test_benchmark_end_to_end_and_resume(generated_root, tmp_path):
         assert 0 <= record["false_reject_rate"] <= 1 and 0 <= record["detection_rate"] <= 1
         assert set(record["at"]) == {"0.01", "0.05"} and record["at"]["0.01"]["threshold"] > record["threshold"]
         assert record["oracle_detection_rate"] >= 0.5
+        assert r["calibration"]["k_shot"] == 2 and len(r["calibration"]["held_out_scores"]) >= 2
     assert "false rejects" in printed[1]
     # resuming runs nothing new
     printed.clear()

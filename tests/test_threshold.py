@@ -232,3 +232,22 @@ def test_scores_keep_their_order_and_the_rate_can_move_after_training(default_wi
     assert float(post.image_threshold) == pytest.approx(at_five)
     with pytest.raises(ValueError, match="false_reject_rate"):
         post.threshold_at(0.7)
+
+
+def test_a_model_whose_refit_fails_on_k_minus_1_images_trains_on_unlabelled(generated_root, tmp_path, caplog):
+    """DFM's PCA cannot be fitted on one image: K = 2 leaves no threshold and says why, and the run goes on."""
+    from anomalib.models import Dfm
+
+    seed_everything(0)
+    datamodule = FewShot(folder_datamodule(generated_root, val_split_mode="none"), k_shot=2, seed=0)
+    model = Dfm(backbone="resnet18", layer="layer3", pre_trained=False, visualizer=False,
+                pre_processor=Dfm.configure_pre_processor(image_size=(SIZE, SIZE)),
+                post_processor=NormalThresholdPostProcessor())  # fmt: skip
+    engine = _engine(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        engine.fit(model=model, datamodule=datamodule)
+    assert "could not be refitted on 1 of the 2 images (IndexError" in caplog.text
+    assert model.post_processor.calibration["error"].startswith("the model could not be refitted")
+    assert torch.isnan(model.post_processor.image_threshold)
+    predictions = engine.predict(model=model, dataloaders=datamodule.test_dataloader())
+    assert all(torch.isfinite(batch.pred_score).all() for batch in predictions)  # raw scores, unlabelled

@@ -6,6 +6,8 @@ Examples:
     python -m fsad_anomalib.benchmark --sets MVTecAD/bottle --mvtec-root ./datasets/MVTecAD
     python -m fsad_anomalib.benchmark --data my_product.yaml --k 1 2 4 8 --methods frozen FewShotContrastive PatchCore PaDiM
     python -m fsad_anomalib.benchmark --report-only --compare FewShotContrastive PatchCore --output benchmark_results
+    python -m fsad_anomalib.benchmark --backbone resnet18 --method-config Dfm=configs/dfm_elpv.yaml --methods PatchCore
+    python -m fsad_anomalib.benchmark --executor ray --ray-address auto --sets MVTecAD/bottle MVTecAD/cable
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from fsad_anomalib.benchmark.cli import int_at_least, json_object, parse_json_object
-from fsad_anomalib.benchmark.methods import FSC_VARIANTS, METHODS, build_method, few_shot_contrastive_args
+from fsad_anomalib.benchmark.executors import EXECUTORS
+from fsad_anomalib.benchmark.method_config import MethodConfig
+from fsad_anomalib.benchmark.methods import FSC_VARIANTS, METHODS, build_method, few_shot_contrastive_args, stock_layers
 from fsad_anomalib.benchmark.sets import SETS_HELP, DataConfig, builtin_datamodule
 
 
@@ -66,11 +70,40 @@ def _check_model_args(parser: argparse.ArgumentParser, args: argparse.Namespace,
             continue
         checked.append(model_args)
         try:  # the arguments as given (fine-tuning included, whichever variants run), then each variant's
-            build_method("FewShotContrastive", args.backbone, args.image_size, model_args)
+            build_method("FewShotContrastive", args.backbone, args.image_size, model_args, pre_trained=args.pretrained)
             for method in fsc_methods:
                 few_shot_contrastive_args(method, model_args)
         except (TypeError, ValueError, RuntimeError) as exc:
             parser.error(f"FewShotContrastive on {label} (--model-args, --set-model-args, --backbone): {exc}")
+    stock = [method for method in args.methods if method.removesuffix("+fine-tuning") in ("PatchCore", "PaDiM")]
+    for label in labels if stock else []:
+        try:  # PatchCore and PaDiM read FewShotContrastive's feature depths of this backbone
+            stock_layers(args.backbone, {**args.model_args, **set_args.get(label, {})}.get("layers"))
+        except ValueError as exc:
+            parser.error(f"{', '.join(stock)} on {label} (--backbone, the layers of --model-args): {exc}")
+
+
+def _method_configs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, MethodConfig]:
+    """Every ``--method-config NAME=FILE``, read and built once: a bad file stops the command before any run."""
+    configs: dict[str, MethodConfig] = {}
+    for item in args.method_config:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            parser.error(f"--method-config '{item}': expected NAME=FILE, e.g. Dfm=configs/dfm_elpv.yaml.")
+        if name in METHODS or name in configs:
+            parser.error(f"--method-config '{item}': the name {name} is taken (built-in methods: {', '.join(METHODS)}); "
+                         "choose another.")
+        try:
+            configs[name] = MethodConfig(name, path)
+        except ValueError as exc:
+            parser.error(str(exc))
+        for note in configs[name].notes:
+            print(f"--method-config {item}: {note}.", flush=True)
+    return configs
+
+
+def _run_key(row: dict) -> tuple:
+    return (row["dataset"], row["category"], row["k_shot"], row["seed"], row["method"])
 
 
 def _rate(text: str) -> float:
@@ -97,9 +130,19 @@ def main(argv: list[str] | None = None) -> int:
                         "are ignored: FewShotContrastive's arguments come from --model-args")
     parser.add_argument("--k", nargs="+", type=int_at_least(1), default=[1, 2, 4, 8, 16])
     parser.add_argument("--seeds", nargs="+", type=int_at_least(0), default=[0, 1, 2])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), metavar="METHOD",
+                        help=f"built-in methods ({', '.join(METHODS)}) and --method-config names (default: every "
+                        "built-in one; each --method-config method runs whether listed or not)")
+    parser.add_argument("--method-config", nargs="+", default=[], metavar="NAME=FILE",
+                        help="any anomalib model as a method named NAME: the 'model:' section of a file `anomalib "
+                        "train --config` reads (class_path and init_args), or those two keys alone; trained and "
+                        "tested on the same support sets, post-processing and metrics as the built-in methods")
     parser.add_argument("--output", default="benchmark_results")
-    parser.add_argument("--backbone", default="offline:tf_efficientnet_lite0")
+    parser.add_argument("--backbone", default="offline:tf_efficientnet_lite0",
+                        help="any timm CNN (resnet18, wide_resnet50_2, ...) or offline:<arch>; PatchCore and PaDiM "
+                        "read the feature depths FewShotContrastive reads, by name through timm's feature_info")
+    parser.add_argument("--no-pretrained", dest="pretrained", action="store_false",
+                        help="random backbone weights for every built-in method (no download: tests, smoke runs)")
     parser.add_argument("--image-size", type=int_at_least(32), default=256)
     parser.add_argument("--model-args", type=json_object, default="{}",
                         help="JSON dict of FewShotContrastive arguments")
@@ -116,6 +159,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-batch-size", type=int_at_least(1), default=32)
     parser.add_argument("--accelerator", default="auto",
                         help="Lightning accelerator of every run (auto, cpu, gpu, ...); one device per run")
+    parser.add_argument("--executor", choices=EXECUTORS, default="serial",
+                        help="serial: one run after another, each in a process of its own; ray: every run a Ray "
+                        "task (one GPU each where the cluster has GPUs, else --cpus-per-run CPUs; needs the "
+                        "'distributed' extra)")
+    parser.add_argument("--ray-address", default=None,
+                        help="--executor ray: the cluster to join ('auto' for the one `ray start` set up on this "
+                        "node, or host:port); without it a local cluster starts on this machine")
+    parser.add_argument("--cpus-per-run", type=int_at_least(1), default=None,
+                        help="torch threads of each run, and the CPUs a Ray task asks for (default: torch's own "
+                        "thread count; on Ray, 1). Rows are the same on both executors for the same value")
     parser.add_argument("--report-only", action="store_true",
                         help="run nothing: write results.md and the plots from the runs already in --output (and "
                         "--include-runs; with --include-runs, --output may hold no runs: a summary folder)")
@@ -130,6 +183,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mvtec-root", default="./datasets/MVTecAD")
     parser.add_argument("--visa-root", default="./datasets/visa")
     args = parser.parse_args(argv)
+    if args.ray_address and args.executor != "ray":
+        parser.error("--ray-address joins a Ray cluster: give --executor ray as well.")
+    method_configs = {} if args.report_only else _method_configs(parser, args)
+    names = [item.partition("=")[0] for item in args.method_config]
+    unknown = [method for method in args.methods if method not in METHODS and method not in names]
+    if unknown:
+        parser.error(f"--methods: unknown {', '.join(unknown)} (built-in: {', '.join(METHODS)}; or a --method-config "
+                     "NAME).")
+    args.methods = list(dict.fromkeys([*args.methods, *names]))
     labels, data_configs = _sets_and_data(parser, args)
     os.environ.setdefault("OPENVINO_TELEMETRY_DISABLED", "1")
     logging.basicConfig(level=logging.ERROR)
@@ -175,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         builders, k_shots=args.k, seeds=args.seeds, methods=args.methods, output=args.output,
             backbone=args.backbone, image_size=args.image_size, fsc_args=fsc_args, set_fsc_args=set_args,
             time_inference=not args.no_timing, accelerator=args.accelerator, false_reject_rate=args.false_reject_rate,
-            progress=lambda line: print(line, flush=True),
+            progress=lambda line: print(line, flush=True), pre_trained=args.pretrained, method_configs=method_configs,
+            executor=args.executor, ray_address=args.ray_address, cpus_per_run=args.cpus_per_run,
         )  # fmt: skip
     wanted = {tuple(label.partition("/")[::2]) for label in labels}
 
@@ -185,13 +248,23 @@ def main(argv: list[str] | None = None) -> int:
 
     # --report-only tables the requested runs; a run tables all of --output, plus the requested included runs
     own = [r for r in rows if requested(r) or not args.report_only]
-    rows = merge_runs(own, *([r for r in load_runs(folder) if requested(r)] for folder in args.include_runs))
+    failed = [r for r in own if "error" in r]
+    own = [r for r in own if "error" not in r]
+    failed = [r for r in failed if _run_key(r) not in {_run_key(row) for row in own}]  # not run again since
+    rows = merge_runs(own, *([r for r in load_runs(folder) if requested(r) and "error" not in r]
+                             for folder in args.include_runs))  # fmt: skip
     table = write_table(rows, f"{args.output}/results.md", methods=args.methods)
     sections = []  # below the table: where the runs come from, then the paired comparisons
     if len(rows) > len(own):
         sections.append(f"\n{len(rows) - len(own)} of these {len(rows)} runs come from --include-runs "
                         f"{' '.join(args.include_runs)} (runs {args.output} does not hold).\n")
     sections += ["\n" + paired_table(rows, method, other) for method, other in args.compare]
+    if failed:
+        lines = [f"\n{len(failed)} runs failed (run the same command again to retry them):\n",
+                 "| set | K | seed | method | error |", "|---|---|---|---|---|"]
+        lines += [f"| {r['dataset']} {r['category']} | {r['k_shot']} | {r['seed']} | {r['method']} | "
+                  f"{' '.join(r['error'].split())[:200].replace('|', '/')} |" for r in failed]
+        sections.append("\n".join(lines) + "\n")
     if sections:
         with Path(f"{args.output}/results.md").open("a") as handle:
             handle.write("".join(sections))

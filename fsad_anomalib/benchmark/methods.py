@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from functools import lru_cache
 from typing import Any
 
 from torchvision.transforms.v2 import Compose, Normalize, Resize
@@ -16,7 +18,7 @@ from fsad_anomalib.models import FewShotContrastive
 from fsad_anomalib.post_processing import NormalThresholdPostProcessor
 
 __all__ = ["FSC_VARIANTS", "METHODS", "OrderPreservingPostProcessor", "build_method", "few_shot_contrastive_args",
-           "method_callbacks", "ranking_components"]
+           "feature_layer_names", "method_callbacks", "ranking_components", "stock_layers"]
 
 
 class OrderPreservingPostProcessor(NormalThresholdPostProcessor):
@@ -121,26 +123,103 @@ def few_shot_contrastive_args(name: str, fsc_args: dict[str, Any] | None = None)
     return args
 
 
-def build_method(  # noqa: ANN201
-    name: str, backbone: str, image_size: int, fsc_args: dict[str, Any] | None = None, false_reject_rate: float = 0.05
-):
-    """Instantiate method ``name``; PatchCore and PaDiM get the backbone's normalisation and image size.
+# FewShotContrastive's default patch layers (timm feature depths): the stock methods read the same depths
+DEFAULT_DEPTHS = (2, 3)
 
-    Every method's threshold comes from its K normals at ``false_reject_rate``.
+
+@lru_cache(maxsize=16)
+def _feature_info(backbone: str) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    import timm  # noqa: PLC0415
+
+    import torch  # noqa: PLC0415
+
+    try:  # its random initialisation must not draw from the run's seeded stream (the first run would differ)
+        with torch.random.fork_rng(devices=[]):
+            network = timm.create_model(resolve_backbone(backbone), features_only=True, pretrained=False)
+    except (RuntimeError, ValueError, OSError) as exc:
+        msg = f"--backbone {backbone}: not a timm model with feature maps ({' '.join(str(exc).split())[:300]})."
+        raise ValueError(msg) from exc
+    return tuple(network.feature_info.module_name()), tuple(network.feature_info.channels())
+
+
+def feature_layer_names(backbone: str) -> tuple[str, ...]:
+    """The module names of a timm backbone's feature depths (``feature_info``), shallow to deep, without weights.
+
+    ``resnet18``: ``act1, layer1, layer2, layer3, layer4``; EfficientNet-Lite0: ``blocks.0, blocks.1, blocks.2,
+    blocks.4, blocks.6``. ``offline:`` names and ``local-dir:`` folders are read from their config.
+
+    Raises:
+        ValueError: ``backbone`` is not a timm model with feature maps.
+    """
+    return _feature_info(backbone)[0]
+
+
+def stock_layers(backbone: str, layers: Sequence[int | str] | str | None = None) -> dict[str, list[str]]:
+    """PatchCore's and PaDiM's layers on ``backbone``: FewShotContrastive's feature depths, by name.
+
+    PatchCore reads FewShotContrastive's patch layers (``layers``, timm feature depths or module names; default and
+    ``"auto"``: depths 2 and 3, anomalib's ``layer2, layer3`` on a ResNet and ``blocks.2, blocks.4`` on
+    EfficientNet-Lite0); PaDiM one depth shallower as well (``layer1, layer2, layer3``, its anomalib default on a
+    ResNet). The names are resolved through timm's ``feature_info``, so any timm CNN works.
+
+    Raises:
+        ValueError: A depth or name the backbone does not have.
+    """
+    names = list(feature_layer_names(backbone))
+    wanted = list(DEFAULT_DEPTHS) if layers is None or isinstance(layers, str) else list(layers)
+    depths = []
+    for layer in wanted:
+        if isinstance(layer, int) and 0 <= layer < len(names):
+            depths.append(layer)
+        elif isinstance(layer, str) and layer in names:
+            depths.append(names.index(layer))
+        else:
+            msg = (f"layer {layer!r} is not a feature depth of {backbone}: it has depths 0-{len(names) - 1} "
+                   f"({', '.join(names)}).")
+            raise ValueError(msg)
+    depths = sorted(set(depths))
+    padim = sorted({max(depths[0] - 1, 0), *depths})
+    return {"PatchCore": [names[d] for d in depths], "PaDiM": [names[d] for d in padim]}
+
+
+def build_method(  # noqa: ANN201
+    name: str,
+    backbone: str,
+    image_size: int,
+    fsc_args: dict[str, Any] | None = None,
+    false_reject_rate: float = 0.05,
+    pre_trained: bool = True,
+):
+    """Instantiate method ``name``; PatchCore and PaDiM get the backbone's normalisation and image size, and
+    FewShotContrastive's feature depths (:func:`stock_layers`).
+
+    Every method's threshold comes from its K normals at ``false_reject_rate``. ``pre_trained=False``: random
+    weights for every method (no download; for tests and smoke runs).
     """
     components = ranking_components(false_reject_rate)
     if name in FSC_VARIANTS:
         args = {"visualizer": False, **components, **few_shot_contrastive_args(name, fsc_args)}
-        return FewShotContrastive(backbone=backbone, image_size=image_size, **args)
+        return FewShotContrastive(backbone=backbone, image_size=image_size, pre_trained=pre_trained, **args)
     name = name.removesuffix("+fine-tuning")
+    if name not in ("PatchCore", "PaDiM"):
+        msg = f"Unknown method '{name}'. Known: {METHODS}."
+        raise ValueError(msg)
     timm_name = resolve_backbone(backbone)
     mean, std = backbone_normalization(backbone)
     pre = PreProcessor(transform=Compose([Resize((image_size, image_size), antialias=True), Normalize(mean, std)]))
+    layers = stock_layers(backbone, (fsc_args or {}).get("layers"))[name]
     if name == "PatchCore":
-        return Patchcore(backbone=timm_name, layers=["blocks.2", "blocks.4"], pre_processor=pre, visualizer=False,
-                         **components)
-    if name == "PaDiM":
-        return Padim(backbone=timm_name, layers=["blocks.1", "blocks.2", "blocks.4"], n_features=100, pre_processor=pre,
-                     visualizer=False, **components)
-    msg = f"Unknown method '{name}'. Known: {METHODS}."
-    raise ValueError(msg)
+        return Patchcore(backbone=timm_name, layers=layers, pre_trained=pre_trained, pre_processor=pre,
+                         visualizer=False, **components)
+    return Padim(backbone=timm_name, layers=layers, pre_trained=pre_trained, n_features=_padim_features(backbone, layers),
+                 pre_processor=pre, visualizer=False, **components)
+
+
+def _padim_features(backbone: str, layers: list[str]) -> int:
+    """PaDiM's ``n_features``: anomalib's own choice for its backbones (100 on resnet18, 550 on wide_resnet50_2),
+    else 100, and never more than the layers' channels hold together."""
+    from anomalib.models.image.padim.torch_model import _N_FEATURES_DEFAULTS  # noqa: PLC0415
+
+    names, channels = _feature_info(backbone)
+    total = sum(channels[names.index(layer)] for layer in layers)
+    return min(_N_FEATURES_DEFAULTS.get(resolve_backbone(backbone), 100), total)

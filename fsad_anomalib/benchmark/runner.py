@@ -1,13 +1,13 @@
-"""Few-shot benchmark: every method on the same K-shot support sets, in one process.
+"""Few-shot benchmark: every method on the same K-shot support sets.
 
 Each run (dataset, category, K, seed, method) appends one JSON line to ``runs.jsonl`` in the output
-folder; a run already there is skipped, so an interrupted benchmark resumes where it stopped.
+folder; a run already there is skipped, so an interrupted benchmark resumes where it stopped. Runs execute one
+after another in this process, or as Ray tasks, each in a worker process of its own
+(:mod:`fsad_anomalib.benchmark.executors`).
 """
 
 from __future__ import annotations
 
-import ctypes
-import gc
 import json
 import logging
 import math
@@ -41,15 +41,6 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _trim_heap() -> None:
-    """Give freed heap back to the OS (anomalib's k-center-greedy coreset in PatchCore fragments glibc's heap)."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:  # not glibc
-        pass
-
-
 @torch.no_grad()
 def time_forward(
     fn: Callable[[torch.Tensor], Any], batch: int, image_size: int, repeats: int = 5, device: torch.device | str = "cpu"
@@ -77,7 +68,8 @@ def backbone_floor(backbone: str, image_size: int, repeats: int = 7) -> dict[str
     """Bare backbone forward (timm features, no scoring): the floor for every method using it."""
     import timm  # noqa: PLC0415
 
-    net = timm.create_model(resolve_backbone(backbone), pretrained=True, features_only=True, exportable=True).eval()
+    # the time does not depend on the weights: random ones, never a download
+    net = timm.create_model(resolve_backbone(backbone), pretrained=False, features_only=True, exportable=True).eval()
     return {
         "ms_b1": time_forward(net, 1, image_size, repeats),
         "ms_b32": time_forward(net, 32, image_size, max(2, repeats // 3)),
@@ -106,12 +98,34 @@ class NonFiniteScoreCounter(Callback):
             self.maps += int((~torch.isfinite(anomaly_map.reshape(anomaly_map.shape[0], -1))).any(dim=1).sum())
 
 
-def load_runs(output: str | Path) -> list[dict[str, Any]]:
-    """The rows of ``output/runs.jsonl`` (none when the file does not exist)."""
+def load_runs(output: str | Path, repair: bool = False) -> list[dict[str, Any]]:
+    """The rows of ``output/runs.jsonl`` (none when the file does not exist).
+
+    A last line cut short (a sweep killed while writing it) is left out with a warning; ``repair=True`` also
+    removes it from the file, so that the next row starts on a line of its own. Any other line that is not JSON
+    is a ``ValueError`` naming the file and line.
+    """
     runs_file = Path(output) / "runs.jsonl"
     if not runs_file.exists():
         return []
-    return [json.loads(line) for line in runs_file.read_text().splitlines() if line.strip()]
+    text = runs_file.read_text()
+    lines = text.splitlines()
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            if number == len(lines) and not text.endswith("\n"):
+                logger.warning("%s: its last line was cut short (a sweep stopped while writing it) and is left out; "
+                               "that run runs again.", runs_file)  # fmt: skip
+                if repair:
+                    runs_file.write_text("".join(f"{kept}\n" for kept in lines[:-1]))
+                break
+            msg = f"{runs_file}, line {number}: not a JSON row ({exc})."
+            raise ValueError(msg) from exc
+    return rows
 
 
 def _key(row: dict[str, Any]) -> tuple:
@@ -197,57 +211,99 @@ def run_benchmark(
     accelerator: str = "auto",
     progress: Callable[[str], None] = print,
     false_reject_rate: float = 0.05,
+    pre_trained: bool = True,
+    method_configs: dict[str, Any] | None = None,
+    executor: str = "serial",
+    ray_address: str | None = None,
+    cpus_per_run: int | None = None,
 ) -> list[dict[str, Any]]:
     """Run every (datamodule, K, seed, method) not yet in ``output/runs.jsonl`` and return all rows.
 
     ``fsc_args`` go to every FewShotContrastive variant; ``set_fsc_args[label]`` override them on one set.
-    Each run trains and tests on one device of ``accelerator`` (Lightning's name: ``auto``, ``cpu``, ``gpu``);
-    spread a large sweep by giving each process its own ``--sets`` or ``--seeds`` and output folder.
+    ``method_configs`` maps a method name to a :class:`~fsad_anomalib.benchmark.method_config.MethodConfig` (any
+    anomalib model); ``methods`` may name them beside the built-in ones. Each run trains and tests on one device
+    of ``accelerator`` (Lightning's name: ``auto``, ``cpu``, ``gpu``): one after another in this process
+    (``executor="serial"``) or as Ray tasks, each in a process of its own (``"ray"``, on the cluster at
+    ``ray_address``, else a local one; see :mod:`fsad_anomalib.benchmark.executors`). ``cpus_per_run``: torch threads of each run (and a Ray task's CPUs);
+    rows are the same on both executors for the same value. This process alone writes ``runs.jsonl``; a run that
+    fails is recorded with its error (and run again on resume) and the sweep goes on.
     Each row records the arguments its model was built with, and what its threshold, set from the K normals at
     ``false_reject_rate``, does on the test set (beside anomalib's oracle F1 threshold learned on it).
     """
+    from fsad_anomalib.benchmark.executors import EXECUTORS, Task, ray_executor, serial_executor  # noqa: PLC0415
+
+    if executor not in EXECUTORS:
+        msg = f"executor must be one of {EXECUTORS}, got '{executor}'."
+        raise ValueError(msg)
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     runs_file = output / "runs.jsonl"
-    rows = load_runs(output)
-    done = {_key(r) for r in rows}
+    rows = load_runs(output, repair=True)
+    done = {_key(r) for r in rows if "error" not in r}
     methods = list(methods)
+    method_configs = dict(method_configs or {})
     for method in methods:
-        if method not in METHODS:
-            msg = f"Unknown method '{method}'. Known: {METHODS}."
+        if method not in METHODS and method not in method_configs:
+            msg = f"Unknown method '{method}'. Known: {(*METHODS, *method_configs)}."
             raise ValueError(msg)
-    plan = [(label, k, s, m) for label in datamodules for k in k_shots for s in seeds for m in methods]
-    keys = [(*label.partition("/")[::2], k, s, m) for label, k, s, m in plan]  # (dataset, category, K, seed, method)
+    plan = [Task(label, datamodules[label], k, s, m, backbone, image_size,
+                 {**(fsc_args or {}), **(set_fsc_args or {}).get(label, {})}, time_inference, accelerator,
+                 false_reject_rate, pre_trained, method_configs.get(m), cpus_per_run)
+            for label in datamodules for k in k_shots for s in seeds for m in methods]  # fmt: skip
     floor_file = output / "backbone_floor.json"
     if time_inference and not floor_file.exists():
         floor_file.write_text(json.dumps(backbone_floor(backbone, image_size), indent=2))
-    todo = sum(1 for key in keys if key not in done)
-    if len(plan) > todo:
-        progress(f"{len(plan) - todo} of {len(plan)} runs are already in {runs_file}; {todo} to run")
+    todo = [task for task in plan if task.key not in done]
+    if len(plan) > len(todo):
+        progress(f"{len(plan) - len(todo)} of {len(plan)} runs are already in {runs_file}; {len(todo)} to run")
+    position = {task.key: index for index, task in enumerate(plan, 1)}
+    def head(task: Task) -> str:
+        return f"[{position[task.key]}/{len(plan)}] {task.label} K={task.k_shot} seed={task.seed} {task.method}"
+
+    def announced(tasks: list[Task]) -> Iterable[Task]:  # the serial executor takes a task as it starts it
+        for task in tasks:
+            progress(head(task))
+            yield task
+
+    if executor == "ray":
+        progress(f"{len(todo)} runs as Ray tasks on {ray_address or 'a local Ray cluster'}")
+        results = ray_executor(todo, ray_address, cpus_per_run or 1)
+    else:
+        results = serial_executor(announced(todo))
     started, finished = time.perf_counter(), 0
-    for index, ((label, k_shot, seed, method), key) in enumerate(zip(plan, keys, strict=True), 1):
-        dataset, category = key[:2]
-        if key in done:
-            continue
-        progress(f"[{index}/{len(plan)}] {label} K={k_shot} seed={seed} {method}")
-        args = {**(fsc_args or {}), **(set_fsc_args or {}).get(label, {})}
-        row = _run_one(datamodules[label](), dataset, category, k_shot, seed, method, backbone, image_size, args,
-                       time_inference, accelerator, false_reject_rate)
+    for task, row in results:
         rows.append(row)
         with runs_file.open("a") as handle:
             handle.write(json.dumps(row) + "\n")
-        if row["non_finite_scores"] or row["non_finite_maps"]:
-            progress(f"    {method} gave non-finite scores on {row['non_finite_scores']} and non-finite maps on "
-                     f"{row['non_finite_maps']} test images: AUROC recorded as NaN")
         finished += 1
         elapsed = time.perf_counter() - started
-        left = f", about {_duration(elapsed / finished * (todo - finished))} left" if finished < todo else ""
+        left = f", about {_duration(elapsed / finished * (len(todo) - finished))} left" if finished < len(todo) else ""
+        # serial runs were announced as they started; Ray's end in any order, so each line says which run it was
+        lead = f"{head(task)}: " if executor == "ray" else "    "
+        if "error" in row:
+            progress(f"{lead}FAILED, {row['error'][:300]}  ({finished}/{len(todo)} done in {_duration(elapsed)}{left})")
+            continue
+        if row["non_finite_scores"] or row["non_finite_maps"]:
+            progress(f"    {task.method} gave non-finite scores on {row['non_finite_scores']} and non-finite maps on "
+                     f"{row['non_finite_maps']} test images: AUROC recorded as NaN")
         rates = row["threshold"]
-        progress(f"    image AUROC {row['image_AUROC']:.3f}  false rejects {rates['false_reject_rate']:.1%}  detected "
-                 f"{rates['detection_rate']:.1%}  train {row['train_s']:.1f}s  peak RSS {row['peak_rss_mb']:.0f} MiB"
-                 f"  ({finished}/{todo} done in {_duration(elapsed)}{left})")
-        _trim_heap()
+        progress(f"{lead}image AUROC {row['image_AUROC']:.3f}  false rejects {rates['false_reject_rate']:.1%}  "
+                 f"detected {rates['detection_rate']:.1%}  train {row['train_s']:.1f}s  peak RSS "
+                 f"{row['peak_rss_mb']:.0f} MiB  ({finished}/{len(todo)} done in {_duration(elapsed)}{left})")
     return rows
+
+
+def _layers_of(model: Any) -> list[str] | None:  # noqa: ANN401
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    return [str(layer) for layer in layers] if isinstance(layers, list | tuple) else None
+
+
+def run_one(task: Any) -> dict[str, Any]:  # noqa: ANN401
+    """The row of one :class:`~fsad_anomalib.benchmark.executors.Task`, trained and tested in this process."""
+    dataset, category = task.key[:2]
+    return _run_one(task.build_datamodule(), dataset, category, task.k_shot, task.seed, task.method, task.backbone,
+                    task.image_size, task.fsc_args, task.time_inference, task.accelerator, task.false_reject_rate,
+                    task.pre_trained, task.method_config)  # fmt: skip
 
 
 def _duration(seconds: float) -> str:
@@ -271,13 +327,19 @@ def _run_one(
     time_inference: bool,
     accelerator: str = "auto",
     false_reject_rate: float = 0.05,
+    pre_trained: bool = True,
+    method_config: Any = None,  # noqa: ANN401
 ) -> dict[str, Any]:
     seed_everything(seed, verbose=False)
     few_shot = FewShot(datamodule, k_shot=k_shot, seed=seed)
-    model = build_method(method, backbone, image_size, fsc_args, false_reject_rate)
+    if method_config is not None:
+        model = method_config.build(false_reject_rate)
+    else:
+        model = build_method(method, backbone, image_size, fsc_args, false_reject_rate, pre_trained)
     with tempfile.TemporaryDirectory(prefix="fsad-bench-") as workdir:
         engine = Engine(default_root_dir=workdir, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                        accelerator=accelerator, devices=1, callbacks=[*method_callbacks(method), counter := NonFiniteScoreCounter()])
+                        accelerator=accelerator, devices=1, callbacks=[*method_callbacks(method), counter := NonFiniteScoreCounter()],
+                        **(method_config.trainer_args if method_config is not None else {}))  # fmt: skip
         start = time.perf_counter()
         engine.fit(model=model, datamodule=few_shot)
         train_s = time.perf_counter() - start
@@ -299,8 +361,12 @@ def _run_one(
         "test_normal": test_normal,
         "test_anomalous": test_anomalous,
         "support_set": few_shot.support_set,
-        "model_args": (fsc_args or {}) if method in FSC_VARIANTS else {},
+        "model_args": (fsc_args or {}) if method in FSC_VARIANTS else method_config.spec if method_config else {},
+        # the feature layers a stock or configured model read (FewShotContrastive's are in self_configuration)
+        "layers": None if method in FSC_VARIANTS else _layers_of(model),
         "threshold": threshold_record(model.post_processor, false_reject_rate),
+        # the held-out normal scores and bounds behind it, to study the estimator offline without rerunning
+        "calibration": dict(getattr(model.post_processor, "calibration", {}) or {}),
     }
     record = getattr(model, "self_configuration", None)
     if record:  # FewShotContrastive: what it chose from the K normals, and the fine-tuning decision's evidence

@@ -1,0 +1,216 @@
+"""The benchmark for any timm backbone, any anomalib model (--method-config), failed runs, kills and Ray."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from fsad_anomalib.benchmark.methods import stock_layers
+from fsad_anomalib.benchmark.runner import load_runs, run_benchmark
+
+from .conftest import folder_datamodule
+
+# what differs from run to run of the same work: wall times and the process's memory
+TIMINGS = {"train_s", "peak_rss_mb", "ms_b1", "ms_b32"}
+
+
+def _data_config(path, root) -> str:
+    folder = {"name": "toy", "root": str(root), "normal_dir": "train/good", "abnormal_dir": "test/bad",
+              "normal_test_dir": "test/good", "mask_dir": "mask/bad", "num_workers": 0}  # fmt: skip
+    path.write_text(json.dumps({"data": {"class_path": "Folder", "init_args": folder}}))  # JSON is YAML
+    return str(path)
+
+
+def _without_timings(row: dict) -> dict:
+    return {key: value for key, value in row.items() if key not in TIMINGS}
+
+
+def test_stock_layers_follow_the_backbone():
+    """FewShotContrastive's feature depths, by name: anomalib's own defaults on a ResNet, the usual ones on Lite0."""
+    assert stock_layers("resnet18") == {"PatchCore": ["layer2", "layer3"], "PaDiM": ["layer1", "layer2", "layer3"]}
+    assert stock_layers("wide_resnet50_2", [1, 2])["PatchCore"] == ["layer1", "layer2"]
+    lite0 = stock_layers("offline:tf_efficientnet_lite0")
+    assert lite0 == {"PatchCore": ["blocks.2", "blocks.4"], "PaDiM": ["blocks.1", "blocks.2", "blocks.4"]}
+    with pytest.raises(ValueError, match=r"layer 7 is not a feature depth of resnet18: it has depths 0-4"):
+        stock_layers("resnet18", [2, 7])
+
+
+def test_resnet18_sweep_of_patchcore_padim_and_fewshotcontrastive(generated_root, tmp_path):
+    """--backbone resnet18 --no-pretrained: random weights, no download; every method runs end to end."""
+    sets = {"generated/toy": lambda: folder_datamodule(generated_root, val_split_mode="none")}
+    rows = run_benchmark(sets, k_shots=[2], seeds=[0], methods=["FewShotContrastive", "PatchCore", "PaDiM"],
+                         output=tmp_path, backbone="resnet18", pre_trained=False, image_size=64, time_inference=False,
+                         fsc_args={"fine_tuning": False}, progress=lambda line: None)  # fmt: skip
+    assert [r["method"] for r in rows] == ["FewShotContrastive", "PatchCore", "PaDiM"]
+    for row in rows:
+        assert "error" not in row, row.get("error")
+        assert row["non_finite_scores"] == 0 and row["image_AUROC"] > 0.5  # bright blobs, even on random features
+        assert row["layers"] == {"FewShotContrastive": None, "PatchCore": ["layer2", "layer3"],
+                                 "PaDiM": ["layer1", "layer2", "layer3"]}[row["method"]]  # fmt: skip
+
+
+def test_a_method_config_runs_beside_the_built_in_methods(generated_root, tmp_path, capsys):
+    """--method-config Dfm=FILE: stock anomalib DFM, trained and tested on the same support sets and tables."""
+    from fsad_anomalib.benchmark.__main__ import main
+
+    dfm = tmp_path / "dfm.yaml"
+    dfm.write_text("seed_everything: 0\nmodel:\n  class_path: Dfm\n  init_args:\n    backbone: resnet18\n"
+                   "    layer: layer3\n    pre_trained: false\n    post_processor: true\n")  # fmt: skip
+    out = tmp_path / "bench"
+    # K = 4: DFM's PCA needs more than one image in each leave-one-out refit
+    assert main(["--data", _data_config(tmp_path / "toy.yaml", generated_root), "--k", "4", "--seeds", "0", "1",
+                 "--methods", "PatchCore", "--method-config", f"Dfm={dfm}", "--backbone", "resnet18", "--no-pretrained",
+                 "--image-size", "64", "--no-timing", "--output", str(out), "--compare", "Dfm", "PatchCore"]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "only its model section and trainer.max_epochs/max_steps are read (seed_everything ignored" in printed
+    assert "post_processor replaced by the benchmark's" in printed
+    rows = load_runs(out)
+    assert sorted((r["method"], r["seed"]) for r in rows) == [("Dfm", 0), ("Dfm", 1), ("PatchCore", 0), ("PatchCore", 1)]
+    by = {(r["method"], r["seed"]): r for r in rows}
+    for seed in (0, 1):
+        dfm_row, patchcore = by[("Dfm", seed)], by[("PatchCore", seed)]
+        assert dfm_row["support_set"] == patchcore["support_set"]  # the same support sets
+        assert dfm_row["model_args"]["class_path"] == "Dfm" and dfm_row["image_AUROC"] > 0.5
+        assert dfm_row["threshold"]["at"]["0.05"]["threshold"] == dfm_row["threshold"]["threshold"]  # refitted on K - 1
+    results = (out / "results.md").read_text()
+    assert "| Folder toy | Dfm |" in results and "| Folder toy | PatchCore |" in results
+    assert "Dfm" in results.split("OK/NG decision")[1]  # its normal-only threshold is tabled too
+    assert "Dfm against PatchCore, paired by support set" in results and "| Folder toy | 4 | 2 |" in results
+
+
+def test_a_model_trained_by_an_optimiser_gets_auroc_and_no_threshold(generated_root, tmp_path, capsys):
+    """GANomaly cannot be refitted on K - 1 images: ranked scores and AUROC, a NaN threshold record; the file's
+    trainer.max_epochs bounds its training."""
+    from fsad_anomalib.benchmark.__main__ import main
+
+    gan = tmp_path / "ganomaly.yaml"
+    gan.write_text("trainer:\n  max_epochs: 1\n  accelerator: cpu\nmodel:\n  class_path: Ganomaly\n  init_args:\n"
+                   "    batch_size: 2\n    n_features: 8\n    latent_vec_size: 8\n")  # fmt: skip
+    out = tmp_path / "bench"
+    assert main(["--data", _data_config(tmp_path / "toy.yaml", generated_root), "--k", "2", "--seeds", "0",
+                 "--methods", "PatchCore", "--method-config", f"Gan={gan}", "--image-size", "64", "--no-timing",
+                 "--output", str(out)]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "Ganomaly is trained by an optimiser and cannot be refitted" in printed
+    assert "(trainer.accelerator ignored" in printed
+    row = next(r for r in load_runs(out) if r["method"] == "Gan")
+    assert "error" not in row and 0.0 <= row["image_AUROC"] <= 1.0 and row["non_finite_scores"] == 0
+    assert row["threshold"]["threshold"] != row["threshold"]["threshold"]  # NaN: no normal-only threshold
+    assert "| Folder toy | Gan |" in (out / "results.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        ("model: [unclosed", "not a YAML file"),
+        ("trainer:\n  max_epochs: 1\n", "expected an anomalib model: a 'model:' section"),
+        ("model:\n  class_path: NoSuchModel\n", "its model (NoSuchModel) could not be built"),
+        ("model:\n  class_path: Dfm\n  init_args:\n    no_such_argument: 3\n", "its model (Dfm) could not be built"),
+        ("trainer:\n  max_epochs: 0\nmodel:\n  class_path: Dfm\n", "trainer.max_epochs must be a whole number of at least 1"),
+    ],
+)
+def test_bad_method_configs_are_refused_before_any_run(content, expected, generated_root, tmp_path, capsys):
+    from fsad_anomalib.benchmark.__main__ import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(content)
+    out = tmp_path / "bench"
+    with pytest.raises(SystemExit):
+        main(["--data", _data_config(tmp_path / "toy.yaml", generated_root), "--k", "1", "--methods", "PatchCore",
+              "--method-config", f"Mine={bad}", "--output", str(out)])  # fmt: skip
+    error = capsys.readouterr().err
+    assert f"--method-config Mine={bad}: {expected}" in error
+    assert not (out / "runs.jsonl").exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--method-config", "Dfm"], "expected NAME=FILE"),
+        (["--method-config", "PatchCore=x.yaml"], "the name PatchCore is taken"),
+        (["--method-config", "Mine=/no/such/file.yaml"], "--method-config Mine=/no/such/file.yaml: cannot read the file"),
+        (["--methods", "Dfm"], "--methods: unknown Dfm"),
+        (["--ray-address", "auto"], "--ray-address joins a Ray cluster: give --executor ray as well"),
+        (["--backbone", "resnet18", "--model-args", '{"layers": [2, 9]}', "--methods", "PatchCore"],
+         "layer 9 is not a feature depth of resnet18"),
+    ],
+)
+def test_method_options_are_checked_before_any_run(argv, expected, tmp_path, capsys):
+    from fsad_anomalib.benchmark.__main__ import main
+
+    with pytest.raises(SystemExit):
+        main(["--sets", "ELPV/mono", "--k", "1", "--output", str(tmp_path / "bench"), *argv])
+    assert expected in capsys.readouterr().err
+    assert not (tmp_path / "bench" / "runs.jsonl").exists()
+
+
+def test_a_failed_run_is_recorded_and_the_sweep_goes_on(generated_root, tmp_path):
+    def broken():
+        msg = "the data folder went away"
+        raise OSError(msg)
+
+    sets = {"broken/set": broken, "generated/toy": lambda: folder_datamodule(generated_root, val_split_mode="none")}
+    printed = []
+    rows = run_benchmark(sets, k_shots=[2], seeds=[0], methods=["PatchCore"], output=tmp_path, image_size=64,
+                         time_inference=False, progress=printed.append)  # fmt: skip
+    assert rows[0]["error"] == "OSError: the data folder went away" and "Traceback" in rows[0]["traceback"]
+    assert "error" not in rows[1] and rows[1]["image_AUROC"] > 0.9
+    assert printed[0] == "[1/2] broken/set K=2 seed=0 PatchCore"
+    assert printed[1].startswith("    FAILED, OSError: the data folder went away  (1/2 done in ")
+    # a resumed sweep runs the failed run again, and only that one
+    printed.clear()
+    run_benchmark({"broken/set": broken, **{k: v for k, v in sets.items() if k != "broken/set"}}, k_shots=[2],
+                  seeds=[0], methods=["PatchCore"], output=tmp_path, image_size=64, time_inference=False,
+                  progress=printed.append)  # fmt: skip
+    assert printed[0] == f"1 of 2 runs are already in {tmp_path / 'runs.jsonl'}; 1 to run"
+
+
+def test_a_killed_sweep_resumes(generated_root, tmp_path):
+    """SIGKILL mid-sweep (Lightning catches SIGTERM), even mid-line: the same command finishes the rest."""
+    config = _data_config(tmp_path / "toy.yaml", generated_root)
+    out = tmp_path / "bench"
+    argv = [sys.executable, "-m", "fsad_anomalib.benchmark", "--data", config, "--k", "1", "2", "--seeds", "0", "1",
+            "--methods", "PatchCore", "--image-size", "64", "--no-timing", "--output", str(out)]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # noqa: S603
+    runs = out / "runs.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not (runs.exists() and runs.read_text().count("\n") >= 1):
+        time.sleep(0.2)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    kept = load_runs(out)
+    assert 1 <= len(kept) < 4
+    with runs.open("a") as handle:  # as if killed while writing the next row
+        handle.write('{"dataset": "Folder", "categ')
+    result = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600, check=False)  # noqa: S603
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"{len(kept)} of 4 runs are already in" in result.stdout
+    rows = load_runs(out)
+    assert len(rows) == 4 and rows[: len(kept)] == kept
+    assert sorted((r["k_shot"], r["seed"]) for r in rows) == [(1, 0), (1, 1), (2, 0), (2, 1)]
+
+
+def test_a_ray_sweep_equals_the_serial_one(generated_root, tmp_path):
+    """A local Ray cluster of 2 CPUs, 4 runs: the driver's runs.jsonl holds the serial sweep's rows, timings aside."""
+    pytest.importorskip("ray", reason="the 'distributed' extra (Ray) is not installed")
+    sets = {"generated/toy": lambda: folder_datamodule(generated_root, val_split_mode="none")}
+    common = {"k_shots": [1, 2], "seeds": [0, 1], "methods": ["PatchCore"], "image_size": 64, "time_inference": False,
+              "backbone": "resnet18", "pre_trained": False, "cpus_per_run": 1, "progress": lambda line: None}
+    serial = run_benchmark(sets, output=tmp_path / "serial", **common)
+    printed = []
+    ray_rows = run_benchmark(sets, output=tmp_path / "ray", executor="ray", **{**common, "progress": printed.append})
+    assert printed[0] == "4 runs as Ray tasks on a local Ray cluster"
+    assert any("(4/4 done in " in line for line in printed) and any(" left)" in line for line in printed)
+    key = lambda r: (r["k_shot"], r["seed"])  # noqa: E731
+    assert sorted(map(key, ray_rows)) == sorted(map(key, serial))
+    def rows_of(folder):  # as JSON text, so that NaN (K = 1 has no threshold) compares equal to NaN
+        return {key(r): json.dumps(_without_timings(r), sort_keys=True) for r in load_runs(folder)}
+
+    assert rows_of(tmp_path / "ray") == rows_of(tmp_path / "serial")  # to the last digit
