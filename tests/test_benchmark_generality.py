@@ -198,19 +198,29 @@ def test_a_killed_sweep_resumes(generated_root, tmp_path):
 
 
 def test_a_ray_sweep_equals_the_serial_one(generated_root, tmp_path):
-    """A local Ray cluster of 2 CPUs, 4 runs: the driver's runs.jsonl holds the serial sweep's rows, timings aside."""
-    pytest.importorskip("ray", reason="the 'distributed' extra (Ray) is not installed")
+    """A local Ray cluster of 2 CPUs, 4 runs: the driver's runs.jsonl holds the serial sweep's rows, timings aside;
+    4 more runs, of a set that cannot be built, are recorded as failed and the sweep goes on."""
     sets = {"generated/toy": lambda: folder_datamodule(generated_root, val_split_mode="none")}
     common = {"k_shots": [1, 2], "seeds": [0, 1], "methods": ["PatchCore"], "image_size": 64, "time_inference": False,
               "backbone": "resnet18", "pre_trained": False, "cpus_per_run": 1, "progress": lambda line: None}
     serial = run_benchmark(sets, output=tmp_path / "serial", **common)
+
+    def broken():
+        msg = "the data folder went away"
+        raise OSError(msg)
+
     printed = []
-    ray_rows = run_benchmark(sets, output=tmp_path / "ray", executor="ray", **{**common, "progress": printed.append})
-    assert printed[0] == "4 runs as Ray tasks on a local Ray cluster"
-    assert any("(4/4 done in " in line for line in printed) and any(" left)" in line for line in printed)
+    ray_rows = run_benchmark({**sets, "broken/set": broken}, output=tmp_path / "ray", executor="ray",
+                             **{**common, "progress": printed.append})  # fmt: skip
+    assert printed[0] == "8 runs as Ray tasks on a local Ray cluster"
+    assert any("(8/8 done in " in line for line in printed) and any(" left)" in line for line in printed)
+    failed = [r for r in ray_rows if "error" in r]
+    assert len(failed) == 4 and all(r["error"] == "OSError: the data folder went away" for r in failed)
+    assert any(": FAILED, OSError: the data folder went away" in line for line in printed)
     key = lambda r: (r["k_shot"], r["seed"])  # noqa: E731
-    assert sorted(map(key, ray_rows)) == sorted(map(key, serial))
+    assert sorted(key(r) for r in ray_rows if "error" not in r) == sorted(map(key, serial))
+
     def rows_of(folder):  # as JSON text, so that NaN (K = 1 has no threshold) compares equal to NaN
-        return {key(r): json.dumps(_without_timings(r), sort_keys=True) for r in load_runs(folder)}
+        return {key(r): json.dumps(_without_timings(r), sort_keys=True) for r in load_runs(folder) if "error" not in r}
 
     assert rows_of(tmp_path / "ray") == rows_of(tmp_path / "serial")  # to the last digit
