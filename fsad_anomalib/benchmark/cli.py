@@ -4,9 +4,27 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-__all__ = ["int_at_least", "json_object", "parse_json_object"]
+__all__ = ["int_at_least", "json_object", "parse_json_object", "read_yaml"]
+
+
+def read_yaml(path: Path, error: Callable[[str], Exception]) -> Any:  # noqa: ANN401
+    """The YAML content of ``path``; a file that cannot be read or is not YAML raises ``error(what)``."""
+    import yaml  # noqa: PLC0415  (PyYAML: a dependency of jsonargparse, anomalib's CLI parser)
+
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        msg = f"cannot read the file ({exc})."
+        raise error(msg) from exc
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        msg = f"not a YAML file ({' '.join(str(exc).split())[:300]})."
+        raise error(msg) from exc
 
 
 def parse_json_object(text: str, option: str = "") -> dict[str, Any]:

@@ -17,6 +17,7 @@ from typing import Any
 from anomalib.models import AnomalibModule
 from lightning import LightningModule, Trainer
 
+from fsad_anomalib.benchmark.cli import read_yaml
 from fsad_anomalib.benchmark.methods import OrderPreservingPostProcessor, ranking_components
 
 __all__ = ["TRAINER_KEYS", "MethodConfig", "RankingOnlyPostProcessor"]
@@ -78,18 +79,7 @@ class MethodConfig:
         return ValueError(f"--method-config {self.name}={self.path}: {what}")
 
     def _read_spec(self) -> tuple[dict[str, Any], list[str]]:
-        import yaml  # noqa: PLC0415  (PyYAML: a dependency of jsonargparse, anomalib's CLI parser)
-
-        try:
-            text = self.path.read_text()
-        except (OSError, UnicodeDecodeError) as exc:
-            msg = f"cannot read the file ({exc})."
-            raise self._error(msg) from exc
-        try:
-            spec = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            msg = f"not a YAML file ({' '.join(str(exc).split())[:300]})."
-            raise self._error(msg) from exc
+        spec = read_yaml(self.path, self._error)
         notes = []
         self.trainer_args: dict[str, int] = {}
         if isinstance(spec, dict) and "model" in spec:

@@ -15,6 +15,7 @@ from typing import Any
 
 from anomalib.data.datamodules.base.image import AnomalibDataModule
 
+from fsad_anomalib.benchmark.cli import read_yaml
 from fsad_anomalib.data.few_shot import normal_pool
 
 __all__ = ["DataConfig", "builtin_datamodule", "test_label_counts"]
@@ -109,18 +110,7 @@ class DataConfig:
         return ValueError(f"--data {self.path}: {what}")
 
     def _read_spec(self) -> tuple[dict[str, Any], list[str]]:
-        import yaml  # noqa: PLC0415  (PyYAML: a dependency of jsonargparse, anomalib's CLI parser)
-
-        try:
-            text = self.path.read_text()
-        except (OSError, UnicodeDecodeError) as exc:
-            msg = f"cannot read the file ({exc})."
-            raise self._error(msg) from exc
-        try:
-            spec = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            msg = f"not a YAML file ({' '.join(str(exc).split())[:300]})."
-            raise self._error(msg) from exc
+        spec = read_yaml(self.path, self._error)
         notes = []
         if isinstance(spec, dict) and "data" in spec:
             ignored = sorted(key for key in spec if key != "data")
