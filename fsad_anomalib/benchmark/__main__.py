@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-from fsad_anomalib.benchmark.cli import int_at_least, json_object, parse_json_object
+from fsad_anomalib.benchmark.cli import int_at_least, json_object, parse_json_object, quiet_logs
 from fsad_anomalib.benchmark.executors import EXECUTORS
 from fsad_anomalib.benchmark.method_config import MethodConfig
 from fsad_anomalib.benchmark.methods import FSC_VARIANTS, METHODS, build_method, few_shot_contrastive_args, stock_layers
@@ -193,10 +192,8 @@ def main(argv: list[str] | None = None) -> int:
                      "NAME).")
     args.methods = list(dict.fromkeys([*args.methods, *names]))
     labels, data_configs = _sets_and_data(parser, args)
-    os.environ.setdefault("OPENVINO_TELEMETRY_DISABLED", "1")
     logging.basicConfig(level=logging.ERROR)
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "lightning_fabric", "anomalib"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    quiet_logs()
     for pair in args.compare:
         unknown = [name for name in pair if name not in args.methods]
         if unknown:

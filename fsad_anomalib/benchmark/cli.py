@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["int_at_least", "json_object", "parse_json_object", "read_yaml"]
+__all__ = ["build_from_spec", "int_at_least", "json_object", "parse_json_object", "quiet_logs", "read_yaml"]
 
 
 def read_yaml(path: Path, error: Callable[[str], Exception]) -> Any:  # noqa: ANN401
@@ -63,3 +63,28 @@ def int_at_least(minimum: int):  # noqa: ANN201
         return value
 
     return parse
+
+
+def build_from_spec(base: type, spec: dict[str, Any], what: str, error: Callable[[str], Exception]) -> Any:  # noqa: ANN401
+    """An instance of a ``base`` subclass from ``class_path`` + ``init_args``, parsed by jsonargparse as anomalib's CLI
+    parses them (short class names included); any failure raises ``error("its <what> (<class>) could not be built:
+    ...")``."""
+    from jsonargparse import ArgumentParser  # noqa: PLC0415
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(base, "spec", required=True)
+    try:
+        return parser.instantiate_classes(parser.parse_object({"spec": spec})).spec
+    except Exception as exc:  # jsonargparse reports a wrong class or argument as one of several error types
+        msg = f"its {what} ({spec.get('class_path')}) could not be built: {' '.join(str(exc).split())[:600]}"
+        raise error(msg) from exc
+
+
+def quiet_logs() -> None:
+    """Lightning's and anomalib's logs at ERROR only, and no OpenVINO telemetry: a run prints its own progress."""
+    import logging  # noqa: PLC0415
+    import os  # noqa: PLC0415
+
+    os.environ.setdefault("OPENVINO_TELEMETRY_DISABLED", "1")
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "lightning_fabric", "anomalib"):
+        logging.getLogger(name).setLevel(logging.ERROR)

@@ -76,19 +76,14 @@ def trim_heap() -> None:
         pass
 
 
-def _quiet() -> None:
-    os.environ.setdefault("OPENVINO_TELEMETRY_DISABLED", "1")
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "lightning_fabric", "anomalib"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-
 def execute(task: Task) -> dict[str, Any]:
     """Train and test one run and return its row, or its error row where anything in it raises."""
     import torch  # noqa: PLC0415
 
+    from fsad_anomalib.benchmark.cli import quiet_logs  # noqa: PLC0415
     from fsad_anomalib.benchmark.runner import run_one  # noqa: PLC0415
 
-    _quiet()
+    quiet_logs()  # a Ray worker starts with Lightning's default logging
     if task.cpus_per_run:
         torch.set_num_threads(task.cpus_per_run)
     try:

@@ -17,7 +17,7 @@ from typing import Any
 from anomalib.models import AnomalibModule
 from lightning import LightningModule, Trainer
 
-from fsad_anomalib.benchmark.cli import read_yaml
+from fsad_anomalib.benchmark.cli import build_from_spec, read_yaml
 from fsad_anomalib.benchmark.methods import OrderPreservingPostProcessor, ranking_components
 
 __all__ = ["TRAINER_KEYS", "MethodConfig", "RankingOnlyPostProcessor"]
@@ -111,17 +111,9 @@ class MethodConfig:
 
     def build(self, false_reject_rate: float = 0.05) -> AnomalibModule:
         """A new model from the file, with the benchmark's post-processor and evaluator and no visualizer."""
-        from jsonargparse import ArgumentParser  # noqa: PLC0415
-
         import fsad_anomalib.models  # noqa: F401, PLC0415  (FewShotContrastive as a short name too)
 
-        parser = ArgumentParser(exit_on_error=False)
-        parser.add_subclass_arguments(AnomalibModule, "model", required=True)
-        try:
-            model = parser.instantiate_classes(parser.parse_object({"model": self.spec})).model
-        except Exception as exc:  # jsonargparse reports a wrong class or argument as one of several error types
-            msg = f"its model ({self.spec.get('class_path')}) could not be built: {' '.join(str(exc).split())[:600]}"
-            raise self._error(msg) from exc
+        model = build_from_spec(AnomalibModule, self.spec, "model", self._error)
         components = ranking_components(false_reject_rate)
         if not refittable(model):
             components["post_processor"] = RankingOnlyPostProcessor(false_reject_rate)

@@ -15,7 +15,7 @@ from typing import Any
 
 from anomalib.data.datamodules.base.image import AnomalibDataModule
 
-from fsad_anomalib.benchmark.cli import read_yaml
+from fsad_anomalib.benchmark.cli import build_from_spec, read_yaml
 from fsad_anomalib.data.few_shot import normal_pool
 
 __all__ = ["DataConfig", "builtin_datamodule", "test_label_counts"]
@@ -130,17 +130,10 @@ class DataConfig:
 
     def _build(self) -> tuple[AnomalibDataModule, list[str]]:
         from anomalib.data.utils import ValSplitMode  # noqa: PLC0415
-        from jsonargparse import ArgumentParser  # noqa: PLC0415
 
         from fsad_anomalib.data import FewShot  # noqa: PLC0415  (also makes ELPV, Textile, FewShot short names)
 
-        parser = ArgumentParser(exit_on_error=False)
-        parser.add_subclass_arguments(AnomalibDataModule, "data", required=True)
-        try:
-            datamodule = parser.instantiate_classes(parser.parse_object({"data": self.spec})).data
-        except Exception as exc:  # jsonargparse reports a wrong class or argument as one of several error types
-            msg = f"its datamodule ({self.spec.get('class_path')}) could not be built: {' '.join(str(exc).split())[:600]}"
-            raise self._error(msg) from exc
+        datamodule = build_from_spec(AnomalibDataModule, self.spec, "datamodule", self._error)
         notes = []
         if isinstance(datamodule, FewShot):
             notes.append(f"FewShot's k_shot and seed are left aside: --k and --seeds draw the support sets of "
