@@ -272,6 +272,37 @@ def test_benchmark_runs_on_an_anomalib_datamodule_config(generated_root, tmp_pat
         assert f"| Folder toy | frozen | {rows[0][metric]:.3f} +- 0.000 |" in table
 
 
+def test_benchmark_confirms_thresholds_on_further_pool_normals(generated_root, tmp_path, capsys):
+    """--confirm N: each run's threshold is confirmed on N pool normals outside its support set (never test images),
+    its rates on the same test scores are recorded and tabled; more than the pool holds fails that run, by name."""
+    from fsad_anomalib.benchmark.__main__ import main
+
+    config = _data_config(tmp_path / "my_product.yaml", generated_root)
+    out = tmp_path / "bench"
+    assert main(["--data", config, "--k", "2", "--seeds", "0", "1", "--methods", "PatchCore", "--image-size", "64",
+                 "--no-timing", "--confirm", "8", "--output", str(out)]) == 0  # fmt: skip
+    rows = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
+    assert len(rows) == 2
+    for row in rows:
+        confirmed = row["confirmed"]
+        assert confirmed["n"] == 8 and confirmed["estimator"] == "normal prediction bound"  # 8 < 19 parts
+        assert set(confirmed["at"]) == {"0.01", "0.05"}
+        assert confirmed["at"]["0.01"]["threshold"] > confirmed["at"]["0.05"]["threshold"]
+        assert confirmed["at"]["0.05"]["threshold"] != row["threshold"]["threshold"]  # a threshold of its own
+        assert 0 <= confirmed["at"]["0.05"]["false_reject_rate"] <= 1 and confirmed["at"]["0.05"]["detection_rate"] > 0.5
+    results = (out / "results.md").read_text()
+    assert "| Folder toy | 2 | 5 % | PatchCore | 2 |" in results
+    assert "| Folder toy | 2 | 5 % | PatchCore, confirmed on 8 | 2 |" in results
+    assert results.index("| 5 % | PatchCore |") < results.index("| 5 % | PatchCore, confirmed on 8 |")
+    # 12 pool normals, 2 in the support set: 11 more cannot be drawn
+    too_many = tmp_path / "too_many"
+    main(["--data", config, "--k", "2", "--seeds", "0", "--methods", "PatchCore", "--image-size", "64", "--no-timing",
+          "--confirm", "11", "--output", str(too_many)])  # fmt: skip
+    failed = json.loads((too_many / "runs.jsonl").read_text().splitlines()[0])
+    assert "--confirm 11: the training pool holds 10 normals outside the support set" in failed["error"]
+    capsys.readouterr()
+
+
 def test_pixel_auroc_table_only_for_sets_with_masks(tmp_path):
     def run(dataset, method, seed, image, pixel, maps=0):
         return {"dataset": dataset, "category": "c", "k_shot": 2, "seed": seed, "method": method, "image_AUROC": image,
@@ -365,6 +396,7 @@ def test_benchmark_refuses_a_wrong_set_before_the_first_run(argv, expected, tmp_
         (["--image-size", "16"], "argument --image-size: expected an integer >= 32, got '16'"),
         (["--eval-batch-size", "0"], "argument --eval-batch-size: expected an integer >= 1, got '0'"),
         (["--false-reject-rate", "5"], "argument --false-reject-rate: expected a rate in (0, 0.5), e.g. 0.05"),
+        (["--confirm", "1"], "argument --confirm: expected an integer >= 2, got '1'"),
     ],
 )
 def test_benchmark_numeric_options_are_checked_up_front(argv, expected, tmp_path, capsys):

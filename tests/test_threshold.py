@@ -251,3 +251,69 @@ def test_a_model_whose_refit_fails_on_k_minus_1_images_trains_on_unlabelled(gene
     assert torch.isnan(model.post_processor.image_threshold)
     predictions = engine.predict(model=model, dataloaders=datamodule.test_dataloader())
     assert all(torch.isfinite(batch.pred_score).all() for batch in predictions)  # raw scores, unlabelled
+
+
+@pytest.mark.parametrize(("n", "rate"), [(19, 0.05), (50, 0.05), (99, 0.01)])
+def test_conformal_bound_rejects_at_most_the_target_share_whatever_the_distribution(n, rate):
+    """Heavy-tailed (Pareto) scores, where a normal bound would be far off: over 4,000 draws of N good parts, the share
+    of new good parts above the order statistic is at most the target and within 1 / (N + 1) of it."""
+    from fsad_anomalib.post_processing.normal_threshold import conformal_bound  # noqa: PLC0415
+
+    generator = torch.Generator().manual_seed(0)
+    draws = 4000
+    calibration = torch.rand(draws, n, generator=generator, dtype=torch.float64) ** -1.5
+    fresh = torch.rand(draws, 200, generator=generator, dtype=torch.float64) ** -1.5
+    thresholds = torch.tensor([conformal_bound(row, rate)["threshold"] for row in calibration])
+    measured = float((fresh > thresholds[:, None]).double().mean())
+    assert rate - 1 / (n + 1) - 0.003 <= measured <= rate + 0.003, measured
+    assert conformal_bound(calibration[0], rate)["estimator"] == "split-conformal order statistic"
+
+
+def test_confirm_on_good_parts_resets_the_thresholds_and_the_checkpoint_carries_them(
+    default_without_validation, generated_root, tmp_path, caplog
+):
+    """After training on K = 4, 24 further good parts set a conformal threshold (for 5 %: the highest of their 24
+    scores), labels follow it, another rate moves on the same scores, a checkpoint reloads it, bad input is refused."""
+    from fsad_anomalib.post_processing.normal_threshold import conformal_bound  # noqa: PLC0415
+
+    run = default_without_validation
+    model, post = run["model"], run["model"].post_processor
+    saved = (copy.deepcopy(post.calibration), post.image_threshold.clone(), post.image_min.clone(),
+             post.image_max.clone(), post.pixel_threshold.clone(), post.pixel_min.clone(), post.pixel_max.clone())  # fmt: skip
+    good = FewShot(folder_datamodule(make_dataset(tmp_path / "more", n_train=24, n_test=2, size=SIZE, seed=7),
+                                     val_split_mode="none"), k_shot=24, seed=0)  # fmt: skip
+    good.setup()
+    try:
+        record = post.confirm(model, good.train_dataloader())
+        assert record["confirmed_on"] == 24 and record["estimator"] == "split-conformal order statistic"
+        assert record["from_training"]["image"]["threshold"] == pytest.approx(float(saved[1]))  # kept for the record
+        scores = torch.tensor(record["image"]["scores"])
+        # rank ceil((24 + 1) * 0.95) = 24: the highest of the 24 scores
+        assert float(post.image_threshold) == pytest.approx(float(scores.max())) and len(scores) == 24
+        model.eval()
+        images = torch.cat([batch.image for batch in good.train_dataloader()])
+        with torch.no_grad():
+            labels = model(images).pred_label
+        assert int(labels.sum()) == 0  # none of the 24 lies above the highest of their scores
+        strict = post.threshold_at(0.01)  # 24 parts are too few for 1 %: the prediction bound of their scores
+        assert strict == pytest.approx(conformal_bound(scores.double(), 0.01)["threshold"]) and strict > float(post.image_threshold)
+        path = tmp_path / "confirmed.ckpt"
+        run["engine"].trainer.save_checkpoint(path)
+        loaded = FewShotContrastive.load_from_checkpoint(path)
+        assert torch.equal(loaded.post_processor.image_threshold, post.image_threshold)
+        assert loaded.post_processor.calibration["confirmed_on"] == 24
+        with caplog.at_level(logging.WARNING):
+            post.confirm(model, images[:5])
+        assert "5 good parts are fewer than the 19" in caplog.text
+        with pytest.raises(ValueError, match=r"batch 0 is \(5, 64, 64\)"):
+            post.confirm(model, images[:5, 0])
+        with pytest.raises(ValueError, match="at least 2 good parts"):
+            post.confirm(model, images[:1])
+        with pytest.raises(ValueError, match="whose post-processor this is"):
+            post.confirm(_patchcore(), images)
+    finally:
+        post.calibration = saved[0]
+        for buffer, value in zip((post._image_threshold, post.image_min, post.image_max, post._pixel_threshold,
+                                  post.pixel_min, post.pixel_max), saved[1:]):  # fmt: skip
+            buffer.copy_(value)
+        post.false_reject_rate = 0.05

@@ -155,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--false-reject-rate", type=_rate, default=0.05,
                         help="each method's OK/NG threshold is set from its K normals for this target share of good "
                         "parts rejected; results.md tables the rates it gives on the test set (default 0.05)")
+    parser.add_argument("--confirm", type=int_at_least(2), default=0, metavar="N",
+                        help="also confirm each run's threshold on N further normals of the training pool (neither "
+                        "support nor test images), as a line would on its first good parts; results.md tables both")
     parser.add_argument("--eval-batch-size", type=int_at_least(1), default=32)
     parser.add_argument("--accelerator", default="auto",
                         help="Lightning accelerator of every run (auto, cpu, gpu, ...); one device per run")
@@ -235,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
             backbone=args.backbone, image_size=args.image_size, fsc_args=fsc_args, set_fsc_args=set_args,
             time_inference=not args.no_timing, accelerator=args.accelerator, false_reject_rate=args.false_reject_rate,
             progress=lambda line: print(line, flush=True), pre_trained=args.pretrained, method_configs=method_configs,
-            executor=args.executor, ray_address=args.ray_address, cpus_per_run=args.cpus_per_run,
+            executor=args.executor, ray_address=args.ray_address, cpus_per_run=args.cpus_per_run, confirm=args.confirm,
         )  # fmt: skip
     wanted = {tuple(label.partition("/")[::2]) for label in labels}
 

@@ -47,6 +47,7 @@ class Task:
     pre_trained: bool = True
     method_config: Any = None  # a MethodConfig for a --method-config method
     cpus_per_run: int | None = None
+    confirm: int = 0  # confirm the threshold on this many further pool normals (0: not)
 
     @property
     def key(self) -> tuple:

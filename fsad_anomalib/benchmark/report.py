@@ -71,7 +71,8 @@ def _metric_table(summary: dict[tuple, dict[str, Any]], methods: list[str], entr
 def threshold_table(rows: list[dict[str, Any]], methods: list[str] | None = None) -> list[str]:
     """Per set, K and method: the normal-only threshold's false-reject rate on the test normals and detection rate
     on the test anomalies (means over seeds), beside the same rates at anomalib's oracle F1 threshold, learned on the
-    test set itself. Runs without a threshold record (older runs.jsonl lines) are left out."""
+    test set itself. Runs without a threshold record (older runs.jsonl lines) are left out. Runs made with
+    ``--confirm N`` add a row "METHOD, confirmed on N": the same runs, their threshold confirmed on N further normals."""
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
         if isinstance(row.get("threshold"), dict):
@@ -80,9 +81,20 @@ def threshold_table(rows: list[dict[str, Any]], methods: list[str] | None = None
             for target, at in targets.items():
                 groups[(row["dataset"], row["category"], row["k_shot"], float(target), row["method"])].append(
                     {**record, "false_reject_rate": at["false_reject_rate"], "detection_rate": at["detection_rate"]})
+            confirmed = row.get("confirmed")
+            if isinstance(confirmed, dict) and "at" in confirmed:  # the same run, its threshold confirmed on N normals
+                name = f"{row['method']}, confirmed on {confirmed['n']}"
+                for target, at in confirmed["at"].items():
+                    groups[(row["dataset"], row["category"], row["k_shot"], float(target), name)].append(
+                        {**record, "false_reject_rate": at["false_reject_rate"], "detection_rate": at["detection_rate"]})
     if not groups:
         return []
-    order = {name: index for index, name in enumerate(methods or sorted({key[4] for key in groups}))}
+    names = methods or sorted({key[4] for key in groups})
+    order = {name: index for index, name in enumerate(names)}
+    for key in groups:  # a confirmed row right after its method's
+        base = key[4].partition(", confirmed on ")[0]
+        if key[4] != base and key[4] not in order:
+            order[key[4]] = order.get(base, len(names)) + 0.5
     lines = ["| set | K | target | method | runs | false rejects | detected | oracle F1: false rejects | detected |",
              "|---|---|---|---|---|---|---|---|---|"]
     for key in sorted(groups, key=lambda key: (key[0], key[1], key[2], key[3], order.get(key[4], len(order)), key[4])):

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, seed_everything
+from torch.utils.data import DataLoader
 
 from anomalib.data.datamodules.base.image import AnomalibDataModule
 from anomalib.engine import Engine
@@ -29,6 +30,7 @@ from fsad_anomalib.backbones import resolve_backbone
 from fsad_anomalib.benchmark.methods import FSC_VARIANTS, METHODS, build_method, method_callbacks
 from fsad_anomalib.benchmark.sets import test_label_counts
 from fsad_anomalib.data import FewShot
+from fsad_anomalib.data.few_shot import sample_support_set
 
 logger = logging.getLogger(__name__)
 
@@ -197,6 +199,35 @@ def threshold_record(post_processor: Any, target: float) -> dict[str, Any]:  # n
             "at": at}  # fmt: skip
 
 
+def confirmation_images(few_shot: FewShot, n: int, seed: int) -> Any:  # noqa: ANN401
+    """A dataloader of ``n`` normals of the training pool outside the support set, drawn with ``seed``."""
+    full = few_shot.datamodule.train_data
+    support = set(few_shot.support_set)
+    spare = [path for path in few_shot.pool(full) if path not in support]
+    if n > len(spare):
+        msg = f"--confirm {n}: the training pool holds {len(spare)} normals outside the support set."
+        raise ValueError(msg)
+    # a stream of its own, so that the draw does not depend on what the support set's draw consumed
+    chosen = set(sample_support_set(spare, n, seed + 10_000))
+    paths = full.samples.image_path.astype(str)
+    subset = full.subsample([i for i, path in enumerate(paths) if path in chosen])
+    return DataLoader(subset, batch_size=32, shuffle=False, collate_fn=subset.collate_fn)
+
+
+def confirmation_record(model: Any, few_shot: FewShot, n: int, seed: int, target: float) -> dict[str, Any]:  # noqa: ANN401
+    """The threshold confirmed on ``n`` further pool normals, and its rates on the test scores the run recorded."""
+    post = model.post_processor
+    if not callable(getattr(post, "confirm", None)):
+        return {"n": n, "error": f"{type(post).__name__} has no confirm()"}
+    scores, labels = list(post.raw_scores), list(post.gt_labels)
+    record = post.confirm(model, confirmation_images(few_shot, n, seed), false_reject_rate=target)
+    at = {}
+    for rate in sorted({*RECORDED_RATES, target}):
+        value = float(post.threshold_at(rate))
+        at[f"{rate:g}"] = {"threshold": value, **decision_rates(scores, labels, value)}
+    return {"n": n, "estimator": record["estimator"], "at": at}
+
+
 def run_benchmark(
     datamodules: dict[str, Callable[[], AnomalibDataModule]],
     k_shots: Iterable[int] = (1, 2, 4, 8, 16),
@@ -216,6 +247,7 @@ def run_benchmark(
     executor: str = "serial",
     ray_address: str | None = None,
     cpus_per_run: int | None = None,
+    confirm: int = 0,
 ) -> list[dict[str, Any]]:
     """Run every (datamodule, K, seed, method) not yet in ``output/runs.jsonl`` and return all rows.
 
@@ -228,7 +260,9 @@ def run_benchmark(
     rows are the same on both executors for the same value. This process alone writes ``runs.jsonl``; a run that
     fails is recorded with its error (and run again on resume) and the sweep goes on.
     Each row records the arguments its model was built with, and what its threshold, set from the K normals at
-    ``false_reject_rate``, does on the test set (beside anomalib's oracle F1 threshold learned on it).
+    ``false_reject_rate``, does on the test set (beside anomalib's oracle F1 threshold learned on it). With
+    ``confirm=N`` the threshold is then confirmed on N further normals of the training pool (never the support set or
+    the test set; :meth:`NormalThresholdPostProcessor.confirm`) and its rates on the same test scores are recorded too.
     """
     from fsad_anomalib.benchmark.executors import EXECUTORS, Task, ray_executor, serial_executor  # noqa: PLC0415
 
@@ -248,7 +282,7 @@ def run_benchmark(
             raise ValueError(msg)
     plan = [Task(label, datamodules[label], k, s, m, backbone, image_size,
                  {**(fsc_args or {}), **(set_fsc_args or {}).get(label, {})}, time_inference, accelerator,
-                 false_reject_rate, pre_trained, method_configs.get(m), cpus_per_run)
+                 false_reject_rate, pre_trained, method_configs.get(m), cpus_per_run, confirm)
             for label in datamodules for k in k_shots for s in seeds for m in methods]  # fmt: skip
     floor_file = output / "backbone_floor.json"
     if time_inference and not floor_file.exists():
@@ -303,7 +337,7 @@ def run_one(task: Any) -> dict[str, Any]:  # noqa: ANN401
     dataset, category = task.key[:2]
     return _run_one(task.build_datamodule(), dataset, category, task.k_shot, task.seed, task.method, task.backbone,
                     task.image_size, task.fsc_args, task.time_inference, task.accelerator, task.false_reject_rate,
-                    task.pre_trained, task.method_config)  # fmt: skip
+                    task.pre_trained, task.method_config, task.confirm)  # fmt: skip
 
 
 def _duration(seconds: float) -> str:
@@ -329,6 +363,7 @@ def _run_one(
     false_reject_rate: float = 0.05,
     pre_trained: bool = True,
     method_config: Any = None,  # noqa: ANN401
+    confirm: int = 0,
 ) -> dict[str, Any]:
     seed_everything(seed, verbose=False)
     few_shot = FewShot(datamodule, k_shot=k_shot, seed=seed)
@@ -368,6 +403,8 @@ def _run_one(
         # the held-out normal scores and bounds behind it, to study the estimator offline without rerunning
         "calibration": dict(getattr(model.post_processor, "calibration", {}) or {}),
     }
+    if confirm:  # the threshold confirmed on `confirm` further pool normals, and what it does on the same test scores
+        row["confirmed"] = confirmation_record(model, few_shot, confirm, seed, false_reject_rate)
     record = getattr(model, "self_configuration", None)
     if record:  # FewShotContrastive: what it chose from the K normals, and the fine-tuning decision's evidence
         decision = {k: v for k, v in record.get("fine_tuning", {}).items() if k != "families"}

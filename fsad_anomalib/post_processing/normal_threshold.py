@@ -30,6 +30,14 @@ normalisation from a validation set that holds anomalies. A few-shot user has K 
    (never clamped, so AUROC on normalised scores equals AUROC on raw ones). Checkpoints and exported graphs carry
    the buffers, so a deployed model labels as the trained one does.
 
+4. **Confirmation on the line (optional).** The bound is right on average over support sets, not for each: K images
+   need not show how much a product varies. :meth:`NormalThresholdPostProcessor.confirm` resets both thresholds from
+   N further good parts scored by the deployed model (no defective image): with at least ``1 / rate - 1`` of them
+   the threshold is the split-conformal order statistic, the ``ceil((N + 1) (1 - rate))``-th smallest score, which
+   a new good part exceeds with probability at most ``rate`` whatever the scores' distribution (they are
+   exchangeable with the line's own good parts, so neither the bank-size gap nor the normality assumption enters);
+   with fewer, the prediction bound of their scores.
+
 Any memory-bank anomalib model (PatchCore, PaDiM, DFM, DFKDE, ...: a ``fit()`` after a training epoch that runs
 no optimiser) is refitted on copies made before its training epoch. A model can instead offer
 ``refit(images) -> scorer``, a torch module fitted on ``images`` whose forward returns an ``InferenceBatch``, as
@@ -41,7 +49,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -56,7 +64,7 @@ from fsad_anomalib.data.views import fit_views, symmetry_count
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["VIEWS_BELOW", "NormalThresholdPostProcessor", "bound_at", "prediction_bound"]
+__all__ = ["VIEWS_BELOW", "NormalThresholdPostProcessor", "bound_at", "conformal_bound", "prediction_bound"]
 
 # below this many images, each held-out image is also scored in its flips and turns
 VIEWS_BELOW = 4
@@ -105,8 +113,35 @@ def _bound_value(mean: float, std: float, n: int, t: float, transform: str) -> f
     return math.exp(bound) if transform == "log" else bound
 
 
+def conformal_bound(scores: torch.Tensor, false_reject_rate: float) -> dict[str, Any]:
+    """The split-conformal threshold of the scores of N good parts the model never saw, at ``false_reject_rate``.
+
+    With ``N >= 1 / rate - 1`` scores it is the ``ceil((N + 1) (1 - rate))``-th smallest: a new good part, exchangeable
+    with these, scores above it with probability at most ``rate`` (and more than ``rate - 1 / (N + 1)``), for any
+    distribution. With fewer the order statistic does not exist and the normal prediction bound of the scores is
+    used instead. The record keeps the scores, so :func:`bound_at` can move to another rate.
+    """
+    values = scores.detach().double().flatten().cpu()
+    n = values.numel()
+    rank = math.ceil((n + 1) * (1.0 - false_reject_rate) - 1e-9)
+    if rank > n:
+        record = prediction_bound(values, false_reject_rate)
+        return {**record, "estimator": "normal prediction bound", "scores": values.tolist()}
+    threshold = float(values.sort().values[rank - 1])
+    return {"threshold": threshold, "estimator": "split-conformal order statistic", "n": n, "rank": rank,
+            "scores": values.tolist()}  # fmt: skip
+
+
+def conformal_minimum(false_reject_rate: float) -> int:
+    """How many good parts :func:`conformal_bound` needs for its distribution-free order statistic at this rate."""
+    return math.ceil(1.0 / false_reject_rate - 1.0 - 1e-9)
+
+
 def bound_at(record: dict[str, Any], false_reject_rate: float) -> float:
-    """The threshold a :func:`prediction_bound` ``record`` gives at another ``false_reject_rate`` (same evidence)."""
+    """The threshold a :func:`prediction_bound` or :func:`conformal_bound` ``record`` gives at another
+    ``false_reject_rate`` (same evidence)."""
+    if "scores" in record:  # confirmed on good parts: the same estimator, at the other rate
+        return float(conformal_bound(torch.tensor(record["scores"], dtype=torch.float64), false_reject_rate)["threshold"])
     t = float(stats.t.ppf(1.0 - false_reject_rate, df=int(record["n"]) - 1))
     return _bound_value(float(record["mean"]), float(record["std"]), int(record["n"]), t, str(record["transform"]))
 
@@ -392,6 +427,101 @@ class NormalThresholdPostProcessor(PostProcessor):
             self._set(self._pixel_threshold, self.pixel_min, self.pixel_max, pixel, self.calibration["pixel"]["lowest"])
             self.calibration["pixel"]["threshold"] = pixel
         self.calibration["false_reject_rate"] = self.false_reject_rate
+
+    @torch.no_grad()
+    def confirm(
+        self,
+        model: LightningModule,
+        images: torch.Tensor | Iterable[Any],
+        false_reject_rate: float | None = None,
+    ) -> dict[str, Any]:
+        """Reset the image and pixel thresholds from N further **good** parts (no defective ones), as the line runs.
+
+        The threshold from the K training images is right on average over support sets, not for yours: K images
+        need not show how much the product varies. ``images`` are good parts the model never saw, scored by the
+        trained ``model`` as it is deployed. With at least ``1 / rate - 1`` of them (19 for 5 %, 99 for 1 %) the
+        threshold is their split-conformal order statistic (:func:`conformal_bound`): at most ``rate`` of the line's
+        good parts lie above it, whatever the scores' distribution. With fewer it is the prediction bound of their
+        scores, with a warning. Save the checkpoint (or export) again to deploy it.
+
+        Args:
+            model (LightningModule): The trained model whose post-processor this is.
+            images (torch.Tensor | Iterable): Good parts: a ``(N, 3, H, W)`` tensor in [0, 1], or batches of them
+                (tensors, or anomalib batches such as a datamodule's dataloader yields, labels ignored).
+            false_reject_rate (float | None): A new target rate; defaults to the current one.
+
+        Returns:
+            dict[str, Any]: The new calibration record (also in ``calibration``).
+
+        Raises:
+            ValueError: ``model`` does not use this post-processor, the images are not image batches, fewer than 2
+                give finite scores, or the rate is not in (0, 0.5).
+        """
+        rate = self.false_reject_rate if false_reject_rate is None else false_reject_rate
+        _check_rate(rate)
+        if getattr(model, "post_processor", None) is not self:
+            msg = "confirm(model, images): model must be the trained model whose post-processor this is."
+            raise ValueError(msg)
+        scores, maxima = self._score_good_parts(model, images)
+        finite = scores[torch.isfinite(scores)]
+        if finite.numel() < scores.numel():
+            logger.warning("NormalThresholdPostProcessor.confirm: %d of %d good parts gave NaN or infinite scores and "
+                           "are left out; check those images.", scores.numel() - finite.numel(), scores.numel())  # fmt: skip
+        if finite.numel() < 2:  # noqa: PLR2004
+            msg = f"confirm(model, images) needs at least 2 good parts with finite scores, got {finite.numel()}."
+            raise ValueError(msg)
+        needed = conformal_minimum(rate)
+        if finite.numel() < needed:
+            logger.warning("NormalThresholdPostProcessor.confirm: %d good parts are fewer than the %d a distribution-"
+                           "free threshold at %.1f %% needs; using the normal prediction bound of their scores.",
+                           finite.numel(), needed, 100 * rate)  # fmt: skip
+        self.false_reject_rate = float(rate)
+        image = conformal_bound(finite, self.false_reject_rate)
+        previous = {key: self.calibration[key] for key in ("k_shot", "image", "pixel") if key in self.calibration}
+        record: dict[str, Any] = {"k_shot": self.calibration.get("k_shot"), "false_reject_rate": self.false_reject_rate,
+                                  "confirmed_on": int(finite.numel()), "estimator": image["estimator"],
+                                  "from_training": previous}  # fmt: skip
+        record["image"] = {**image, "lowest": float(finite.min())}
+        self._set(self._image_threshold, self.image_min, self.image_max, image["threshold"], float(finite.min()))
+        finite_maxima = maxima[torch.isfinite(maxima)]
+        if finite_maxima.numel() >= 2:  # noqa: PLR2004
+            pixel = conformal_bound(finite_maxima, self.false_reject_rate)
+            record["pixel"] = {**pixel, "lowest": float(finite_maxima.min())}
+            self._set(self._pixel_threshold, self.pixel_min, self.pixel_max, pixel["threshold"],
+                      float(finite_maxima.min()))  # fmt: skip
+        logger.info("NormalThresholdPostProcessor: image threshold %.6g for a %.1f %% false-reject rate, confirmed on "
+                    "%d good parts (%s)", image["threshold"], 100 * rate, finite.numel(), image["estimator"])  # fmt: skip
+        self.calibration = record
+        return record
+
+    @staticmethod
+    def _score_good_parts(model: LightningModule, images: torch.Tensor | Iterable[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw image scores and anomaly-map maxima of good parts, through the model's pre-processor and torch model."""
+        batches = [images] if isinstance(images, torch.Tensor) else images
+        was_training = model.training
+        model.eval()
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        scores, maxima = [], []
+        try:
+            for index, batch in enumerate(batches):
+                tensor = batch if isinstance(batch, torch.Tensor) else getattr(batch, "image", None)
+                if not isinstance(tensor, torch.Tensor) or tensor.ndim != 4 or tensor.shape[1] != 3:  # noqa: PLR2004
+                    shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(batch).__name__
+                    msg = (f"confirm(model, images): batch {index} is {shape}; expected good-part images as a "
+                           "(N, 3, H, W) tensor in [0, 1], or batches with an .image tensor of that shape.")
+                    raise ValueError(msg)
+                tensor = tensor.to(device)
+                if model.pre_processor:
+                    tensor = model.pre_processor(tensor)
+                batch_scores, batch_maxima = _score(model.model, tensor)
+                scores.append(batch_scores)
+                maxima.append(batch_maxima)
+        finally:
+            model.train(was_training)
+        if not scores:
+            msg = "confirm(model, images): no images given."
+            raise ValueError(msg)
+        return torch.cat(scores), torch.cat(maxima)
 
     @staticmethod
     def _normalize(
