@@ -317,3 +317,61 @@ def test_confirm_on_good_parts_resets_the_thresholds_and_the_checkpoint_carries_
                                   post.pixel_min, post.pixel_max), saved[1:]):  # fmt: skip
             buffer.copy_(value)
         post.false_reject_rate = 0.05
+
+
+def test_confirm_command_writes_a_checkpoint_with_the_confirmed_threshold(default_without_validation, tmp_path, capsys):
+    """python -m fsad_anomalib.confirm: a folder of good parts in, a checkpoint with their threshold out (the trained
+    one untouched); a wrong folder, file or model class is named."""
+    from fsad_anomalib.confirm import main  # noqa: PLC0415
+
+    run = default_without_validation
+    ckpt = tmp_path / "trained.ckpt"
+    run["engine"].trainer.save_checkpoint(ckpt)
+    good = make_dataset(tmp_path / "line", n_train=20, n_test=1, size=SIZE, seed=11) / "train/good"
+    out = tmp_path / "confirmed.ckpt"
+    assert main(["--model", "FewShotContrastive", "--ckpt", str(ckpt), "--images", str(good), "--output", str(out)]) == 0
+    assert "from 20 good parts (split-conformal order statistic)" in capsys.readouterr().out
+    confirmed = FewShotContrastive.load_from_checkpoint(out)
+    trained = FewShotContrastive.load_from_checkpoint(ckpt)
+    assert confirmed.post_processor.calibration["confirmed_on"] == 20
+    assert "confirmed_on" not in trained.post_processor.calibration
+    assert not torch.equal(confirmed.post_processor.image_threshold, trained.post_processor.image_threshold)
+    # the threshold is the highest of the 20 good parts' scores (rank ceil(21 * 0.95) = 20): none of them is NG
+    from anomalib.data.utils import read_image  # noqa: PLC0415
+
+    images = torch.stack([read_image(path, as_tensor=True) for path in sorted(good.glob("*.png"))])
+    confirmed.eval()
+    with torch.no_grad():
+        assert not bool(confirmed(images).pred_label.any())
+    for argv, expected in (
+        (["--images", str(tmp_path / "nowhere")], "not a folder"),
+        (["--ckpt", str(tmp_path / "missing.ckpt")], "missing.ckpt: no such file"),
+        (["--model", "NoSuchModel"], "--model NoSuchModel: not a model class"),
+        (["--output", str(ckpt)], "would overwrite --ckpt"),
+    ):
+        base = {"--model": "FewShotContrastive", "--ckpt": str(ckpt), "--images": str(good), "--output": str(out)}
+        base.update(dict(zip(argv[::2], argv[1::2])))
+        with pytest.raises(SystemExit):
+            main([item for pair in base.items() for item in pair])
+        assert expected in capsys.readouterr().err
+
+
+def test_confirm_command_takes_a_stock_patchcore_checkpoint(generated_root, tmp_path, capsys):
+    """A PatchCore trained with the normal-only post-processor loads back with anomalib's; the command puts ours back,
+    confirms, and the written checkpoint carries the new threshold."""
+    from fsad_anomalib.confirm import main  # noqa: PLC0415
+
+    seed_everything(0)
+    datamodule = FewShot(folder_datamodule(generated_root, val_split_mode="none"), k_shot=4, seed=0)
+    model = _patchcore()
+    engine = _engine(tmp_path)
+    engine.fit(model=model, datamodule=datamodule)
+    ckpt, out = tmp_path / "patchcore.ckpt", tmp_path / "confirmed.ckpt"
+    engine.trainer.save_checkpoint(ckpt)
+    good = make_dataset(tmp_path / "line", n_train=19, n_test=1, size=SIZE, seed=12) / "train/good"
+    assert main(["--model", "Patchcore", "--ckpt", str(ckpt), "--images", str(good), "--output", str(out),
+                 "--false-reject-rate", "0.05"]) == 0  # fmt: skip
+    assert "from 19 good parts (split-conformal order statistic)" in capsys.readouterr().out
+    confirmed = Patchcore.load_from_checkpoint(out, post_processor=NormalThresholdPostProcessor())
+    assert confirmed.post_processor.calibration["confirmed_on"] == 19
+    assert float(confirmed.post_processor.image_threshold) != pytest.approx(float(model.post_processor.image_threshold))
