@@ -23,9 +23,6 @@ import torch
 
 from fsad_anomalib.post_processing.normal_threshold import NormalThresholdPostProcessor
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-
-
 def _model_class(name: str) -> type:
     import anomalib.models as anomalib_models  # noqa: PLC0415
 
@@ -40,14 +37,16 @@ def _model_class(name: str) -> type:
 
 
 def _images(folder: Path) -> list[Path]:
+    from anomalib.data.utils.image import get_image_filenames_from_dir  # noqa: PLC0415
+
     if not folder.is_dir():
         msg = f"--images {folder}: not a folder."
         raise ValueError(msg)
-    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not paths:
-        msg = f"--images {folder}: no image files ({', '.join(IMAGE_SUFFIXES)}) in it."
-        raise ValueError(msg)
-    return paths
+    try:
+        return get_image_filenames_from_dir(folder)  # anomalib's: torchvision's image suffixes, recursively, sorted
+    except ValueError as error:
+        msg = f"--images {folder}: {error}."
+        raise ValueError(msg) from error
 
 
 def _batches(paths: Sequence[Path]) -> Iterator[torch.Tensor]:

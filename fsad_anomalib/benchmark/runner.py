@@ -175,6 +175,19 @@ def oracle_f1_threshold(scores: list[float], labels: list[int]) -> float:
 RECORDED_RATES = (0.01, 0.05)
 
 
+def _rates_at(post_processor: Any, scores: list, labels: list, target: float, threshold: float) -> dict[str, Any]:  # noqa: ANN401
+    """Threshold and rates at each of ``RECORDED_RATES`` (from the calibration's evidence) and at ``target``
+    (``threshold``)."""
+    at = {}
+    for rate in sorted({*RECORDED_RATES, target}):
+        try:
+            value = float(post_processor.threshold_at(rate)) if rate != target else threshold
+        except (AttributeError, ValueError):
+            value = float("nan")
+        at[f"{rate:g}"] = {"threshold": value, **decision_rates(scores, labels, value)}
+    return at
+
+
 def threshold_record(post_processor: Any, target: float) -> dict[str, Any]:  # noqa: ANN401
     """What a run's normal-only threshold does on the test set, beside anomalib's oracle F1 threshold.
 
@@ -186,13 +199,7 @@ def threshold_record(post_processor: Any, target: float) -> dict[str, Any]:  # n
     threshold = float(post_processor._image_threshold) if post_processor is not None else float("nan")  # noqa: SLF001
     oracle = oracle_f1_threshold(scores, labels)
     own, best = decision_rates(scores, labels, threshold), decision_rates(scores, labels, oracle)
-    at = {}
-    for rate in sorted({*RECORDED_RATES, target}):
-        try:
-            value = float(post_processor.threshold_at(rate)) if rate != target else threshold
-        except (AttributeError, ValueError):
-            value = float("nan")
-        at[f"{rate:g}"] = {"threshold": value, **decision_rates(scores, labels, value)}
+    at = _rates_at(post_processor, scores, labels, target, threshold)
     return {"target_false_reject_rate": target, "threshold": threshold, "false_reject_rate": own["false_reject_rate"],
             "detection_rate": own["detection_rate"], "oracle_threshold": oracle,
             "oracle_false_reject_rate": best["false_reject_rate"], "oracle_detection_rate": best["detection_rate"],
@@ -221,10 +228,7 @@ def confirmation_record(model: Any, few_shot: FewShot, n: int, seed: int, target
         return {"n": n, "error": f"{type(post).__name__} has no confirm()"}
     scores, labels = list(post.raw_scores), list(post.gt_labels)
     record = post.confirm(model, confirmation_images(few_shot, n, seed), false_reject_rate=target)
-    at = {}
-    for rate in sorted({*RECORDED_RATES, target}):
-        value = float(post.threshold_at(rate))
-        at[f"{rate:g}"] = {"threshold": value, **decision_rates(scores, labels, value)}
+    at = _rates_at(post, scores, labels, target, float(post.threshold_at(target)))
     return {"n": n, "estimator": record["estimator"], "at": at}
 
 

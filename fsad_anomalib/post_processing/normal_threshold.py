@@ -123,10 +123,10 @@ def conformal_bound(scores: torch.Tensor, false_reject_rate: float) -> dict[str,
     """
     values = scores.detach().double().flatten().cpu()
     n = values.numel()
-    rank = math.ceil((n + 1) * (1.0 - false_reject_rate) - 1e-9)
-    if rank > n:
+    if n < conformal_minimum(false_reject_rate):
         record = prediction_bound(values, false_reject_rate)
         return {**record, "estimator": "normal prediction bound", "scores": values.tolist()}
+    rank = math.ceil((n + 1) * (1.0 - false_reject_rate) - 1e-9)  # <= n from conformal_minimum parts on
     threshold = float(values.sort().values[rank - 1])
     return {"threshold": threshold, "estimator": "split-conformal order statistic", "n": n, "rank": rank,
             "scores": values.tolist()}  # fmt: skip
