@@ -33,6 +33,36 @@ def _load_plugin() -> None:
             importlib.import_module(name)
         except Exception as exc:  # noqa: BLE001 - a broken plugin must never break anomalib itself
             warnings.warn(f"fsad-anomalib: could not register {name} with anomalib: {exc}", stacklevel=2)
+    _expose_models()
+    try:
+        from fsad_anomalib._cli_errors import install  # noqa: PLC0415
+
+        install()
+    except Exception as exc:  # noqa: BLE001 - never break anomalib itself
+        warnings.warn(f"fsad-anomalib: could not install its CLI error messages: {exc}", stacklevel=2)
+
+
+def _expose_models() -> None:
+    """Make the models reachable the ways anomalib's own code builds one.
+
+    ``get_model({"class_path": "FewShotContrastive"})`` (anomalib's benchmark and tiled-ensemble pipelines) looks the
+    class up as an attribute of ``anomalib.models``, and a dotted ``class_path`` is imported only from the modules on
+    anomalib's ``ALLOWED_MODULES`` list: the classes become attributes of ``anomalib.models`` and
+    ``fsad_anomalib.models`` joins that list (``get_model("FewShotContrastive")`` finds any imported subclass already).
+    """
+    models = sys.modules.get("fsad_anomalib.models")
+    anomalib_models = sys.modules.get(_TRIGGER)
+    if models is None or anomalib_models is None:
+        return
+    from anomalib.models.components import AnomalibModule  # noqa: PLC0415 - loaded with anomalib.models
+
+    for name in getattr(models, "__all__", ()):
+        value = getattr(models, name)
+        if isinstance(value, type) and issubclass(value, AnomalibModule) and not hasattr(anomalib_models, name):
+            setattr(anomalib_models, name, value)
+    allowed = getattr(anomalib_models, "ALLOWED_MODULES", None)
+    if isinstance(allowed, set):
+        allowed.add("fsad_anomalib.models")
 
 
 def hook_spec(fullname: str):  # noqa: ANN201

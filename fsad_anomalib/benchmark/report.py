@@ -106,6 +106,11 @@ def threshold_table(rows: list[dict[str, Any]], methods: list[str] | None = None
             missing = len(group) - len(values)
             cell = f"{100 * statistics.fmean(values):.1f} %" if values else "-"
             cells.append(cell + (f" ({missing} without)" if missing and values else ""))
+        silent = sum(1 for r in group if r["false_reject_rate"] == 0 and r["detection_rate"] == 0)
+        if silent == len(group):  # a row of zeros would read as a perfect line: say what it is
+            cells[:2] = ["flags nothing (threshold above every test image)", "none detected"]
+        elif silent:
+            cells[1] += f" (flags nothing in {silent} of {len(group)} runs)"
         lines.append(f"| {dataset} {category} | {k} | {100 * target:g} % | {method} | {len(group)} | "
                      + " | ".join(cells) + " |")
     return lines

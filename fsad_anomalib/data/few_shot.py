@@ -7,6 +7,8 @@ import logging
 from pathlib import Path
 
 import numpy as np
+from jsonargparse.typing import PositiveInt
+from lightning import Trainer
 
 from anomalib.data.datamodules.base.image import AnomalibDataModule
 from anomalib.data.datasets.base.image import AnomalibDataset
@@ -15,7 +17,23 @@ from fsad_anomalib.data.validation import check_image_files
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FewShot", "load_support_set", "normal_pool", "sample_support_set"]
+__all__ = ["FewShot", "load_support_set", "normal_pool", "sample_support_set", "skip_validation_without_data"]
+
+
+def skip_validation_without_data(trainer: Trainer) -> bool:
+    """Switch the trainer's validation off where its datamodule has no validation set; say whether it did.
+
+    An anomalib datamodule built with ``val_split_mode="none"`` has no ``val_data``, yet its ``val_dataloader`` is
+    defined, so Lightning asks it for one and anomalib fails with ``AttributeError: ... no attribute 'val_data'``.
+    Models that need no validation (a threshold from the normals alone) call this from their ``setup("fit")``.
+    """
+    datamodule = getattr(trainer, "datamodule", None)
+    if datamodule is None or getattr(datamodule, "val_data", None) is not None or trainer.limit_val_batches == 0:
+        return False
+    trainer.limit_val_batches = 0
+    logger.info("%s has no validation set (val_split_mode none): training runs without a validation pass.",
+                type(datamodule).__name__)  # fmt: skip
+    return True
 
 
 def normal_pool(dataset: AnomalibDataset) -> list[str]:
@@ -103,7 +121,8 @@ class FewShot(AnomalibDataModule):
 
     Args:
         datamodule (AnomalibDataModule): Any anomalib image datamodule (MVTecAD, Visa, Folder, ELPV, Textile, ...).
-        k_shot (int): Number of normal training images to keep, ``>= 1``. Defaults to ``4``.
+        k_shot (int | None): Number of normal training images to keep, ``>= 1``; ``None`` keeps every one (your own
+            product's ``train/good``: the images you have are the support set). Defaults to ``4``.
         seed (int): Seed of the draw; the same seed and pool always give the same support set. Defaults to ``0``.
         support_list (str | Path | None): A JSON file written by a previous run, or a text file with one image
             path per line. Paths must belong to the wrapped datamodule's normal training pool. Overrides
@@ -126,7 +145,7 @@ class FewShot(AnomalibDataModule):
     def __init__(
         self,
         datamodule: AnomalibDataModule,
-        k_shot: int = 4,
+        k_shot: PositiveInt | None = 4,
         seed: int = 0,
         support_list: str | None = None,
         train_batch_size: int | None = None,
@@ -135,8 +154,9 @@ class FewShot(AnomalibDataModule):
         if not isinstance(datamodule, AnomalibDataModule):
             msg = f"datamodule must be an anomalib AnomalibDataModule, got {type(datamodule).__name__}."
             raise TypeError(msg)
-        if support_list is None and (not isinstance(k_shot, int) or isinstance(k_shot, bool) or k_shot < 1):
-            msg = f"k_shot must be an integer >= 1, got {k_shot!r}."
+        if support_list is None and k_shot is not None and (not isinstance(k_shot, int) or isinstance(k_shot, bool)
+                                                            or k_shot < 1):  # fmt: skip
+            msg = f"k_shot must be an integer >= 1, or None for every normal training image, got {k_shot!r}."
             raise ValueError(msg)
         super().__init__(
             train_batch_size=train_batch_size or datamodule.train_batch_size,
@@ -226,12 +246,20 @@ class FewShot(AnomalibDataModule):
                 raise ValueError(msg)
             self.support_set = sorted(chosen)
             self.k_shot = len(chosen)
+        elif self.k_shot is None:
+            if not pool:
+                msg = f"FewShot over {self.name}/{self.category}: the training split has no normal image."
+                raise ValueError(msg)
+            self.support_set = sorted(pool)
         else:
             try:
                 self.support_set = sample_support_set(pool, self.k_shot, self.seed or 0)
             except ValueError as exc:
                 msg = f"FewShot over {self.name}/{self.category}: {exc}"
                 raise ValueError(msg) from exc
+        drawn = "all of them" if self.k_shot is None and self.support_list is None else (
+            f"listed in {self.support_list}" if self.support_list is not None else f"drawn with seed {self.seed}")
+        self.k_shot = len(self.support_set)
         keep = set(self.support_set)
         paths = train_data.samples.image_path.astype(str)
         indices = [i for i, p in enumerate(paths) if p in keep and train_data.samples.label_index.iloc[i] == 0]
@@ -241,7 +269,8 @@ class FewShot(AnomalibDataModule):
             raise RuntimeError(msg)
         if not self._batch_size_given:
             self.train_batch_size = max(1, min(self.datamodule.train_batch_size, self.k_shot))
-        logger.info("FewShot: %d-shot support set of %s/%s (seed %s)", self.k_shot, self.name, self.category, self.seed)
+        logger.info("FewShot: the model is fitted on %d of the %d normal training images of %s/%s (%s).", self.k_shot,
+                    len(pool), self.name, self.category, drawn)  # fmt: skip
         return subset
 
     def support_record(self) -> dict:

@@ -60,6 +60,7 @@ from torch import nn
 from anomalib.data import Batch, ImageBatch, InferenceBatch
 from anomalib.post_processing import PostProcessor
 
+from fsad_anomalib.data.few_shot import skip_validation_without_data
 from fsad_anomalib.data.views import fit_views, symmetry_count
 
 logger = logging.getLogger(__name__)
@@ -217,6 +218,12 @@ class NormalThresholdPostProcessor(PostProcessor):
         return (*super()._checkpoint_config_keys, "false_reject_rate", "hflip", "vflip", "rot90", "calibration")
 
     # ------------------------------------------------------------------ collecting the K normals
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """No validation pass where the datamodule has none (``val_split_mode="none"``): the threshold needs none."""
+        del pl_module
+        if stage == "fit":
+            skip_validation_without_data(trainer)
+
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Start a new calibration, and refuse a model it cannot refit before anything runs."""
         del trainer
@@ -256,8 +263,18 @@ class NormalThresholdPostProcessor(PostProcessor):
         """Set the threshold before the first validation (validation data never changes it)."""
         self._calibrate_once(pl_module)
 
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Set the threshold when the epoch ends without a validation pass (``val_split_mode: none``).
+
+        Lightning runs this hook before the module's and before ``ModelCheckpoint`` saves, so every checkpoint
+        written during training carries the threshold.
+        """
+        del trainer
+        self._calibrate_once(pl_module)
+
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Set the threshold when training ends without a validation pass (``val_split_mode: none``)."""
+        """Set the threshold when training stops before the epoch's end."""
+        del trainer
         self._calibrate_once(pl_module)
 
     def on_validation_batch_end(self, *args: Any, **kwargs: Any) -> None:  # noqa: ANN401

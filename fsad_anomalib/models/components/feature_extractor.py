@@ -76,6 +76,23 @@ def features_until(
     return {layer: feats[layer] for layer in layers}
 
 
+def _layer_error(backbone: str, name: str, layers: Sequence[int | str]) -> ValueError:
+    """The error for feature layers a timm backbone lacks, naming them and every layer it has (index, name, stride)."""
+    import timm  # noqa: PLC0415
+
+    try:
+        info = timm.create_model(name, features_only=True, pretrained=False).feature_info
+        modules, reductions = info.module_name(), info.reduction()
+    except Exception as exc:  # noqa: BLE001 - only the message depends on it
+        return ValueError(f"layers {list(layers)}: not all are feature layers of backbone '{backbone}' ({exc}).")
+    missing = [layer for layer in layers if layer not in modules and not (isinstance(layer, int) and
+                                                                           0 <= layer < len(modules))]  # fmt: skip
+    listing = ", ".join(f"{i} ({module}, stride {stride})" for i, (module, stride) in
+                        enumerate(zip(modules, reductions, strict=True)))  # fmt: skip
+    return ValueError(f"layers / global_layer {missing}: backbone '{backbone}' has no such feature layer; it has "
+                      f"{listing} (give the index or the name).")  # fmt: skip
+
+
 def build_feature_extractor(
     backbone: str | nn.Module,
     layers: Sequence[int | str],
@@ -92,6 +109,8 @@ def build_feature_extractor(
                                              requires_grad=True)  # fmt: skip
             if offline:
                 load_features_weights(extractor.feature_extractor, name)
+        except IndexError as exc:  # timm's out_indices past the backbone's stages
+            raise _layer_error(backbone, name, layers) from exc
         except RuntimeError as exc:
             if "Unknown model" in str(exc) or "Invalid pretrained" in str(exc):
                 msg = f"backbone '{backbone}' is not a timm model name ({exc})."
@@ -110,6 +129,8 @@ def build_feature_extractor(
                 "pre_trained=False."
             )
             raise RuntimeError(msg) from exc
+        if len(extractor.layers) < len(list(layers)):  # anomalib drops an unknown layer name with a warning
+            raise _layer_error(backbone, name, layers)
         # timm returns the features shallow to deep whatever order out_indices come in, and anomalib zips them
         # with the layers as given: list the layers by depth so that every name labels its own tensor
         # (layers=(2, 4), global_layer=3 would otherwise call blocks.6's output "3").

@@ -39,8 +39,11 @@ from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 
+from fsad_anomalib.callbacks.predictions import PredictionTable
+from fsad_anomalib.data.few_shot import skip_validation_without_data
 from fsad_anomalib.data.shifts import SHIFT_FAMILIES
 from fsad_anomalib.fine_tuning import ContrastiveFineTuning
+from fsad_anomalib.models.components.openvino_ir import keep_fp32
 from fsad_anomalib.models.few_shot_contrastive.torch_model import FewShotContrastiveModel, NotFittedError
 from fsad_anomalib.post_processing import NormalThresholdPostProcessor
 
@@ -57,6 +60,14 @@ TRAINED_FAMILIES = {"cutpaste": (), "speck": ("speck",), "none": ()}
 MIN_IMAGES_FOR_GLOBAL = 4
 # fine-tuning is kept when it raises the self-check objective on held-out images by more than this
 FINE_TUNING_MARGIN = 0.005
+
+
+def unfitted_message(what: str, ckpt: str | Path | None = None) -> str:
+    """Why an unfitted FewShotContrastive cannot ``what``, naming the checkpoint it came from, and how to get one."""
+    source = f"the checkpoint {ckpt} holds a model that was never fitted" if ckpt else "the model was never fitted"
+    return (f"FewShotContrastive cannot {what}: {source}. Train it (anomalib train / Engine.fit) and use the checkpoint "
+            "that training writes (results/<model>/<dataset>/<category>/latest/weights/lightning/model.ckpt), which "
+            "holds the fitted model and its threshold.")
 
 
 def _fine_tuning(value: ContrastiveFineTuning | bool | Mapping[str, Any] | str, seed: int = 0) -> ContrastiveFineTuning | None:
@@ -236,13 +247,17 @@ class FewShotContrastive(AnomalibModule):
         return torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)
 
     def setup(self, stage: str) -> None:
-        """No pixel metric for data without masks.
+        """No validation pass where the datamodule has no validation set; no pixel metric for data without masks.
+
+        A plain anomalib datamodule with ``val_split_mode="none"`` has no ``val_data``, and Lightning would ask it for
+        a validation loader (an ``AttributeError`` inside anomalib): the model needs none, so validation is skipped.
 
         anomalib's default evaluator holds pixel metrics that skip batches without masks, and then compute over
         no update at all, with a torchmetrics warning, on ELPV, Textile or a ``Folder`` without ``mask_dir``.
         """
-        del stage
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if stage == "fit":
+            skip_validation_without_data(self.trainer)
         evaluator = self.evaluator if isinstance(self.evaluator, Evaluator) else None
         if datamodule is None or evaluator is None:
             return
@@ -255,13 +270,18 @@ class FewShotContrastive(AnomalibModule):
                     del metrics[index]
 
     def configure_callbacks(self) -> list[Callback]:
-        """anomalib's components, plus the fine-tuning callback where fine-tuning is asked for explicitly.
+        """anomalib's components, the fine-tuning callback where fine-tuning is asked for explicitly, and a
+        :class:`~fsad_anomalib.callbacks.PredictionTable` (``predictions.csv``: score and OK/NG label per image that
+        ``anomalib predict`` scores).
 
         With ``fine_tuning="auto"`` the model tries fine-tuning itself in :meth:`fit`, after self-configuration.
         """
         callbacks = list(super().configure_callbacks())
         if self.fine_tuning is not None and not self._deferred_fine_tuning:
             callbacks.append(self.fine_tuning)
+        # before the post-processor: it reads the raw scores that the post-processor then normalises in place
+        position = callbacks.index(self.post_processor) if self.post_processor in callbacks else 0
+        callbacks.insert(position, PredictionTable())
         return callbacks
 
     # ------------------------------------------------------------------ training
@@ -422,8 +442,16 @@ class FewShotContrastive(AnomalibModule):
         self._fitted_at_step = -1
         self.model.is_fitted.fill_(False)
 
+    def on_train_epoch_end(self) -> None:
+        """Fit when the epoch ends without a validation pass, before Lightning's ``ModelCheckpoint`` saves.
+
+        Lightning calls the module's hook before the checkpoint callbacks', so every checkpoint written during
+        training holds the fitted model, whatever the ``val_split_mode``.
+        """
+        self._fit_if_needed()
+
     def on_train_end(self) -> None:
-        """Fit when training ends without a validation pass."""
+        """Fit when training ends without a validation pass (a loop that stopped before the epoch's end)."""
         self._fit_if_needed()
 
     def on_validation_start(self) -> None:
@@ -441,11 +469,16 @@ class FewShotContrastive(AnomalibModule):
 
     def _require_fitted(self, what: str) -> None:
         if not bool(self.model.is_fitted):
-            msg = (
-                f"FewShotContrastive cannot {what}: the model was never fitted. Train it first "
-                "(engine.fit / anomalib train) or load a checkpoint of a trained model (--ckpt_path)."
-            )
-            raise NotFittedError(msg)
+            ckpt = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
+            raise NotFittedError(unfitted_message(what, ckpt))
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: str | Path, *args: Any, **kwargs: Any) -> FewShotContrastive:  # noqa: ANN401
+        """Lightning's ``load_from_checkpoint``, refusing a checkpoint whose model was never fitted, by name."""
+        model = super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+        if not bool(model.model.is_fitted):
+            raise NotFittedError(unfitted_message("load", checkpoint_path))
+        return model
 
     @staticmethod
     def _check_images(images: torch.Tensor, what: str) -> None:
@@ -502,6 +535,14 @@ class FewShotContrastive(AnomalibModule):
         """Refuse to export or run an unfitted model, then defer to anomalib."""
         tracing = torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
         if not tracing and not bool(self.model.is_fitted):
-            msg = "FewShotContrastive: the model was never fitted; train it or load a trained checkpoint first."
-            raise NotFittedError(msg)
+            raise NotFittedError(unfitted_message("score"))
         return super().forward(batch, *args, **kwargs)
+
+    def to_openvino(self, *args: Any, **kwargs: Any) -> Path:  # noqa: ANN401
+        """anomalib's OpenVINO export, with every layer marked to run in FP32 on any CPU (:func:`keep_fp32`).
+
+        OpenVINO's defaults would otherwise infer in bf16 on CPUs with bf16 units, and score apart from the eager model.
+        """
+        path = super().to_openvino(*args, **kwargs)
+        keep_fp32(path)
+        return Path(path)

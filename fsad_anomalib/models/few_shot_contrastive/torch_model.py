@@ -541,10 +541,13 @@ class FewShotContrastiveModel(DynamicBufferMixin, nn.Module):
         """Image score from a patch map: mean of its top ``topk_ratio`` patches (at least one)."""
         return topk_mean(patch_map, self.topk_ratio)
 
+    @torch.no_grad()
     def forward(self, images: torch.Tensor) -> InferenceBatch:
         """Image scores and anomaly maps of images in [0, 1].
 
-        ``train()`` keeps the BatchNorm layers in eval mode, so the scores are the same in train mode. Lightning,
+        No gradient graph: scoring never trains (fine-tuning goes through :meth:`features`), and deployed outputs (anomalib's
+        ``TorchInferencer`` calls the model without ``no_grad``) must convert to numpy. ``train()`` keeps the BatchNorm
+        layers in eval mode, so the scores are the same in train mode. Lightning,
         though, sets each submodule's mode itself during the training epoch (BatchNorm layers included), when this
         model runs no forward pass: fine-tuning and :meth:`fit` put the BatchNorm layers in eval mode explicitly.
         """
