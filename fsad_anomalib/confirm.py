@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from fsad_anomalib.models.few_shot_contrastive.torch_model import NotFittedError
 from fsad_anomalib.post_processing.normal_threshold import NormalThresholdPostProcessor
 
 def _model_class(name: str) -> type:
@@ -82,6 +83,11 @@ def confirm_checkpoint(
     checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False)
     checkpoint["state_dict"] = model.state_dict()
     checkpoint["anomalib_post_processor_config"] = model.post_processor.checkpoint_config()
+    # Lightning also keeps each callback's state, the post-processor's buffers included, and restores it after the
+    # model's state_dict when a trainer resumes from the file (anomalib test / predict --ckpt_path): replace it too
+    callbacks = checkpoint.get("callbacks") or {}
+    if model.post_processor.state_key in callbacks:
+        callbacks[model.post_processor.state_key] = model.post_processor.state_dict()
     output.parent.mkdir(parents=True, exist_ok=True)
     torch.save(checkpoint, output)
     return record
@@ -100,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         record = confirm_checkpoint(args.model, args.ckpt, args.images, args.output, args.false_reject_rate)
-    except ValueError as error:
+    except (ValueError, NotFittedError) as error:
         parser.error(str(error))
     image = record["image"]
     print(f"image threshold {image['threshold']:.6g} for a {100 * record['false_reject_rate']:g} % false-reject rate, "

@@ -269,8 +269,9 @@ class FewShot(AnomalibDataModule):
             raise RuntimeError(msg)
         if not self._batch_size_given:
             self.train_batch_size = max(1, min(self.datamodule.train_batch_size, self.k_shot))
-        logger.info("FewShot: the model is fitted on %d of the %d normal training images of %s/%s (%s).", self.k_shot,
-                    len(pool), self.name, self.category, drawn)  # fmt: skip
+        where = f"{self.name}/{self.category}" if self.category else self.name
+        logger.info("FewShot: the model is fitted on %d of the %d normal training images of %s (%s).", self.k_shot,
+                    len(pool), where, drawn)  # fmt: skip
         return subset
 
     def support_record(self) -> dict:

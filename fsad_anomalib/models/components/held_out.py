@@ -35,13 +35,16 @@ def gaussian_map(patch: torch.Tensor, mean: torch.Tensor, precision: torch.Tenso
 
 
 def nearest_map(patch: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
-    """Euclidean distance of every location of ``patch`` to its nearest row of ``bank``, as ``(B, 1, h, w)``."""
-    from anomalib.models.image.patchcore.torch_model import PatchcoreModel  # noqa: PLC0415
+    """Euclidean distance of every location of ``patch`` to its nearest row of ``bank``, as ``(B, 1, h, w)``.
 
+    ``|x|^2 + x.(-2 y) + |y|^2`` (no ``cdist``, so it exports), the factor -2 folded into the bank: a product scaled
+    or subtracted after the matrix product would be fused with it by OpenVINO's CPU plugin into a new operation
+    that no longer carries the IR's FP32 marking (:mod:`~fsad_anomalib.models.components.openvino_ir`).
+    """
     b, c, h, w = patch.shape
     flat = patch.permute(0, 2, 3, 1).reshape(b, h * w, c)
-    # anomalib's export-friendly distance (no cdist), batched: (b, h*w, bank size)
-    return PatchcoreModel.euclidean_dist(flat, bank).min(dim=-1).values.reshape(b, 1, h, w)
+    squared = flat.pow(2).sum(-1, keepdim=True) + flat @ (-2 * bank).T + bank.pow(2).sum(-1)
+    return squared.clamp_min(0).sqrt().min(dim=-1).values.reshape(b, 1, h, w)
 
 
 def local_map(

@@ -1,0 +1,216 @@
+"""The README's "Your own data, from training to the line", run as written, in a user's order, on generated data.
+
+The commands are read from README.md, so a README change that breaks a command breaks this test. The only changes
+made to them: the README's placeholder folders point at generated data, and the training command gets a smaller
+image size (``--model.image_size 64``) so that the whole sequence takes about two minutes, and a copy of
+``predictions.csv`` is kept after each ``anomalib predict`` (the next one rewrites it). The configs are used as
+they ship (``val_split_mode: none``, every image of ``train/good``).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import re
+import shutil
+import subprocess
+import sys
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from .conftest import make_dataset
+
+REPO = Path(__file__).parents[1]
+SECTION = "## Your own data, from training to the line"
+SPEED = "--model.image_size 64"  # appended to `anomalib train` only
+
+
+def _section(text: str) -> str:
+    start = text.index(SECTION)
+    end = text.find("\n## ", start + len(SECTION))
+    return text[start : end if end > 0 else None]
+
+
+def _blocks(section: str, language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", section, flags=re.DOTALL)
+
+
+def _good_parts(folder: Path, n: int = 20, size: int = 96) -> Path:
+    """Good parts the model never saw: the generator's normals with another seed."""
+    generated = make_dataset(folder.parent / "more", n_train=n, n_test=1, size=size, seed=7)
+    shutil.copytree(generated / "train" / "good", folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def line(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Run the README's command block in a fresh folder, as a user would after cloning."""
+    work = tmp_path_factory.mktemp("line")
+    product = make_dataset(work / "data" / "product", n_train=6, n_test=6, size=96)
+    good_parts = _good_parts(work / "data" / "good_parts")
+    (work / "configs").symlink_to(REPO / "configs")
+    section = _section((REPO / "README.md").read_text())
+    script = _blocks(section, "bash")[0]  # the sequence; the benchmark commands below it have their own tests
+    places = {"/path/to/product": product, "/path/to/new_parts": product / "test", "/path/to/good_parts": good_parts}
+    for placeholder, path in places.items():
+        script = script.replace(placeholder, str(path))
+    lines, predicted = [], 0
+    for command in script.splitlines():
+        lines.append(f"{command} {SPEED}" if command.startswith("anomalib train") else command)
+        if command.startswith("anomalib predict"):  # each predict rewrites the table: keep a copy to check
+            predicted += 1
+            lines.append(f"cp results/FewShotContrastive/latest/predictions.csv predictions_{predicted}.csv")
+    script = "\n".join(lines)
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1",
+           "OPENVINO_TELEMETRY_DISABLED": "1", "TRUST_REMOTE_CODE": "1"}  # fmt: skip
+    done = subprocess.run(["bash", "-e", "-x", "-c", script], cwd=work, env=env, capture_output=True, text=True,
+                          timeout=900, check=False)  # fmt: skip
+    return {"work": work, "product": product, "good_parts": good_parts, "section": section, "places": places,
+            "run": done, "log": done.stdout[-6000:] + done.stderr[-6000:]}  # fmt: skip
+
+
+def _predictions(work: Path) -> list[dict[str, str]]:
+    """The tables of the README's predict commands, in order (the test copies each after its command)."""
+    return [list(csv.DictReader(path.open())) for path in sorted(work.glob("predictions_*.csv"))]
+
+
+def test_every_command_of_the_section_succeeds(line: dict) -> None:
+    assert line["run"].returncode == 0, line["log"]
+
+
+def test_training_writes_a_fitted_checkpoint_on_every_train_good_image(line: dict) -> None:
+    from fsad_anomalib.models import FewShotContrastive
+
+    ckpt = line["work"] / "results/FewShotContrastive/my_product/latest/weights/lightning/model.ckpt"
+    model = FewShotContrastive.load_from_checkpoint(ckpt, map_location="cpu")
+    assert bool(model.model.is_fitted)
+    assert torch.isfinite(model.post_processor.image_threshold)
+    assert model.self_configuration["k_shot"] == len(list((line["product"] / "train/good").glob("*.png")))
+    assert "fitted on 6 of the 6 normal training images" in line["run"].stdout + line["run"].stderr
+
+
+def test_predict_writes_a_label_per_image_and_the_confirmed_checkpoint_labels_the_same_parts(line: dict) -> None:
+    first, confirmed = _predictions(line["work"])
+    images = sorted(str(p) for p in (line["product"] / "test").rglob("*.png"))
+    for table in (first, confirmed):
+        assert sorted(row["image_path"] for row in table) == images
+        assert {row["label"] for row in table} <= {"OK", "NG"}
+        for row in table:
+            assert (row["label"] == "NG") == (float(row["score"]) > float(row["threshold"]))
+            assert (row["label"] == "NG") == (float(row["raw_score"]) > float(row["raw_threshold"]))
+    # the generated defects are obvious: every bad part NG, every good part OK, before and after confirmation
+    for table in (first, confirmed):
+        assert all((row["label"] == "NG") == ("/bad/" in row["image_path"]) for row in table)
+    assert confirmed[0]["raw_threshold"] != first[0]["raw_threshold"]  # confirmation moved the threshold
+
+
+def test_exported_models_label_as_the_checkpoint_through_anomalibs_inferencers(line: dict, monkeypatch) -> None:
+    work = line["work"]
+    for kind in ("openvino/model.xml", "onnx/model.onnx", "torch/model.pt"):
+        assert (work / "results/weights" / kind).is_file(), kind
+    code = _blocks(line["section"], "python")[0]
+    for placeholder, path in line["places"].items():
+        code = code.replace(placeholder, str(path))
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("TRUST_REMOTE_CODE", "1")
+    printed = io.StringIO()
+    with redirect_stdout(printed):
+        exec(compile(code, "README.md", "exec"), {})  # noqa: S102 - the README's own example
+    labels = {row["image_path"]: row["label"] for row in _predictions(work)[-1]}
+    lines = [row.split() for row in printed.getvalue().splitlines()]
+    assert len(lines) == len(labels)
+    for path, openvino_label, torch_label in lines:
+        assert openvino_label == torch_label == labels[path], (path, openvino_label, torch_label, labels[path])
+
+
+def test_exported_models_score_as_eager_with_openvino_defaults_and_no_gradient(line: dict, monkeypatch) -> None:
+    """anomalib's deploy test logic (test_inference_similarity): maps within 1e-3, scores within 1e-4, no settings."""
+    from anomalib.deploy import OpenVINOInferencer, TorchInferencer
+
+    work = line["work"]
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("TRUST_REMOTE_CODE", "1")
+    openvino = OpenVINOInferencer(path=work / "results/weights/openvino/model.xml", device="CPU")
+    torch_model = TorchInferencer(path=work / "results/weights/torch/model.pt", device="cpu")
+    for path in sorted((line["product"] / "test").rglob("*.png"))[:4]:
+        a, b = torch_model.predict(path), openvino.predict(path)
+        assert not a.pred_score.requires_grad and not a.anomaly_map.requires_grad
+        np.testing.assert_allclose(np.asarray(b.pred_score).ravel(), a.pred_score.numpy().ravel(), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(b.anomaly_map).ravel(), a.anomaly_map.numpy().ravel(), rtol=1e-3,
+                                   atol=1e-4)  # fmt: skip
+
+
+def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    exe = [str(Path(sys.executable).parent / "anomalib")]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OPENVINO_TELEMETRY_DISABLED": "1"}
+    return subprocess.run(exe + args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600, check=False)
+
+
+def _tail(result: subprocess.CompletedProcess, lines: int = 12) -> str:
+    """The end of what a command printed, without whitespace (rich wraps tracebacks at the terminal's width)."""
+    return "".join("".join((result.stdout + result.stderr).strip().splitlines()[-lines:]).split())
+
+
+def test_anomalib_test_on_the_trained_checkpoint(line: dict) -> None:
+    """``anomalib test`` with the config and the checkpoint training wrote: the threshold set on the normals labels."""
+    ckpt = line["work"] / "results/FewShotContrastive/my_product/latest/weights/lightning/model.ckpt"
+    result = _cli(["test", "--config", str(REPO / "configs/few_shot_contrastive_folder.yaml"), "--data.datamodule.root",
+                   str(line["product"]), "--model.image_size", "64", "--ckpt_path", str(ckpt)], line["work"])  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.search(r"image_F1Score\s+│\s+1\.0", result.stdout), result.stdout[-3000:]
+
+
+def test_an_unfitted_checkpoint_is_refused_by_name_everywhere(line: dict, tmp_path: Path) -> None:
+    work = line["work"]
+    source = torch.load(work / "results/FewShotContrastive/my_product/latest/weights/lightning/model.ckpt",
+                        map_location="cpu", weights_only=False)  # fmt: skip
+    source["state_dict"]["model.is_fitted"] = torch.tensor(False)
+    unfitted = tmp_path / "unfitted.ckpt"
+    torch.save(source, unfitted)
+    for args in (["predict", "--model", "FewShotContrastive", "--ckpt_path", str(unfitted), "--data",
+                  str(line["product"] / "test" / "bad")],
+                 ["export", "--model", "FewShotContrastive", "--ckpt_path", str(unfitted), "--export_type", "onnx"]):
+        result = _cli(args, tmp_path)
+        assert result.returncode != 0
+        assert "".join(f"the checkpoint {unfitted} holds a model that was never fitted".split()) in _tail(result)
+    result = subprocess.run([sys.executable, "-m", "fsad_anomalib.confirm", "--model", "FewShotContrastive", "--ckpt",
+                             str(unfitted), "--images", str(line["good_parts"]), "--output", str(tmp_path / "no.ckpt")],
+                            capture_output=True, text=True, check=False)  # fmt: skip
+    assert result.returncode == 2  # noqa: PLR2004
+    assert f"the checkpoint {unfitted} holds a model that was never fitted" in result.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "no.ckpt").exists()
+
+
+@pytest.mark.parametrize(
+    ("argument", "reason"),
+    [
+        (["--data.k_shot", "0"], "error: --data.k_shot: Not of type PositiveInt"),
+        (["--model.score_mode", "nonsense"], "score_mode must be one of"),
+        (["--model.layers", "[9, 10]"], "has no such feature layer; it has 0 (blocks.0, stride 2)"),
+    ],
+)
+def test_a_bad_cli_value_ends_with_its_reason(line: dict, argument: list[str], reason: str) -> None:
+    config = str(REPO / "configs/few_shot_contrastive_folder.yaml")
+    result = _cli(["train", "--config", config, "--data.datamodule.root", str(line["product"]), *argument],
+                  line["work"])  # fmt: skip
+    assert result.returncode == 2  # noqa: PLR2004 - a parser error, not a traceback
+    last = (result.stdout + result.stderr).strip().splitlines()[-1]
+    assert last.startswith("error: ") and reason in last, last
+
+
+def test_images_of_any_readable_kind_are_checked_at_set_up(tmp_path: Path) -> None:
+    """A text file named .png in train/good fails at set-up with its name (every train/good image is the support)."""
+    root = make_dataset(tmp_path / "product", n_train=3, n_test=2, size=64)
+    (root / "train/good/notes.png").write_text("not an image")
+    cv2.imwrite(str(root / "train/good/extra.png"), np.zeros((64, 64, 3), np.uint8))
+    result = _cli(["train", "--config", str(REPO / "configs/few_shot_contrastive_folder.yaml"),
+                   "--data.datamodule.root", str(root), "--model.image_size", "64"], tmp_path)  # fmt: skip
+    assert result.returncode != 0
+    assert "".join(f"{root / 'train/good/notes.png'}: not a readable image".split()) in _tail(result)
