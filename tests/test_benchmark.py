@@ -447,3 +447,18 @@ def test_speed_numeric_options_are_checked(module, argv, expected, capsys):
     with pytest.raises(SystemExit):
         importlib.import_module(f"fsad_anomalib.benchmark.{module}").main(argv)
     assert expected in capsys.readouterr().err
+
+
+def test_results_md_says_when_a_threshold_flags_nothing() -> None:
+    """A threshold above every test image reads as such, not as a row of zeros that looks like a perfect line."""
+    from fsad_anomalib.benchmark.report import threshold_table
+
+    def row(seed: int, method: str, fr: float, det: float) -> dict:
+        at = {"false_reject_rate": fr, "detection_rate": det}
+        return {"dataset": "ELPV", "category": "mono", "k_shot": 2, "seed": seed, "method": method,
+                "threshold": {"target_false_reject_rate": 0.05, "at": {"0.05": at}}}  # fmt: skip
+
+    rows = [row(0, "A", 0.0, 0.0), row(1, "A", 0.0, 0.0), row(0, "B", 0.0, 0.0), row(1, "B", 0.04, 0.5)]
+    lines = {line.split(" | ")[3]: line for line in threshold_table(rows)[2:]}
+    assert "flags nothing (threshold above every test image)" in lines["A"] and "0.0 %" not in lines["A"]
+    assert "(flags nothing in 1 of 2 runs)" in lines["B"] and "2.0 %" in lines["B"]

@@ -67,8 +67,8 @@ def test_openvino_matches_eager(trained, tmp_path, monkeypatch):
     from anomalib.deploy import OpenVINOInferencer
 
     path = trained["engine"].export(model=trained["model"], export_type="openvino", export_root=trained["root"] / "ov")
-    # CPUs with bf16 units make OpenVINO infer in bf16 by default; ask for the exported FP32
-    inferencer = OpenVINOInferencer(path=path, device="CPU", config={"INFERENCE_PRECISION_HINT": "f32"})
+    # OpenVINO's defaults (bf16 on CPUs with bf16 units, unless the IR says otherwise, as ours does)
+    inferencer = OpenVINOInferencer(path=path, device="CPU")
     eager = trained["eager"]
     for index in range(1, 4):
         result = inferencer.predict(trained["images"][index])
@@ -110,7 +110,7 @@ def test_inferencers_run_on_a_folder_of_mixed_sizes(trained, tmp_path, monkeypat
     torch_path = trained["engine"].export(model=trained["model"], export_type="torch", export_root=tmp_path / "pt")
     ov_path = trained["engine"].export(model=trained["model"], export_type="openvino", export_root=tmp_path / "ov")
     torch_inferencer = TorchInferencer(path=torch_path, device="cpu")
-    ov_inferencer = OpenVINOInferencer(path=ov_path, device="CPU", config={"INFERENCE_PRECISION_HINT": "f32"})
+    ov_inferencer = OpenVINOInferencer(path=ov_path, device="CPU")
     files = sorted(folder.glob("*.png"))
     for path in files:
         a = torch_inferencer.predict(path)

@@ -342,3 +342,38 @@ def test_combined_score_catches_a_local_defect_and_a_whole_image_shift():
 
     assert auroc(s_local) >= 0.9
     assert auroc(s_shifted) >= 0.9
+
+
+def test_anomalib_builds_the_model_every_way_its_pipelines_do() -> None:
+    """A name, a class_path dict (short or dotted, as anomalib's benchmark and tiled-ensemble pipelines pass it)."""
+    from anomalib.models import get_model
+
+    assert isinstance(get_model("FewShotContrastive", pre_trained=False), FewShotContrastive)
+    for class_path in ("FewShotContrastive", "anomalib.models.FewShotContrastive", "fsad_anomalib.models.FewShotContrastive"):
+        model = get_model({"class_path": class_path, "init_args": {"pre_trained": False, "image_size": 64}})
+        assert isinstance(model, FewShotContrastive) and model.image_size == 64  # noqa: PLR2004
+
+
+@pytest.mark.parametrize("name", ["FewShotContrastive", "Padim"])
+def test_a_plain_datamodule_without_validation_trains_to_a_fitted_checkpoint(name, generated_root, tmp_path) -> None:
+    """val_split_mode none on anomalib's own Folder (no FewShot wrapper): no validation pass, and the checkpoint
+    training writes holds the fitted model and its threshold (FewShotContrastive, or a stock model with the
+    normal-only post-processor)."""
+    from anomalib.models import Padim
+
+    from fsad_anomalib.backbones import offline_backbone
+    from fsad_anomalib.post_processing import NormalThresholdPostProcessor
+
+    if name == "Padim":
+        model = Padim(backbone=offline_backbone(), layers=["blocks.1", "blocks.2"], n_features=40,
+                      post_processor=NormalThresholdPostProcessor())  # fmt: skip
+    else:
+        model = FewShotContrastive(image_size=64, fine_tuning=False)
+    datamodule = folder_datamodule(generated_root, val_split_mode="none", train_batch_size=4)
+    engine = Engine(default_root_dir=tmp_path, logger=False, enable_progress_bar=False, accelerator="cpu")
+    engine.fit(model=model, datamodule=datamodule)
+    (ckpt,) = tmp_path.rglob("model.ckpt")
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    assert torch.isfinite(state["post_processor._image_threshold"])
+    fitted = state["model.is_fitted"] if name == "FewShotContrastive" else state["_is_fitted"]
+    assert bool(fitted.all())
