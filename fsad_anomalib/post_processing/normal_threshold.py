@@ -528,8 +528,9 @@ class NormalThresholdPostProcessor(PostProcessor):
                            "(N, 3, H, W) tensor in [0, 1], or batches with an .image tensor of that shape.")
                     raise ValueError(msg)
                 tensor = tensor.to(device)
-                if model.pre_processor:
-                    tensor = model.pre_processor(tensor)
+                if model.pre_processor:  # the transform training and `anomalib predict` apply (forward() applies
+                    transform = getattr(model.pre_processor, "transform", None)  # the export one: no antialias)
+                    tensor = transform(tensor) if transform is not None else model.pre_processor(tensor)
                 batch_scores, batch_maxima = _score(model.model, tensor)
                 scores.append(batch_scores)
                 maxima.append(batch_maxima)

@@ -215,10 +215,14 @@ class FewShotContrastive(AnomalibModule):
     # ------------------------------------------------------------------ anomalib plumbing
     @classmethod
     def configure_pre_processor(cls, image_size: tuple[int, int] | int | None = None) -> PreProcessor:
-        """Resize only; the torch model normalises with its backbone's mean and std."""
+        """Resize only, without antialiasing; the torch model normalises with its backbone's mean and std.
+
+        anomalib exports the pre-processor without antialiasing (ONNX has none): resizing the same way in training,
+        ``anomalib predict`` and confirmation makes the exported model score, and label, as the checkpoint does.
+        """
         size = image_size or 256
         size = (size, size) if isinstance(size, int) else tuple(size)
-        return PreProcessor(transform=Compose([Resize(size, antialias=True)]))
+        return PreProcessor(transform=Compose([Resize(size, antialias=False)]))
 
     @staticmethod
     def configure_post_processor() -> PostProcessor:
