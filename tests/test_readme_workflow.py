@@ -161,8 +161,9 @@ def _tail(result: subprocess.CompletedProcess, lines: int = 12) -> str:
 def test_anomalib_test_on_the_trained_checkpoint(line: dict) -> None:
     """``anomalib test`` with the config and the checkpoint training wrote: the threshold set on the normals labels."""
     ckpt = line["work"] / "results/FewShotContrastive/my_product/latest/weights/lightning/model.ckpt"
-    result = _cli(["test", "--config", str(REPO / "configs/few_shot_contrastive_folder.yaml"), "--data.datamodule.root",
-                   str(line["product"]), "--model.image_size", "64", "--ckpt_path", str(ckpt)], line["work"])  # fmt: skip
+    config = str(REPO / "configs/few_shot_contrastive_folder.yaml")
+    result = _cli(["test", "--config", config, "--data.datamodule.root", str(line["product"]),
+                   "--model.image_size", "64", "--ckpt_path", str(ckpt)], line["work"])  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert re.search(r"image_F1Score\s+│\s+1\.0", result.stdout), result.stdout[-3000:]
 

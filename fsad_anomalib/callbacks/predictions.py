@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,8 @@ class PredictionTable(Callback):
 
     Columns: ``image_path``; ``raw_score`` (the model's score before post-processing); ``score`` (the normalised score
     anomalib reports, 0.5 at the threshold); ``label`` (``NG`` above the threshold, ``OK`` otherwise, empty where no
-    threshold was set); ``threshold`` (on the reported score: 0.5 unless the post-processor's sensitivity moves it) and ``raw_threshold`` (on the raw score).
+    threshold was set); ``threshold`` (on the reported score: 0.5 unless the post-processor's sensitivity moves it)
+    and ``raw_threshold`` (on the raw score).
 
     Put it before the post-processor in the callback list: it reads each batch's raw scores before the post-processor
     normalises them in place, and writes the batch's row once the batch has been post-processed.
@@ -84,7 +86,7 @@ class PredictionTable(Callback):
         post = getattr(pl_module, "post_processor", None)
         raw_threshold = getattr(post, "image_threshold", None)
         raw_threshold = float(raw_threshold) if isinstance(raw_threshold, torch.Tensor) else None
-        has_threshold = raw_threshold is not None and raw_threshold == raw_threshold  # noqa: PLR0124 - NaN: unset
+        has_threshold = raw_threshold is not None and not math.isnan(raw_threshold)  # NaN: never set
         threshold = None
         if has_threshold:  # on the reported score: anomalib's normalised threshold, or the raw one unnormalised
             normalised = getattr(post, "enable_normalization", False) and hasattr(post, "normalized_image_threshold")

@@ -42,14 +42,17 @@ def normal_pool(dataset: AnomalibDataset) -> list[str]:
     return [str(p) for p in samples.loc[samples.label_index == 0, "image_path"]]
 
 
-def sample_support_set(pool: list[str], k_shot: int, seed: int) -> list[str]:
-    """Draw ``k_shot`` distinct paths from ``pool`` with ``seed``; independent of the pool's order."""
-    if not isinstance(k_shot, int) or isinstance(k_shot, bool) or k_shot < 1:
-        msg = f"k_shot must be an integer >= 1, got {k_shot!r}."
+def sample_support_set(pool: list[str], k_shot: int | None, seed: int) -> list[str]:
+    """Draw ``k_shot`` distinct paths from ``pool`` with ``seed`` (``None``: all of them); independent of the pool's
+    order."""
+    if k_shot is not None and (not isinstance(k_shot, int) or isinstance(k_shot, bool) or k_shot < 1):
+        msg = f"k_shot must be an integer >= 1, or None for every normal training image, got {k_shot!r}."
         raise ValueError(msg)
     if not pool:
         msg = "The pool of normal training images is empty: the datamodule's training split has no normal image."
         raise ValueError(msg)
+    if k_shot is None:
+        return sorted(pool)
     if k_shot > len(pool):
         msg = f"k_shot={k_shot} is larger than the pool of normal training images, which holds {len(pool)}."
         raise ValueError(msg)
@@ -245,20 +248,14 @@ class FewShot(AnomalibDataModule):
                 msg = f"support_list '{self.support_list}' names an image more than once."
                 raise ValueError(msg)
             self.support_set = sorted(chosen)
-            self.k_shot = len(chosen)
-        elif self.k_shot is None:
-            if not pool:
-                msg = f"FewShot over {self.name}/{self.category}: the training split has no normal image."
-                raise ValueError(msg)
-            self.support_set = sorted(pool)
+            drawn = f"listed in {self.support_list}"
         else:
             try:
                 self.support_set = sample_support_set(pool, self.k_shot, self.seed or 0)
             except ValueError as exc:
                 msg = f"FewShot over {self.name}/{self.category}: {exc}"
                 raise ValueError(msg) from exc
-        drawn = "all of them" if self.k_shot is None and self.support_list is None else (
-            f"listed in {self.support_list}" if self.support_list is not None else f"drawn with seed {self.seed}")
+            drawn = "all of them" if self.k_shot is None else f"drawn with seed {self.seed}"
         self.k_shot = len(self.support_set)
         keep = set(self.support_set)
         paths = train_data.samples.image_path.astype(str)

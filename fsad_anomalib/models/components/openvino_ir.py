@@ -62,7 +62,7 @@ def _older_forms(xml_path: Path) -> None:
 
 
 def keep_fp32(xml_path: str | Path) -> int:
-    """Make the OpenVINO IR at ``xml_path`` infer in FP32 under OpenVINO's defaults; return how many layers it marked."""
+    """Make the OpenVINO IR at ``xml_path`` infer in FP32 under OpenVINO's defaults; return the layers it marked."""
     path = Path(xml_path)
     _older_forms(path)
     tree = ET.parse(path)  # noqa: S314 - an IR this process has just written
