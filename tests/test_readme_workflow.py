@@ -158,60 +158,87 @@ def _tail(result: subprocess.CompletedProcess, lines: int = 12) -> str:
     return "".join("".join((result.stdout + result.stderr).strip().splitlines()[-lines:]).split())
 
 
-def test_anomalib_test_on_the_trained_checkpoint(line: dict) -> None:
+def _in_process(args: list[str], capsys: pytest.CaptureFixture) -> tuple[object, str]:
+    """anomalib's CLI in this process (no interpreter start-up): its exit code or exception, and what it printed."""
+    from anomalib.cli import AnomalibCLI
+
+    try:
+        AnomalibCLI(args)
+        outcome: object = 0
+    except SystemExit as stop:
+        outcome = stop.code
+    except Exception as error:  # noqa: BLE001 - the outcome under test
+        outcome = error
+    printed = capsys.readouterr()
+    return outcome, printed.out + printed.err
+
+
+def test_anomalib_test_on_the_trained_checkpoint(line: dict, monkeypatch, capsys) -> None:
     """``anomalib test`` with the config and the checkpoint training wrote: the threshold set on the normals labels."""
+    from anomalib.cli import AnomalibCLI
+
+    monkeypatch.chdir(line["work"])
     ckpt = line["work"] / "results/FewShotContrastive/my_product/latest/weights/lightning/model.ckpt"
-    config = str(REPO / "configs/few_shot_contrastive_folder.yaml")
-    result = _cli(["test", "--config", config, "--data.datamodule.root", str(line["product"]),
-                   "--model.image_size", "64", "--ckpt_path", str(ckpt)], line["work"])  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert re.search(r"image_F1Score\s+│\s+1\.0", result.stdout), result.stdout[-3000:]
+    cli = AnomalibCLI(["test", "--config", str(REPO / "configs/few_shot_contrastive_folder.yaml"),
+                       "--data.datamodule.root", str(line["product"]), "--model.image_size", "64",
+                       "--trainer.enable_progress_bar", "false", "--ckpt_path", str(ckpt)])  # fmt: skip
+    metrics = cli.engine.trainer.callback_metrics
+    assert float(metrics["image_F1Score"]) == 1.0 and float(metrics["image_AUROC"]) == 1.0
 
 
-def test_an_unfitted_checkpoint_is_refused_by_name_everywhere(line: dict, tmp_path: Path) -> None:
+def test_an_unfitted_checkpoint_is_refused_by_name_everywhere(line: dict, tmp_path: Path, monkeypatch, capsys) -> None:
+    from fsad_anomalib.confirm import main as confirm
+    from fsad_anomalib.models import NotFittedError
+
     work = line["work"]
     source = torch.load(work / "results/FewShotContrastive/my_product/latest/weights/lightning/model.ckpt",
                         map_location="cpu", weights_only=False)  # fmt: skip
     source["state_dict"]["model.is_fitted"] = torch.tensor(False)
     unfitted = tmp_path / "unfitted.ckpt"
     torch.save(source, unfitted)
-    for args in (["predict", "--model", "FewShotContrastive", "--ckpt_path", str(unfitted), "--data",
-                  str(line["product"] / "test" / "bad")],
-                 ["export", "--model", "FewShotContrastive", "--ckpt_path", str(unfitted), "--export_type", "onnx"]):
-        result = _cli(args, tmp_path)
-        assert result.returncode != 0
-        assert "".join(f"the checkpoint {unfitted} holds a model that was never fitted".split()) in _tail(result)
-    result = subprocess.run([sys.executable, "-m", "fsad_anomalib.confirm", "--model", "FewShotContrastive", "--ckpt",
-                             str(unfitted), "--images", str(line["good_parts"]), "--output", str(tmp_path / "no.ckpt")],
-                            capture_output=True, text=True, check=False)  # fmt: skip
-    assert result.returncode == 2  # noqa: PLR2004
-    assert f"the checkpoint {unfitted} holds a model that was never fitted" in result.stderr.strip().splitlines()[-1]
+    said = f"the checkpoint {unfitted} holds a model that was never fitted"
+    # as a user sees it: the reason ends what `anomalib predict` prints
+    result = _cli(["predict", "--model", "FewShotContrastive", "--ckpt_path", str(unfitted), "--data",
+                   str(line["product"] / "test" / "bad")], tmp_path)  # fmt: skip
+    assert result.returncode != 0
+    assert "".join(said.split()) in _tail(result)
+    monkeypatch.chdir(tmp_path)
+    outcome, _ = _in_process(["export", "--model", "FewShotContrastive", "--ckpt_path", str(unfitted),
+                              "--export_type", "onnx"], capsys)  # fmt: skip
+    assert isinstance(outcome, NotFittedError) and said in str(outcome)
+    with pytest.raises(SystemExit) as stop:
+        confirm(["--model", "FewShotContrastive", "--ckpt", str(unfitted), "--images", str(line["good_parts"]),
+                 "--output", str(tmp_path / "no.ckpt")])  # fmt: skip
+    assert stop.value.code == 2  # noqa: PLR2004 - a usage error, not a traceback
+    assert said in capsys.readouterr().err.strip().splitlines()[-1]
     assert not (tmp_path / "no.ckpt").exists()
 
 
-@pytest.mark.parametrize(
-    ("argument", "reason"),
-    [
-        (["--data.k_shot", "0"], "error: --data.k_shot: Not of type PositiveInt"),
-        (["--model.score_mode", "nonsense"], "score_mode must be one of"),
-        (["--model.layers", "[9, 10]"], "has no such feature layer; it has 0 (blocks.0, stride 2)"),
-    ],
-)
-def test_a_bad_cli_value_ends_with_its_reason(line: dict, argument: list[str], reason: str) -> None:
+def test_a_bad_cli_value_ends_with_its_reason(line: dict, monkeypatch, capsys) -> None:
+    """What the user sees (one command run as they run it), then the other refusals in this process."""
     config = str(REPO / "configs/few_shot_contrastive_folder.yaml")
-    result = _cli(["train", "--config", config, "--data.datamodule.root", str(line["product"]), *argument],
-                  line["work"])  # fmt: skip
+    train = ["train", "--config", config, "--data.datamodule.root", str(line["product"])]
+    result = _cli([*train, "--data.k_shot", "0"], line["work"])
     assert result.returncode == 2  # noqa: PLR2004 - a parser error, not a traceback
     last = (result.stdout + result.stderr).strip().splitlines()[-1]
-    assert last.startswith("error: ") and reason in last, last
+    assert last.startswith("error: --data.k_shot: Not of type PositiveInt"), last
+    monkeypatch.chdir(line["work"])
+    refusals = ((["--model.score_mode", "nonsense"], "score_mode must be one of"),
+                (["--model.layers", "[9, 10]"], "has no such feature layer; it has 0 (blocks.0, stride 2)"))
+    for argument, reason in refusals:
+        outcome, printed = _in_process([*train, *argument], capsys)
+        assert outcome == 2, (outcome, printed[-2000:])  # noqa: PLR2004
+        last = printed.strip().splitlines()[-1]
+        assert last.startswith("error: ") and reason in last, last
 
 
-def test_images_of_any_readable_kind_are_checked_at_set_up(tmp_path: Path) -> None:
+def test_images_of_any_readable_kind_are_checked_at_set_up(tmp_path: Path, monkeypatch, capsys) -> None:
     """A text file named .png in train/good fails at set-up with its name (every train/good image is the support)."""
     root = make_dataset(tmp_path / "product", n_train=3, n_test=2, size=64)
     (root / "train/good/notes.png").write_text("not an image")
     cv2.imwrite(str(root / "train/good/extra.png"), np.zeros((64, 64, 3), np.uint8))
-    result = _cli(["train", "--config", str(REPO / "configs/few_shot_contrastive_folder.yaml"),
-                   "--data.datamodule.root", str(root), "--model.image_size", "64"], tmp_path)  # fmt: skip
-    assert result.returncode != 0
-    assert "".join(f"{root / 'train/good/notes.png'}: not a readable image".split()) in _tail(result)
+    monkeypatch.chdir(tmp_path)
+    outcome, _ = _in_process(["train", "--config", str(REPO / "configs/few_shot_contrastive_folder.yaml"),
+                              "--data.datamodule.root", str(root), "--model.image_size", "64"], capsys)  # fmt: skip
+    assert isinstance(outcome, ValueError)
+    assert f"{root / 'train/good/notes.png'}: not a readable image" in str(outcome)
