@@ -47,9 +47,9 @@ def _add_pth(wheel_directory: str, wheel_name: str) -> str:
     return wheel_name
 
 
-def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):  # noqa: ANN001, ANN201, D103
+def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):  # noqa: ANN001
     return _add_pth(wheel_directory, _orig.build_wheel(wheel_directory, config_settings, metadata_directory))
 
 
-def build_editable(wheel_directory, config_settings=None, metadata_directory=None):  # noqa: ANN001, ANN201, D103
+def build_editable(wheel_directory, config_settings=None, metadata_directory=None):  # noqa: ANN001
     return _add_pth(wheel_directory, _orig.build_editable(wheel_directory, config_settings, metadata_directory))

@@ -43,7 +43,7 @@ def reason(message: str) -> str | None:
 def install() -> None:
     """Wrap jsonargparse's ``ArgumentParser.error`` and ``instantiate_classes`` once (see the module's docstring)."""
     try:
-        from jsonargparse import ArgumentParser  # noqa: PLC0415
+        from jsonargparse import ArgumentParser
     except ImportError:  # pragma: no cover - anomalib depends on jsonargparse
         return
     if getattr(ArgumentParser, "_fsad_reason_last", False):

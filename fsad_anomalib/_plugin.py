@@ -8,13 +8,11 @@ tiny finder at the front of ``sys.meta_path``; the finder does nothing until som
 ``anomalib.models`` be followed by the import of ``fsad_anomalib.models``, ``fsad_anomalib.data`` and
 ``fsad_anomalib.callbacks`` (which subclass anomalib's ``AnomalibModule``, ``AnomalibDataModule`` and
 Lightning's ``Callback``), and removes itself. Processes that never import anomalib import nothing;
-without anomalib installed the finder never fires. :func:`install` does the same from Python code.
-Set ``FSAD_ANOMALIB_NO_PLUGIN=1`` to switch the hook off.
+without anomalib installed the finder never fires. Set ``FSAD_ANOMALIB_NO_PLUGIN=1`` to switch the hook off.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 
 # Only sys and os (already loaded at start-up) are imported here: everything else is imported lazily,
@@ -25,8 +23,8 @@ _PLUGIN_MODULES = ("fsad_anomalib.models", "fsad_anomalib.data", "fsad_anomalib.
 
 
 def _load_plugin() -> None:
-    import importlib  # noqa: PLC0415
-    import warnings  # noqa: PLC0415
+    import importlib
+    import warnings
 
     for name in _PLUGIN_MODULES:
         try:
@@ -35,7 +33,7 @@ def _load_plugin() -> None:
             warnings.warn(f"fsad-anomalib: could not register {name} with anomalib: {exc}", stacklevel=2)
     _expose_models()
     try:
-        from fsad_anomalib._cli_errors import install  # noqa: PLC0415
+        from fsad_anomalib._cli_errors import install
 
         install()
     except Exception as exc:  # noqa: BLE001 - never break anomalib itself
@@ -54,7 +52,7 @@ def _expose_models() -> None:
     anomalib_models = sys.modules.get(_TRIGGER)
     if models is None or anomalib_models is None:
         return
-    from anomalib.models.components import AnomalibModule  # noqa: PLC0415 - loaded with anomalib.models
+    from anomalib.models.components import AnomalibModule
 
     for name in getattr(models, "__all__", ()):
         value = getattr(models, name)
@@ -65,10 +63,10 @@ def _expose_models() -> None:
         allowed.add("fsad_anomalib.models")
 
 
-def hook_spec(fullname: str):  # noqa: ANN201
+def hook_spec(fullname: str):
     """The spec of ``fullname`` whose loader imports fsad-anomalib's plugin modules right after executing it."""
     try:
-        import importlib.util  # noqa: PLC0415
+        import importlib.util
 
         spec = importlib.util.find_spec(fullname)
     except Exception:  # noqa: BLE001 - never break the import of anomalib itself
@@ -84,28 +82,3 @@ def hook_spec(fullname: str):  # noqa: ANN201
 
     loader.exec_module = exec_module
     return spec
-
-
-class _AnomalibModelsHook:
-    """Post-import hook on ``anomalib.models`` (a meta path finder; duck-typed to avoid importing importlib.abc)."""
-
-    def find_spec(self, fullname, path, target=None):  # noqa: ANN001, ANN201
-        if fullname != _TRIGGER:
-            return None
-        self._remove()
-        return hook_spec(fullname)
-
-    def _remove(self) -> None:
-        if self in sys.meta_path:
-            sys.meta_path.remove(self)
-
-
-def install() -> None:
-    """Install the hook (called from the ``.pth`` file); idempotent and cheap."""
-    if os.environ.get("FSAD_ANOMALIB_NO_PLUGIN"):
-        return
-    if _TRIGGER in sys.modules:
-        _load_plugin()
-        return
-    if not any(isinstance(finder, _AnomalibModelsHook) for finder in sys.meta_path):
-        sys.meta_path.insert(0, _AnomalibModelsHook())

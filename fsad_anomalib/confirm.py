@@ -1,34 +1,47 @@
-"""Confirm a trained model's OK/NG threshold on a folder of further good parts, from the command line.
+"""Confirm a trained model's OK/NG threshold on further good parts: :func:`confirm`, and its command.
+
+The threshold from the K training images is right on average over support sets, not for each: K images need not
+show how much a product varies. Confirmation resets the image and pixel thresholds from N further **good** parts
+(no defective image) scored by the model as it is deployed. With at least ``1 / rate - 1`` of them (19 for 5 %, 99
+for 1 %) the threshold is their split-conformal order statistic, the ``ceil((N + 1) (1 - rate))``-th smallest
+score, which a new good part exceeds with probability at most ``rate`` whatever the scores' distribution (they are
+exchangeable with the line's own good parts); with fewer, the normal prediction bound of their scores.
 
 ::
 
     python -m fsad_anomalib.confirm --model FewShotContrastive --ckpt model.ckpt \\
         --images line/good --output confirmed.ckpt [--false-reject-rate 0.05]
 
-The checkpoint's model scores the good parts as it is deployed, and
-:meth:`~fsad_anomalib.post_processing.NormalThresholdPostProcessor.confirm` resets its image and pixel thresholds from
-them (a distribution-free threshold from ``1 / rate - 1`` parts on: 19 for 5 %, 99 for 1 %). The new checkpoint
-works with ``anomalib predict`` and ``anomalib export`` as the old one did. Give only good parts: a defective one
-among them raises the threshold.
+The new checkpoint works with ``anomalib predict`` and ``anomalib export`` as the old one did. Give only good
+parts: a defective one among them raises the threshold.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
+import anomalib.models as anomalib_models
 import torch
+from anomalib.data.utils import read_image
+from anomalib.data.utils.image import get_image_filenames_from_dir
+from lightning import LightningModule
 
+from fsad_anomalib import models as our_models
 from fsad_anomalib.models.few_shot_contrastive.torch_model import NotFittedError
-from fsad_anomalib.post_processing.normal_threshold import NormalThresholdPostProcessor
+from fsad_anomalib.post_processing.bounds import check_rate, conformal_bound, conformal_minimum
+from fsad_anomalib.post_processing.normal_threshold import NormalThresholdPostProcessor, score_batch
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["confirm", "confirm_checkpoint", "main"]
+
 
 def _model_class(name: str) -> type:
-    import anomalib.models as anomalib_models  # noqa: PLC0415
-
-    from fsad_anomalib import models as our_models  # noqa: PLC0415
-
     for module in (our_models, anomalib_models):
         found = getattr(module, name, None)
         if isinstance(found, type) and hasattr(found, "load_from_checkpoint"):
@@ -38,8 +51,6 @@ def _model_class(name: str) -> type:
 
 
 def _images(folder: Path) -> list[Path]:
-    from anomalib.data.utils.image import get_image_filenames_from_dir  # noqa: PLC0415
-
     if not folder.is_dir():
         msg = f"--images {folder}: not a folder."
         raise ValueError(msg)
@@ -52,19 +63,109 @@ def _images(folder: Path) -> list[Path]:
 
 def _batches(paths: Sequence[Path]) -> Iterator[torch.Tensor]:
     """One image at a time (good parts need not share a size; the model's pre-processor resizes them)."""
-    from anomalib.data.utils import read_image  # noqa: PLC0415
-
     for path in paths:
         try:
             image = read_image(path, as_tensor=True)
-        except Exception as error:  # noqa: BLE001 - an unreadable file is named, not a traceback from OpenCV/PIL
+        except Exception as error:
             msg = f"--images: cannot read {path} as an image ({type(error).__name__}: {error})."
             raise ValueError(msg) from error
         yield image[None]
 
 
+@torch.no_grad()
+def confirm(
+    model: LightningModule,
+    images: torch.Tensor | Iterable[Any],
+    false_reject_rate: float | None = None,
+) -> dict[str, Any]:
+    """Reset the image and pixel thresholds from N further **good** parts (no defective ones), as the line runs.
+
+    The threshold from the K training images is right on average over support sets, not for yours: K images
+    need not show how much the product varies. ``images`` are good parts the model never saw, scored by the
+    trained ``model`` as it is deployed. With at least ``1 / rate - 1`` of them (19 for 5 %, 99 for 1 %) the
+    threshold is their split-conformal order statistic (:func:`conformal_bound`): at most ``rate`` of the line's
+    good parts lie above it, whatever the scores' distribution. With fewer it is the prediction bound of their
+    scores, with a warning. Save the checkpoint (or export) again to deploy it.
+
+    Args:
+        model (LightningModule): The trained model, with its NormalThresholdPostProcessor.
+        images (torch.Tensor | Iterable): Good parts: a ``(N, 3, H, W)`` tensor in [0, 1], or batches of them
+            (tensors, or anomalib batches such as a datamodule's dataloader yields, labels ignored).
+        false_reject_rate (float | None): A new target rate; defaults to the current one.
+
+    Returns:
+        dict[str, Any]: The new calibration record (also the post-processor's ``calibration``).
+
+    Raises:
+        TypeError: ``model`` has no NormalThresholdPostProcessor.
+        ValueError: The images are not image batches, fewer than 2 give finite scores, or the rate is not in
+            (0, 0.5).
+    """
+    post = getattr(model, "post_processor", None)
+    if not isinstance(post, NormalThresholdPostProcessor):
+        msg = "confirm(model, images): model must be a trained model with a NormalThresholdPostProcessor."
+        raise TypeError(msg)
+    rate = post.false_reject_rate if false_reject_rate is None else false_reject_rate
+    check_rate(rate)
+    scores, maxima = _score_good_parts(model, images)
+    finite = scores[torch.isfinite(scores)]
+    if finite.numel() < scores.numel():
+        logger.warning("Confirmation: %d of %d good parts gave NaN or infinite scores and "
+                       "are left out; check those images.", scores.numel() - finite.numel(), scores.numel())  # fmt: skip
+    if finite.numel() < 2:
+        msg = f"confirm(model, images) needs at least 2 good parts with finite scores, got {finite.numel()}."
+        raise ValueError(msg)
+    needed = conformal_minimum(rate)
+    if finite.numel() < needed:
+        logger.warning("Confirmation: %d good parts are fewer than the %d a distribution-"
+                       "free threshold at %.1f %% needs; using the normal prediction bound of their scores.",
+                       finite.numel(), needed, 100 * rate)  # fmt: skip
+    image = conformal_bound(finite, float(rate))
+    previous = {key: post.calibration[key] for key in ("k_shot", "image", "pixel") if key in post.calibration}
+    record: dict[str, Any] = {"k_shot": post.calibration.get("k_shot"), "false_reject_rate": float(rate),
+                              "confirmed_on": int(finite.numel()), "estimator": image["estimator"],
+                              "from_training": previous, "image": {**image, "lowest": float(finite.min())}}  # fmt: skip
+    finite_maxima = maxima[torch.isfinite(maxima)]
+    if finite_maxima.numel() >= 2:  # noqa: PLR2004
+        record["pixel"] = {**conformal_bound(finite_maxima, float(rate)), "lowest": float(finite_maxima.min())}
+    post.adopt(record)
+    logger.info("Confirmation: image threshold %.6g for a %.1f %% false-reject rate, from %d good parts (%s)",
+                image["threshold"], 100 * rate, finite.numel(), image["estimator"])  # fmt: skip
+    return record
+
+
+def _score_good_parts(model: LightningModule, images: torch.Tensor | Iterable[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw image scores and anomaly-map maxima of good parts, through the model's pre-processor and torch model."""
+    batches = [images] if isinstance(images, torch.Tensor) else images
+    was_training = model.training
+    model.eval()
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    scores, maxima = [], []
+    try:
+        for index, batch in enumerate(batches):
+            tensor = batch if isinstance(batch, torch.Tensor) else getattr(batch, "image", None)
+            if not isinstance(tensor, torch.Tensor) or tensor.ndim != 4 or tensor.shape[1] != 3:
+                shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(batch).__name__
+                msg = (f"confirm(model, images): batch {index} is {shape}; expected good-part images as a "
+                       "(N, 3, H, W) tensor in [0, 1], or batches with an .image tensor of that shape.")
+                raise ValueError(msg)
+            tensor = tensor.to(device)
+            if model.pre_processor:  # the transform training and `anomalib predict` apply (forward() applies
+                transform = getattr(model.pre_processor, "transform", None)  # the export one: no antialias)
+                tensor = transform(tensor) if transform is not None else model.pre_processor(tensor)
+            batch_scores, batch_maxima = score_batch(model.model, tensor)
+            scores.append(batch_scores)
+            maxima.append(batch_maxima)
+    finally:
+        model.train(was_training)
+    if not scores:
+        msg = "confirm(model, images): no images given."
+        raise ValueError(msg)
+    return torch.cat(scores), torch.cat(maxima)
+
+
 def confirm_checkpoint(
-    model_name: str, ckpt: str | Path, images: str | Path, output: str | Path, false_reject_rate: float | None = None
+    model_name: str, ckpt: str | Path, images: str | Path, output: str | Path, false_reject_rate: float | None = None,
 ) -> dict:
     """Load ``ckpt``, confirm its threshold on the good parts in ``images`` and write ``output``; return the record."""
     ckpt, output = Path(ckpt), Path(output)
@@ -79,7 +180,7 @@ def confirm_checkpoint(
     model = cls.load_from_checkpoint(ckpt, map_location="cpu")
     if not isinstance(model.post_processor, NormalThresholdPostProcessor):  # a stock model trained with ours
         model = cls.load_from_checkpoint(ckpt, map_location="cpu", post_processor=NormalThresholdPostProcessor())
-    record = model.post_processor.confirm(model, _batches(paths), false_reject_rate=false_reject_rate)
+    record = confirm(model, _batches(paths), false_reject_rate=false_reject_rate)
     checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False)
     checkpoint["state_dict"] = model.state_dict()
     checkpoint["anomalib_post_processor_config"] = model.post_processor.checkpoint_config()

@@ -11,6 +11,33 @@ os.environ.setdefault("OPENVINO_TELEMETRY_DISABLED", "1")
 import cv2
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F  # noqa: N812
+from anomalib.data import Folder
+from anomalib.engine import Engine
+from kornia.enhance import adjust_brightness
+from sklearn.metrics import roc_auc_score
+
+
+def auroc(normal: torch.Tensor, anomalous: torch.Tensor) -> float:
+    """Image AUROC of anomalous against normal scores (scikit-learn)."""
+    scores = torch.cat([normal.flatten(), anomalous.flatten()]).double().numpy()
+    return float(roc_auc_score([0] * normal.numel() + [1] * anomalous.numel(), scores))
+
+
+def unseen_shift(image: torch.Tensor, turn: int) -> torch.Tensor:
+    """A whole-image change of a kind the self-check never makes, by turn: brighter, noisy, lower resolution."""
+    if turn % 3 == 0:
+        return adjust_brightness(image, 0.12)
+    if turn % 3 == 1:
+        return (image + 0.05 * torch.randn(image.shape, generator=torch.Generator().manual_seed(turn))).clamp(0, 1)
+    small = F.interpolate(image, scale_factor=1 / 3, mode="area")
+    return F.interpolate(small, size=image.shape[-2:], mode="bilinear", align_corners=False).clamp(0, 1)
+
+
+def cpu_engine(root: Path, **kwargs) -> Engine:
+    """anomalib's Engine on the CPU, quiet: no logger, no progress bar."""
+    return Engine(default_root_dir=root, logger=False, enable_progress_bar=False, accelerator="cpu", **kwargs)
 
 
 def _normal(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -44,10 +71,8 @@ def make_dataset(root: Path, n_train: int = 12, n_test: int = 8, size: int = 96,
     return root
 
 
-def folder_datamodule(root: Path, **kwargs):  # noqa: ANN201
-    """anomalib Folder over a generated dataset, with few-shot-safe split settings."""
-    from anomalib.data import Folder
-
+def folder_datamodule(root: Path, **kwargs) -> Folder:
+    """Anomalib Folder over a generated dataset, with few-shot-safe split settings."""
     return Folder(
         name="generated",
         root=root,

@@ -80,7 +80,7 @@ def test_benchmark_end_to_end_and_resume(generated_root, tmp_path):
     report = (out / "results.md").read_text()
     auroc = {(r["method"], r["k_shot"]): r["image_AUROC"] for r in rows}
     for k in (1, 2):
-        diff = auroc[("FewShotContrastive", k)] - auroc[("frozen", k)]
+        diff = auroc["FewShotContrastive", k] - auroc["frozen", k]
         assert f"| generated toy | {k} | 1 | {diff:+.3f} |" in report
     assert "| generated toy | all | 2 |" in report
     assert len((out / "runs.jsonl").read_text().splitlines()) == len(lines)
@@ -152,7 +152,7 @@ def test_sign_flip_p_counts_the_sign_patterns_at_least_as_extreme(monkeypatch: p
     monkeypatch.setattr(report, "EXACT_SIGN_FLIP_PAIRS", 4)
     sampled = sign_flip_p(values, draws=200_000)
     assert sampled == sign_flip_p(values, draws=200_000)
-    assert abs(sampled - exact) < 0.01 and 0.01 < exact < 0.2  # noqa: PLR2004
+    assert abs(sampled - exact) < 0.01 and 0.01 < exact < 0.2
     assert sign_flip_p([1.0] * 11 + [-1.0] * 10, draws=1000) == 1.0  # an odd count of +-1 always sums to >= 1
     assert sign_flip_p([0.01] * 25, draws=1000) == pytest.approx(1 / 1001)  # all 25 of one sign: never drawn
 
@@ -173,10 +173,9 @@ def test_benchmark_compare_names_methods_it_tables(capsys: pytest.CaptureFixture
 def test_benchmark_auroc_is_the_ranking_auroc_of_raw_scores():
     """Large raw distances (PatchCore's are 30 to 60) keep their order through the benchmark's post-processor."""
     import torch
-    from sklearn.metrics import roc_auc_score
-
     from anomalib.data import ImageBatch
     from anomalib.metrics import AUROC
+    from sklearn.metrics import roc_auc_score
 
     from fsad_anomalib.benchmark.methods import OrderPreservingPostProcessor
 
@@ -274,7 +273,8 @@ def test_benchmark_runs_on_an_anomalib_datamodule_config(generated_root, tmp_pat
 
 def test_benchmark_confirms_thresholds_on_further_pool_normals(generated_root, tmp_path, capsys):
     """--confirm N: each run's threshold is confirmed on N pool normals outside its support set (never test images),
-    its rates on the same test scores are recorded and tabled; more than the pool holds fails that run, by name."""
+    its rates on the same test scores are recorded and tabled; more than the pool holds fails that run, by name.
+    """
     from fsad_anomalib.benchmark.__main__ import main
 
     config = _data_config(tmp_path / "my_product.yaml", generated_root)

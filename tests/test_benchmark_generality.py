@@ -74,7 +74,7 @@ def test_a_method_config_runs_beside_the_built_in_methods(generated_root, tmp_pa
     assert sorted((r["method"], r["seed"]) for r in rows) == [("Dfm", 0), ("Dfm", 1), ("PatchCore", 0), ("PatchCore", 1)]
     by = {(r["method"], r["seed"]): r for r in rows}
     for seed in (0, 1):
-        dfm_row, patchcore = by[("Dfm", seed)], by[("PatchCore", seed)]
+        dfm_row, patchcore = by["Dfm", seed], by["PatchCore", seed]
         assert dfm_row["support_set"] == patchcore["support_set"]  # the same support sets
         assert dfm_row["model_args"]["class_path"] == "Dfm" and dfm_row["image_AUROC"] > 0.5
         assert dfm_row["threshold"]["at"]["0.05"]["threshold"] == dfm_row["threshold"]["threshold"]  # refitted on K - 1
@@ -86,7 +86,8 @@ def test_a_method_config_runs_beside_the_built_in_methods(generated_root, tmp_pa
 
 def test_a_model_trained_by_an_optimiser_gets_auroc_and_no_threshold(generated_root, tmp_path, capsys):
     """GANomaly cannot be refitted on K - 1 images: ranked scores and AUROC, a NaN threshold record; the file's
-    trainer.max_epochs bounds its training."""
+    trainer.max_epochs bounds its training.
+    """
     from fsad_anomalib.benchmark.__main__ import main
 
     gan = tmp_path / "ganomaly.yaml"
@@ -178,7 +179,7 @@ def test_a_killed_sweep_resumes(generated_root, tmp_path):
     argv = [sys.executable, "-m", "fsad_anomalib.benchmark", "--data", config, "--k", "1", "2", "--seeds", "0", "1",
             "--methods", "PatchCore", "--image-size", "64", "--no-timing", "--output", str(out)]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    process = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # noqa: S603
+    process = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     runs = out / "runs.jsonl"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and not (runs.exists() and runs.read_text().count("\n") >= 1):
@@ -189,7 +190,7 @@ def test_a_killed_sweep_resumes(generated_root, tmp_path):
     assert 1 <= len(kept) < 4
     with runs.open("a") as handle:  # as if killed while writing the next row
         handle.write('{"dataset": "Folder", "categ')
-    result = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600, check=False)  # noqa: S603
+    result = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"{len(kept)} of 4 runs are already in" in result.stdout
     rows = load_runs(out)
@@ -199,7 +200,8 @@ def test_a_killed_sweep_resumes(generated_root, tmp_path):
 
 def test_a_ray_sweep_equals_the_serial_one(generated_root, tmp_path):
     """A local Ray cluster of 2 CPUs, 4 runs: the driver's runs.jsonl holds the serial sweep's rows, timings aside;
-    4 more runs, of a set that cannot be built, are recorded as failed and the sweep goes on."""
+    4 more runs, of a set that cannot be built, are recorded as failed and the sweep goes on.
+    """
     sets = {"generated/toy": lambda: folder_datamodule(generated_root, val_split_mode="none")}
     common = {"k_shots": [1, 2], "seeds": [0, 1], "methods": ["PatchCore"], "image_size": 64, "time_inference": False,
               "backbone": "resnet18", "pre_trained": False, "cpus_per_run": 1, "progress": lambda line: None}

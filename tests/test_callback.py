@@ -5,15 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from lightning.pytorch import seed_everything
-
 from anomalib.engine import Engine
+from lightning.pytorch import seed_everything
 
 from fsad_anomalib.benchmark.methods import build_method
 from fsad_anomalib.callbacks import ContrastiveFineTuning
 from fsad_anomalib.data import FewShot
+from fsad_anomalib.data.views import Symmetries, resolve_symmetries
 
-from .conftest import folder_datamodule
+from .conftest import cpu_engine, folder_datamodule
 
 
 @pytest.mark.parametrize("method", ["PatchCore", "PaDiM"])
@@ -24,6 +24,7 @@ def test_callback_changes_only_the_feature_extractor(method):
     flags = [p.requires_grad for p in model.model.feature_extractor.parameters()]
     ContrastiveFineTuning(steps=2).fine_tune(model, torch.rand(3, 3, 64, 64))
     after = model.state_dict()
+
     def same(a: torch.Tensor, b: torch.Tensor) -> bool:  # NaN-initialised buffers compare equal to themselves
         return a.shape == b.shape and bool(((a == b) | (a.isnan() & b.isnan()) if a.is_floating_point() else a == b).all())
 
@@ -46,7 +47,7 @@ def test_larger_support_sets_are_fine_tuned_in_random_batches_of_batch_size():
     seen: list[torch.Tensor] = []
     forward = callback.tuner.forward
 
-    def spy(batch, embed):  # noqa: ANN001, ANN202
+    def spy(batch, embed):
         seen.append(batch)
         return forward(batch, embed)
 
@@ -63,7 +64,6 @@ def test_larger_support_sets_are_fine_tuned_in_random_batches_of_batch_size():
 
 def test_fine_tuned_patchcore_checkpoint_and_onnx_match_eager(generated_root, tmp_path):
     import onnxruntime as ort
-
     from anomalib.models import Patchcore
 
     seed_everything(0)
@@ -71,8 +71,7 @@ def test_fine_tuned_patchcore_checkpoint_and_onnx_match_eager(generated_root, tm
     initial = {k: v.clone() for k, v in model.model.feature_extractor.state_dict().items()}
     datamodule = FewShot(folder_datamodule(generated_root), k_shot=3)
     callback = ContrastiveFineTuning(steps=2)
-    engine = Engine(default_root_dir=tmp_path, logger=False, enable_progress_bar=False, accelerator="cpu",
-                    callbacks=[callback])  # fmt: skip
+    engine = cpu_engine(tmp_path, callbacks=[callback])  # fmt: skip
     engine.fit(model=model, datamodule=datamodule)
     assert len(callback.history) == 2
     tuned = model.model.feature_extractor.state_dict()
@@ -92,28 +91,21 @@ def test_fine_tuned_patchcore_checkpoint_and_onnx_match_eager(generated_root, tm
     np.testing.assert_allclose(out["pred_score"], eager.pred_score.numpy(), rtol=1e-4, atol=1e-6)
 
 
-def test_few_shot_contrastive_fine_tunes_through_the_callback(generated_root, tmp_path):
+def test_few_shot_contrastive_fine_tunes_in_its_fit(generated_root, tmp_path):
     from lightning.pytorch.loggers import CSVLogger
 
     from fsad_anomalib.models import FewShotContrastive
 
     seed_everything(0)
-    # with nothing left to choose, fine-tuning runs as a trainer callback before the epoch
+    # one path: the model's fit() runs the fine-tuning, never a trainer callback
     model = FewShotContrastive(image_size=64, fine_tuning=ContrastiveFineTuning(steps=3), visualizer=False,
                                layers=[2, 3], score_mode="patch")  # fmt: skip
-    assert any(isinstance(c, ContrastiveFineTuning) for c in model.configure_callbacks())
-    # where the model chooses its layers, fine-tuning waits for the choice (it trains the chosen layers' features)
-    assert not any(isinstance(c, ContrastiveFineTuning)
-                   for c in FewShotContrastive(image_size=64, fine_tuning=ContrastiveFineTuning()).configure_callbacks())
-    assert not any(
-        isinstance(c, ContrastiveFineTuning)
-        for c in FewShotContrastive(image_size=64, fine_tuning=False).configure_callbacks()
-    )
+    assert not any(isinstance(c, ContrastiveFineTuning) for c in model.configure_callbacks())
     initial = {k: v.clone() for k, v in model.model.feature_extractor.state_dict().items()}
     engine = Engine(default_root_dir=tmp_path, logger=CSVLogger(tmp_path, name="log"), enable_progress_bar=False,
                     accelerator="cpu")  # fmt: skip
     engine.fit(model=model, datamodule=FewShot(folder_datamodule(generated_root), k_shot=3))
-    # the callback ran its three steps on the model's own extractor, and the Gaussians were fitted afterwards
+    # fine-tuning ran its three steps on the model's own extractor, and the Gaussians were fitted afterwards
     assert len(model.fine_tuning.history) == 3
     tuned = model.model.feature_extractor.state_dict()
     assert any(not torch.equal(v, tuned[k]) for k, v in initial.items() if v.is_floating_point())
@@ -140,7 +132,7 @@ def test_fine_tuning_is_one_argument_of_the_model():
     assert FewShotContrastive(image_size=64, fine_tuning=False).hparams["fine_tuning"] is False
     given = ContrastiveFineTuning(steps=3, batch_size=5, lambda_pp=0.25, synthesis="speck")
     model = FewShotContrastive(image_size=64, fine_tuning=given, layers=[2, 3], score_mode="patch")
-    assert model.fine_tuning is given and given in model.configure_callbacks()
+    assert model.fine_tuning is given and given not in model.configure_callbacks()  # fit() runs it
     assert model.hparams["fine_tuning"]["steps"] == 3
     rebuilt = FewShotContrastive(image_size=64, fine_tuning=model.hparams["fine_tuning"])
     assert dict(rebuilt.fine_tuning.hparams) == dict(given.hparams)
@@ -151,15 +143,20 @@ def test_fine_tuning_is_one_argument_of_the_model():
         FewShotContrastive(image_size=64, fine_tuning=3)
 
 
-def test_fine_tuning_views_take_the_models_symmetries_unless_set():
+def test_symmetries_left_unset_are_the_models():
     from fsad_anomalib.models import FewShotContrastive
 
-    model = FewShotContrastive(image_size=64, rot90=False, fine_tuning=ContrastiveFineTuning(vflip=False))
-    views = model.fine_tuning._views_for(model)  # noqa: SLF001
-    assert (views.hflip, views.vflip, views.rot90) == (True, False, False)
-    patchcore = build_method("PatchCore", "offline:tf_efficientnet_lite0", image_size=64)  # has no symmetries
-    views = ContrastiveFineTuning(rot90=False)._views_for(patchcore)  # noqa: SLF001
-    assert (views.hflip, views.vflip, views.rot90) == (True, True, False)
+    model = FewShotContrastive(image_size=64, symmetries=["hflip", "vflip"])
+    assert model.symmetries == Symmetries(hflip=True, vflip=True, rot90=False)
+    assert model.hparams["symmetries"] == ["hflip", "vflip"]
+    none = Symmetries(False, False, False)
+    assert resolve_symmetries(None, model, none) == model.symmetries  # unset: the model's
+    assert resolve_symmetries(["hflip"], model, none) == Symmetries(True, False, False)  # set: as set
+    patchcore = build_method("PatchCore", "offline:tf_efficientnet_lite0", image_size=64)  # declares none
+    assert resolve_symmetries(None, patchcore, Symmetries()) == Symmetries()
+    assert ContrastiveFineTuning(symmetries=["vflip"]).symmetries == Symmetries(False, True, False)
+    with pytest.raises(ValueError, match="symmetries must be a list of names"):
+        FewShotContrastive(image_size=64, symmetries=["mirror"])
 
 
 @pytest.mark.parametrize(
@@ -216,7 +213,7 @@ def test_bad_seed_is_named(seed):
 
 
 def test_seeded_cli_runs_repeat(generated_root, tmp_path):
-    """anomalib 2.7's CLI ignores seed_everything; with the fine-tuning seed, two CLI runs give the same weights."""
+    """Anomalib 2.7's CLI ignores seed_everything; with the fine-tuning seed, two CLI runs give the same weights."""
     from anomalib.cli import AnomalibCLI
 
     weights = []

@@ -10,7 +10,7 @@ import torch
 
 from fsad_anomalib.data import ELPV, FewShot, Textile, load_support_set, sample_support_set
 
-from .conftest import folder_datamodule
+from .conftest import cpu_engine, folder_datamodule
 
 
 @pytest.fixture
@@ -76,12 +76,11 @@ def test_clear_errors(few_shot, tmp_path):
 
 
 def test_support_set_written_beside_results(generated_root, tmp_path):
-    from anomalib.engine import Engine
 
     from fsad_anomalib.models import FewShotContrastive
 
     module = FewShot(folder_datamodule(generated_root), k_shot=2, seed=0)
-    engine = Engine(default_root_dir=tmp_path, logger=False, enable_progress_bar=False, accelerator="cpu")
+    engine = cpu_engine(tmp_path)
     engine.fit(model=FewShotContrastive(image_size=64, fine_tuning=False, n_views=2), datamodule=module)
     written = list(tmp_path.rglob("support_set.json"))
     assert written and json.loads(written[0].read_text())["image_paths"] == module.support_set
@@ -177,13 +176,12 @@ def test_missing_weights_package_names_both_ways(monkeypatch):
 
 @pytest.mark.parametrize("method", ["PatchCore", "PaDiM"])
 def test_patchcore_and_padim_run_with_offline_weights(method, generated_root, tmp_path):
-    from anomalib.engine import Engine
 
     from fsad_anomalib.benchmark.methods import build_method
 
     model = build_method(method, "offline:tf_efficientnet_lite0", image_size=64)
     module = FewShot(folder_datamodule(generated_root), k_shot=3, seed=0)
-    engine = Engine(default_root_dir=tmp_path, logger=False, enable_progress_bar=False, accelerator="cpu")
+    engine = cpu_engine(tmp_path)
     engine.fit(model=model, datamodule=module)
     metrics = engine.test(model=model, datamodule=module)[0]
     assert metrics["image_AUROC"] >= 0.8

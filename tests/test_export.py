@@ -11,12 +11,10 @@ import pytest
 import torch
 from lightning.pytorch import seed_everything
 
-from anomalib.engine import Engine
-
 from fsad_anomalib.data import FewShot
 from fsad_anomalib.models import FewShotContrastive
 
-from .conftest import folder_datamodule
+from .conftest import cpu_engine, folder_datamodule
 
 IMAGE_SIZE = 96
 
@@ -27,7 +25,7 @@ def trained(generated_root, tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
     datamodule = FewShot(folder_datamodule(generated_root, val_split_mode="none"), k_shot=4, seed=0)
     model = FewShotContrastive(image_size=IMAGE_SIZE, fine_tuning={"steps": 3}, n_views=4)
-    engine = Engine(default_root_dir=root, logger=False, enable_progress_bar=False, accelerator="cpu")
+    engine = cpu_engine(root)
     engine.fit(model=model, datamodule=datamodule)
     model.eval()
     images = torch.stack([datamodule.test_data[i].image for i in range(len(datamodule.test_data))])
@@ -38,7 +36,8 @@ def trained(generated_root, tmp_path_factory):
 
 def test_the_normal_only_threshold_labels_the_test_images(trained):
     """No validation set: the threshold is finite and separates the generated test images (so that the label
-    comparisons below compare decisions, not a constant)."""
+    comparisons below compare decisions, not a constant).
+    """
     post = trained["model"].post_processor
     assert torch.isfinite(post.image_threshold) and torch.isfinite(post.pixel_threshold)
     labels = trained["eager"].pred_label.flatten()
@@ -97,7 +96,6 @@ def test_onnx_accepts_other_image_sizes(trained):
 
 def test_inferencers_run_on_a_folder_of_mixed_sizes(trained, tmp_path, monkeypatch):
     import cv2
-
     from anomalib.deploy import OpenVINOInferencer, TorchInferencer
 
     folder = tmp_path / "line_camera"

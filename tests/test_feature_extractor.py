@@ -8,6 +8,7 @@ from anomalib.models.components import TimmFeatureExtractor
 
 from fsad_anomalib.backbones import resolve_backbone
 from fsad_anomalib.models.components.feature_extractor import features_until
+from fsad_anomalib.models.components.held_out import local_map, topk_mean
 from fsad_anomalib.models.few_shot_contrastive.torch_model import FewShotContrastiveModel
 
 
@@ -59,16 +60,16 @@ def test_patch_scoring_stops_before_the_global_layer(score_mode: str) -> None:
     images = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
         patch, _ = model.features(images)  # the full pass, global layer included
-        expected_map = model._patch_map(patch) / model.score_scale[1]
+        expected_map = local_map(patch, score_mode, model.patch_mean, model.patch_precision, model.memory_bank)
         calls = _count_calls(model.feature_extractor.feature_extractor.blocks[-1])
         out = model(images)
     assert calls[0] == 0
-    torch.testing.assert_close(out.pred_score, model._aggregate(expected_map), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out.pred_score, topk_mean(expected_map, model.topk_ratio), rtol=1e-6, atol=1e-6)
     assert torch.isfinite(out.anomaly_map).all()
 
 
 def test_layers_out_of_depth_order_label_their_own_features() -> None:
-    """timm returns features shallow to deep; a global layer shallower than a patch layer must not swap them."""
+    """Timm returns features shallow to deep; a global layer shallower than a patch layer must not swap them."""
     model = FewShotContrastiveModel(pre_trained=False, layers=(2, 4), global_layer=3)
     patch, emb = model.features(torch.rand(1, 3, 64, 64))
     # Lite0: out index 2 = blocks.2 (40 channels), 3 = blocks.4 (112), 4 = blocks.6 (320)

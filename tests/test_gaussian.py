@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fsad_anomalib.data import sample_support_set
-from fsad_anomalib.models.components.gaussian import fit_gaussian, ledoit_wolf, mahalanobis
+from fsad_anomalib.models.components.gaussian import fit_gaussian, mahalanobis
 
 
 @settings(max_examples=40, deadline=None)
@@ -34,17 +34,6 @@ def test_fit_is_positive_definite_and_scores_finite(n, p, seed, duplicate, scale
     assert torch.isfinite(scores).all()
     if not duplicate or n == 1:
         assert scores[:5].std() > 0 or p == 1
-
-
-def test_ledoit_wolf_matches_scikit_learn():
-    from sklearn.covariance import LedoitWolf
-
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(50, 10)) @ rng.normal(size=(10, 10))
-    cov, shrinkage = ledoit_wolf(torch.tensor(x))
-    reference = LedoitWolf().fit(x)
-    assert shrinkage == pytest.approx(reference.shrinkage_, rel=1e-6)
-    np.testing.assert_allclose(cov.numpy(), reference.covariance_, rtol=1e-6, atol=1e-9)
 
 
 def test_fit_rejects_non_finite_and_empty():

@@ -8,13 +8,14 @@ import pytest
 import torch
 from lightning.pytorch import seed_everything
 
-from anomalib.engine import Engine
-
 from fsad_anomalib.data import FewShot
 from fsad_anomalib.fine_tuning import ContrastiveFineTuning
-from fsad_anomalib.models import FewShotContrastive, NotFittedError
+from fsad_anomalib.data.views import Symmetries, Views
+from fsad_anomalib.models import FewShotContrastive, FewShotContrastiveModel, NotFittedError
+from fsad_anomalib.models.components import mahalanobis
+from fsad_anomalib.models.components.held_out import local_map, topk_mean
 
-from .conftest import folder_datamodule
+from .conftest import auroc, cpu_engine, folder_datamodule
 
 IMAGE_SIZE = 96
 
@@ -24,9 +25,6 @@ def make_model(**kwargs) -> FewShotContrastive:
     args.update(kwargs)
     return FewShotContrastive(**args)
 
-
-def engine(root: Path) -> Engine:
-    return Engine(default_root_dir=root, logger=False, enable_progress_bar=False, accelerator="cpu")
 
 
 @torch.no_grad()
@@ -44,7 +42,7 @@ def trained(generated_root, tmp_path_factory):
     datamodule = FewShot(folder_datamodule(generated_root), k_shot=4, seed=0)
     model = make_model()
     initial = {k: v.clone() for k, v in model.model.feature_extractor.state_dict().items()}
-    eng = engine(root)
+    eng = cpu_engine(root)
     eng.fit(model=model, datamodule=datamodule)
     metrics = eng.test(model=model, datamodule=datamodule)[0]
     return {"model": model, "engine": eng, "datamodule": datamodule, "metrics": metrics, "initial": initial}
@@ -68,7 +66,7 @@ def test_frozen_mode_keeps_backbone_weights(generated_root, tmp_path):
     seed_everything(0)
     model = make_model(fine_tuning=False)
     before = {k: v.clone() for k, v in model.model.feature_extractor.state_dict().items()}
-    engine(tmp_path).fit(model=model, datamodule=FewShot(folder_datamodule(generated_root), k_shot=3, seed=1))
+    cpu_engine(tmp_path).fit(model=model, datamodule=FewShot(folder_datamodule(generated_root), k_shot=3, seed=1))
     after = model.model.feature_extractor.state_dict()
     assert all(torch.equal(v, after[k]) for k, v in before.items())
     assert bool(model.model.is_fitted)
@@ -78,7 +76,7 @@ def test_k_equals_one_trains_and_scores(generated_root, tmp_path):
     seed_everything(0)
     datamodule = FewShot(folder_datamodule(generated_root), k_shot=1, seed=2)
     model = make_model()
-    eng = engine(tmp_path)
+    eng = cpu_engine(tmp_path)
     eng.fit(model=model, datamodule=datamodule)
     metrics = eng.test(model=model, datamodule=datamodule)[0]
     assert metrics["image_AUROC"] >= 0.8
@@ -158,7 +156,7 @@ def _train_once(root: Path, generated_root: Path) -> torch.Tensor:
     seed_everything(123)
     datamodule = FewShot(folder_datamodule(generated_root), k_shot=3, seed=5)
     model = make_model(fine_tuning=ContrastiveFineTuning(steps=2), n_views=2, image_size=64)
-    engine(root).fit(model=model, datamodule=datamodule)
+    cpu_engine(root).fit(model=model, datamodule=datamodule)
     seed_everything(0)
     images = torch.rand(4, 3, 64, 64)
     return scores(model, images)[0]
@@ -171,7 +169,7 @@ def test_same_seed_gives_identical_scores(generated_root, tmp_path):
 
 
 def test_predict_on_a_folder_writes_one_overlay_per_image(trained, generated_root, tmp_path):
-    eng = Engine(default_root_dir=tmp_path, logger=False, enable_progress_bar=False, accelerator="cpu")
+    eng = cpu_engine(tmp_path)
     folder = generated_root / "test" / "bad"
     ckpt = trained["engine"].trainer.checkpoint_callback.best_model_path
     model = FewShotContrastive.load_from_checkpoint(ckpt)  # as `anomalib predict --ckpt_path` does
@@ -231,17 +229,15 @@ def test_knn_patch_score_is_the_geometric_mean_of_both_patch_distances():
     normals = 0.4 + 0.2 * torch.rand(4, 3, 64, 64)
     defects = normals.clone()
     defects[:, :, 20:36, 20:36] = 1.0
-    maps = {}
     with torch.no_grad():
-        patch_features, _ = model.features(defects)
-        for mode in ("knn", "patch", "knn_patch"):
-            model.local_mode = mode
-            maps[mode] = model._patch_map(patch_features)
-        model.local_mode = "knn_patch"
+        patch, _ = model.features(defects)
+        maps = {mode: local_map(patch, mode, model.patch_mean, model.patch_precision, model.memory_bank)
+                for mode in ("knn", "patch", "knn_patch")}
         combined, normal_scores = model(defects), model(normals).pred_score
     torch.testing.assert_close(maps["knn_patch"], (maps["knn"] * maps["patch"]).sqrt())
     assert (maps["knn"] > 0).any() and not torch.allclose(maps["knn_patch"], maps["knn"])
     assert (combined.pred_score > normal_scores.max()).all()
+    assert torch.equal(combined.pred_score, topk_mean(maps["knn_patch"], model.topk_ratio))
 
 
 def test_greedy_coreset_keeps_the_farthest_points():
@@ -262,14 +258,20 @@ def test_building_the_model_leaves_the_pretrained_weights_as_they_are():
     built, pretrained = model.model.feature_extractor.state_dict(), reference.state_dict()
     assert built.keys() == pretrained.keys()
     assert all(torch.equal(built[k], pretrained[k]) for k in built)
-    assert model.model.map_stride == 8.0  # blocks.2 of EfficientNet-Lite0, from timm's feature_info
+
+
+def part_scores_of(model: FewShotContrastiveModel, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The raw global and local (patch Gaussian) image scores of a fitted model, through public pieces."""
+    patch, emb = model.features(images)
+    local = local_map(patch, "patch", model.patch_mean, model.patch_precision, None)
+    return mahalanobis(emb, model.global_mean, model.global_precision), topk_mean(local, model.topk_ratio)
 
 
 def test_fused_parts_are_standardised_on_held_out_normals():
     """Each image scored against Gaussians fitted on the other K - 1; one view held out at a time when K = 1."""
     from fsad_anomalib.models import FewShotContrastiveModel
     from fsad_anomalib.models.components import mahalanobis
-    from fsad_anomalib.models.few_shot_contrastive.torch_model import MIN_RELATIVE_STD
+    from fsad_anomalib.models.components.held_out import MIN_RELATIVE_STD
 
     torch.manual_seed(0)
     images = torch.rand(3, 3, 64, 64)
@@ -282,7 +284,7 @@ def test_fused_parts_are_standardised_on_held_out_normals():
         with torch.no_grad():
             patch, emb = other.features(images[i : i + 1])
             global_held.append(mahalanobis(emb, other.global_mean, other.global_precision))
-            patch_held.append(other._aggregate(other._patch_map(patch)))  # noqa: SLF001
+            patch_held.append(other(images[i : i + 1]).pred_score)  # the patch score alone
     held = [torch.cat(global_held), torch.cat(patch_held)]
     expected_shift = torch.stack([h.mean() for h in held])
     expected_scale = torch.stack([torch.maximum(h.std(), MIN_RELATIVE_STD * h.mean()) for h in held])
@@ -290,22 +292,22 @@ def test_fused_parts_are_standardised_on_held_out_normals():
     assert torch.allclose(model.score_scale, expected_scale, rtol=1e-4)
     # the fused score is the mean of the standardised parts
     with torch.no_grad():
-        g, p = model._scores(images[:2])  # noqa: SLF001
+        g, p = part_scores_of(model, images[:2])
         expected = 0.5 * ((g - expected_shift[0]) / expected_scale[0] + (p - expected_shift[1]) / expected_scale[1])
         torch.testing.assert_close(model(images[:2]).pred_score, expected, rtol=1e-4, atol=1e-4)
     # held-out normals score higher than the images the Gaussians were fitted on
     with torch.no_grad():
-        in_sample_g, in_sample_p = model._scores(images)  # noqa: SLF001
+        in_sample_g, in_sample_p = part_scores_of(model, images)
     assert in_sample_g.mean() < expected_shift[0] and in_sample_p.mean() < expected_shift[1]
     # K = 1: the flips and turns the fit did not use are the held-out evidence
     one = FewShotContrastiveModel(score_mode="combined").eval()
-    one.fit(images[:1], n_views=1)
+    one.fit(images[:1])
     with torch.no_grad():
-        g_one, _ = one._scores(images[:1])  # noqa: SLF001
+        g_one, _ = part_scores_of(one, images[:1])
     assert torch.isfinite(one.score_scale).all() and torch.all(one.score_scale > 1e-6)
     assert one.score_shift[0] > g_one[0]
     # one image, no flip or turn: nothing to hold out, a finite scale all the same
-    one.fit(images[:1], n_views=1, hflip=False, vflip=False, rot90=False)
+    one.fit(images[:1], Views(1, Symmetries.of([])))
     assert torch.isfinite(one.score_scale).all() and torch.all(one.score_scale > 1e-6)
 
 
@@ -337,11 +339,8 @@ def test_combined_score_catches_a_local_defect_and_a_whole_image_shift():
     with torch.no_grad():
         s_normal, s_local, s_shifted = (model(x).pred_score for x in (normal, local, shifted))
 
-    def auroc(anomalous: torch.Tensor) -> float:
-        return float((anomalous[:, None] > s_normal[None, :]).float().mean())  # Mann-Whitney, no ties here
-
-    assert auroc(s_local) >= 0.9
-    assert auroc(s_shifted) >= 0.9
+    assert auroc(s_normal, s_local) >= 0.9
+    assert auroc(s_normal, s_shifted) >= 0.9
 
 
 def test_anomalib_builds_the_model_every_way_its_pipelines_do() -> None:
@@ -351,14 +350,15 @@ def test_anomalib_builds_the_model_every_way_its_pipelines_do() -> None:
     assert isinstance(get_model("FewShotContrastive", pre_trained=False), FewShotContrastive)
     for class_path in ("FewShotContrastive", "anomalib.models.FewShotContrastive", "fsad_anomalib.models.FewShotContrastive"):
         model = get_model({"class_path": class_path, "init_args": {"pre_trained": False, "image_size": 64}})
-        assert isinstance(model, FewShotContrastive) and model.image_size == 64  # noqa: PLR2004
+        assert isinstance(model, FewShotContrastive) and model.image_size == 64
 
 
 @pytest.mark.parametrize("name", ["FewShotContrastive", "Padim"])
 def test_a_plain_datamodule_without_validation_trains_to_a_fitted_checkpoint(name, generated_root, tmp_path) -> None:
     """val_split_mode none on anomalib's own Folder (no FewShot wrapper): no validation pass, and the checkpoint
     training writes holds the fitted model and its threshold (FewShotContrastive, or a stock model with the
-    normal-only post-processor)."""
+    normal-only post-processor).
+    """
     from anomalib.models import Padim
 
     from fsad_anomalib.backbones import offline_backbone
@@ -370,7 +370,7 @@ def test_a_plain_datamodule_without_validation_trains_to_a_fitted_checkpoint(nam
     else:
         model = FewShotContrastive(image_size=64, fine_tuning=False)
     datamodule = folder_datamodule(generated_root, val_split_mode="none", train_batch_size=4)
-    engine = Engine(default_root_dir=tmp_path, logger=False, enable_progress_bar=False, accelerator="cpu")
+    engine = cpu_engine(tmp_path)
     engine.fit(model=model, datamodule=datamodule)
     (ckpt,) = tmp_path.rglob("model.ckpt")
     state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]

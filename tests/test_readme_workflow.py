@@ -131,7 +131,7 @@ def test_exported_models_label_as_the_checkpoint_through_anomalibs_inferencers(l
 
 
 def test_exported_models_score_as_eager_with_openvino_defaults_and_no_gradient(line: dict, monkeypatch) -> None:
-    """anomalib's deploy test logic (test_inference_similarity): maps within 1e-3, scores within 1e-4, no settings."""
+    """Anomalib's deploy test logic (test_inference_similarity): maps within 1e-3, scores within 1e-4, no settings."""
     from anomalib.deploy import OpenVINOInferencer, TorchInferencer
 
     work = line["work"]
@@ -159,7 +159,7 @@ def _tail(result: subprocess.CompletedProcess, lines: int = 12) -> str:
 
 
 def _in_process(args: list[str], capsys: pytest.CaptureFixture) -> tuple[object, str]:
-    """anomalib's CLI in this process (no interpreter start-up): its exit code or exception, and what it printed."""
+    """Anomalib's CLI in this process (no interpreter start-up): its exit code or exception, and what it printed."""
     from anomalib.cli import AnomalibCLI
 
     try:
@@ -209,7 +209,7 @@ def test_an_unfitted_checkpoint_is_refused_by_name_everywhere(line: dict, tmp_pa
     with pytest.raises(SystemExit) as stop:
         confirm(["--model", "FewShotContrastive", "--ckpt", str(unfitted), "--images", str(line["good_parts"]),
                  "--output", str(tmp_path / "no.ckpt")])  # fmt: skip
-    assert stop.value.code == 2  # noqa: PLR2004 - a usage error, not a traceback
+    assert stop.value.code == 2
     assert said in capsys.readouterr().err.strip().splitlines()[-1]
     assert not (tmp_path / "no.ckpt").exists()
 
@@ -219,7 +219,7 @@ def test_a_bad_cli_value_ends_with_its_reason(line: dict, monkeypatch, capsys) -
     config = str(REPO / "configs/few_shot_contrastive_folder.yaml")
     train = ["train", "--config", config, "--data.datamodule.root", str(line["product"])]
     result = _cli([*train, "--data.k_shot", "0"], line["work"])
-    assert result.returncode == 2  # noqa: PLR2004 - a parser error, not a traceback
+    assert result.returncode == 2
     last = (result.stdout + result.stderr).strip().splitlines()[-1]
     assert last.startswith("error: --data.k_shot: Not of type PositiveInt"), last
     monkeypatch.chdir(line["work"])
@@ -227,7 +227,7 @@ def test_a_bad_cli_value_ends_with_its_reason(line: dict, monkeypatch, capsys) -
                 (["--model.layers", "[9, 10]"], "has no such feature layer; it has 0 (blocks.0, stride 2)"))
     for argument, reason in refusals:
         outcome, printed = _in_process([*train, *argument], capsys)
-        assert outcome == 2, (outcome, printed[-2000:])  # noqa: PLR2004
+        assert outcome == 2, (outcome, printed[-2000:])
         last = printed.strip().splitlines()[-1]
         assert last.startswith("error: ") and reason in last, last
 

@@ -13,17 +13,11 @@ import torch
 from lightning.pytorch import seed_everything
 from PIL import Image
 
-from anomalib.engine import Engine
-
 from fsad_anomalib.data import FewShot
 from fsad_anomalib.data.validation import ImageFileError, check_image_file
 from fsad_anomalib.models import FewShotContrastive, NotFittedError
 
-from .conftest import folder_datamodule, make_dataset
-
-
-def _engine(root: Path) -> Engine:
-    return Engine(default_root_dir=root, logger=False, enable_progress_bar=False, accelerator="cpu")
+from .conftest import cpu_engine, folder_datamodule, make_dataset
 
 
 @pytest.fixture
@@ -60,14 +54,14 @@ def test_grayscale_rgba_palette_images_are_handled(mode, dataset, tmp_path):
     seed_everything(0)
     module = FewShot(folder_datamodule(dataset), k_shot=2)
     model = FewShotContrastive(image_size=64, fine_tuning=False, n_views=2)
-    _engine(tmp_path / "run").fit(model=model, datamodule=module)
+    cpu_engine(tmp_path / "run").fit(model=model, datamodule=module)
     assert bool(model.model.is_fitted)
 
 
 def test_tiny_and_large_images_are_resized(dataset, tmp_path):
     seed_everything(0)
     model = FewShotContrastive(image_size=64, fine_tuning=False, n_views=2)
-    _engine(tmp_path / "run").fit(model=model, datamodule=FewShot(folder_datamodule(dataset), k_shot=2))
+    cpu_engine(tmp_path / "run").fit(model=model, datamodule=FewShot(folder_datamodule(dataset), k_shot=2))
     model.eval()
     with torch.no_grad():
         for size in ((5, 7), (1500, 900)):
@@ -96,7 +90,7 @@ def test_wrong_tensor_shapes_and_unfitted_model():
         ({"fine_tuning": {"synthesis": "glitter"}}, "synthesis must be one of"),
         ({"fine_tuning": {"temperature": 0.0}}, "temperature"),
         ({"fine_tuning": {"lambda_pp": -1.0}}, "lambda"),
-        ({"topk_ratio": 0.0}, "topk_ratio"),
+        ({"n_views": 0}, "n_views must be an integer >= 1"),
         ({"score_mode": "bogus"}, "score_mode must be one of"),
         ({"fine_tuning": {"crop_scale": 0.0}}, "crop_scale"),
     ],
@@ -123,12 +117,12 @@ def test_checkpoint_from_another_configuration(dataset, tmp_path):
     seed_everything(0)
     module = FewShot(folder_datamodule(dataset), k_shot=2)
     model = FewShotContrastive(image_size=64, fine_tuning=False, n_views=2)
-    engine = _engine(tmp_path / "run")
+    engine = cpu_engine(tmp_path / "run")
     engine.fit(model=model, datamodule=module)
     ckpt = engine.trainer.checkpoint_callback.best_model_path
     other = FewShotContrastive(image_size=64, layers=[3], fine_tuning=False)
     with pytest.raises(ValueError, match=r"another configuration \(layers"):
-        _engine(tmp_path / "other").test(model=other, datamodule=module, ckpt_path=ckpt)
+        cpu_engine(tmp_path / "other").test(model=other, datamodule=module, ckpt_path=ckpt)
 
 
 def test_identical_images_give_finite_non_constant_scores(tmp_path):
@@ -138,7 +132,7 @@ def test_identical_images_give_finite_non_constant_scores(tmp_path):
         shutil.copy(train[0], path)
     seed_everything(0)
     model = FewShotContrastive(image_size=64, fine_tuning={"steps": 2}, n_views=2)
-    _engine(tmp_path / "run").fit(model=model, datamodule=FewShot(folder_datamodule(root), k_shot=4))
+    cpu_engine(tmp_path / "run").fit(model=model, datamodule=FewShot(folder_datamodule(root), k_shot=4))
     model.eval()
     with torch.no_grad():
         out = model.model(torch.rand(6, 3, 64, 64))
@@ -155,7 +149,7 @@ def test_user_data_is_not_modified_and_runs_are_versioned(dataset, tmp_path):
     for _ in range(2):
         seed_everything(0)
         model = FewShotContrastive(image_size=64, fine_tuning={"steps": 1}, n_views=2)
-        _engine(tmp_path / "results").fit(model=model, datamodule=FewShot(folder_datamodule(dataset), k_shot=2))
+        cpu_engine(tmp_path / "results").fit(model=model, datamodule=FewShot(folder_datamodule(dataset), k_shot=2))
     assert digest() == before
     runs = sorted((tmp_path / "results").rglob("support_set.json"))
     assert len(runs) == 2 and runs[0].parent != runs[1].parent  # second run did not overwrite the first

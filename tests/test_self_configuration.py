@@ -11,23 +11,19 @@ import pytest
 import torch
 from lightning.pytorch import seed_everything
 
-from anomalib.engine import Engine
-
 from fsad_anomalib.data import FewShot
-from fsad_anomalib.data.shifts import DEV_SHIFT_FAMILIES, SHIFT_FAMILIES, shift
+from fsad_anomalib.data.views import Symmetries, Views
+from fsad_anomalib.fine_tuning.shifts import SHIFT_FAMILIES
 from fsad_anomalib.models import FewShotContrastive, FewShotContrastiveModel
+from fsad_anomalib.models.few_shot_contrastive.self_configuration import best, candidates_for, self_check
 
-from .conftest import _normal, folder_datamodule
+from .conftest import _normal, auroc, cpu_engine, folder_datamodule, unseen_shift
 
 IMAGE_SIZE = 96
 
 
 def _tensor(image: np.ndarray) -> torch.Tensor:
     return torch.tensor(image).permute(2, 0, 1).float() / 255
-
-
-def _auroc(normal: torch.Tensor, anomalous: torch.Tensor) -> float:
-    return float((anomalous[:, None] > normal[None, :]).float().mean())
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +33,7 @@ def default_run(generated_root, tmp_path_factory):
     root = tmp_path_factory.mktemp("default")
     model = FewShotContrastive(image_size=IMAGE_SIZE)
     datamodule = FewShot(folder_datamodule(generated_root), k_shot=4, seed=0)
-    engine = Engine(default_root_dir=root, logger=False, enable_progress_bar=False, accelerator="cpu")
+    engine = cpu_engine(root)
     engine.fit(model=model, datamodule=datamodule)
     return {"model": model, "root": root, "engine": engine}
 
@@ -53,16 +49,15 @@ def test_default_catches_a_local_defect_and_a_whole_image_shift(default_run):
 
     normal = torch.stack([_tensor(_normal(rng, IMAGE_SIZE)) for _ in range(24)])
     local = torch.stack([local_defect() for _ in range(24)])
-    generator = torch.Generator().manual_seed(0)
     fresh = torch.stack([_tensor(_normal(rng, IMAGE_SIZE)) for _ in range(24)])
-    # whole-image shifts of a kind the self-check never makes (DEV_SHIFT_FAMILIES), one family after another
-    shifted = torch.cat([shift(fresh[i : i + 1], DEV_SHIFT_FAMILIES[i % 4], generator) for i in range(24)])
+    # whole-image shifts of kinds the self-check never makes, one after another
+    shifted = torch.cat([unseen_shift(fresh[i : i + 1], i) for i in range(24)])
     model = default_run["model"].model.eval()
     with torch.no_grad():
         s_normal, s_local, s_shifted = (model(x).pred_score for x in (normal, local, shifted))
     assert torch.isfinite(s_normal).all()
-    assert _auroc(s_normal, s_local) >= 0.9
-    assert _auroc(s_normal, s_shifted) >= 0.9
+    assert auroc(s_normal, s_local) >= 0.9
+    assert auroc(s_normal, s_shifted) >= 0.9
     # both parts are in the score: the default fuses local and global evidence
     assert model.fusion in {"max", "mean"}
 
@@ -95,33 +90,30 @@ def test_self_check_is_deterministic_for_a_seed():
     torch.manual_seed(0)
     images = torch.rand(3, 3, 64, 64)
     model = FewShotContrastiveModel(pre_trained=False).eval()
-    first = model.self_check(images, seed=3)
+    first = self_check(model, images, Views(), candidates_for("auto"), seed=3)
     torch.rand(100)  # other draws from the global stream in between change nothing
-    again = model.self_check(images, seed=3)
+    again = self_check(model, images, Views(), candidates_for("auto"), seed=3)
     assert [(r["candidate"], r["score"], r["families"]) for r in first] == [
         (r["candidate"], r["score"], r["families"]) for r in again
     ]
-    assert model.best(first)["candidate"] == model.best(again)["candidate"]
+    assert best(first)["candidate"] == best(again)["candidate"]
     # the prior is kept unless another candidate is clearly better
     rows = [{"candidate": "a", "score": 0.80}, {"candidate": "b", "score": 0.81}, {"candidate": "c", "score": 0.85}]
-    assert FewShotContrastiveModel.best(rows)["candidate"] == "c"
-    assert FewShotContrastiveModel.best(rows[:2])["candidate"] == "a"
+    assert best(rows)["candidate"] == "c"
+    assert best(rows[:2])["candidate"] == "a"
 
 
 def test_explicit_arguments_override_auto(generated_root, tmp_path):
     seed_everything(0)
     model = FewShotContrastive(image_size=IMAGE_SIZE, score_mode="knn", layers=[2, 3], fine_tuning=False)
     assert len(model.model.candidates) == 1
-    engine = Engine(default_root_dir=tmp_path, logger=False, enable_progress_bar=False, accelerator="cpu")
+    engine = cpu_engine(tmp_path)
     engine.fit(model=model, datamodule=FewShot(folder_datamodule(generated_root), k_shot=3, seed=1))
     record = json.loads((Path(engine.trainer.default_root_dir) / "self_configuration.json").read_text())
     assert record["chosen"] == {"layers": [2, 3], "local": "knn", "fusion": "local", "fine_tuned": False}
     assert "table" not in record["selection"] and "fine_tuning" not in record
-    # one argument given, the others chosen: score_mode fixed, layers among the candidates
-    partial = FewShotContrastiveModel(pre_trained=False, score_mode="patch", layers="auto")
-    assert {c[1:] for c in partial.candidates} == {("patch", "local")} and len(partial.candidates) == 2
-    with pytest.raises(ValueError, match="layers must be 'auto'"):
-        FewShotContrastiveModel(pre_trained=False, layers="deep")
+    with pytest.raises(ValueError, match="layers must be a non-empty sequence"):
+        FewShotContrastiveModel(pre_trained=False, layers="auto")
     with pytest.raises(ValueError, match="fine_tuning must be 'auto'"):
         FewShotContrastive(fine_tuning="sometimes")
 
@@ -130,7 +122,7 @@ def test_k_equals_one_configures_over_views_and_skips_fine_tuning(generated_root
     seed_everything(0)
     model = FewShotContrastive(image_size=IMAGE_SIZE)
     datamodule = FewShot(folder_datamodule(generated_root), k_shot=1, seed=2)
-    engine = Engine(default_root_dir=tmp_path, logger=False, enable_progress_bar=False, accelerator="cpu")
+    engine = cpu_engine(tmp_path)
     engine.fit(model=model, datamodule=datamodule)
     metrics = engine.test(model=model, datamodule=datamodule)[0]
     record = json.loads((Path(engine.trainer.default_root_dir) / "self_configuration.json").read_text())
@@ -141,6 +133,5 @@ def test_k_equals_one_configures_over_views_and_skips_fine_tuning(generated_root
     assert metrics["image_AUROC"] >= 0.8
     assert torch.isfinite(model.model.score_scale).all()
     # one image with no flip or turn allowed: nothing to hold out, the prior stays and training still works
-    rows = FewShotContrastiveModel(pre_trained=False).self_check(torch.rand(1, 3, 64, 64), hflip=False, vflip=False,
-                                                                 rot90=False)  # fmt: skip
-    assert rows is None
+    model = FewShotContrastiveModel(pre_trained=False)
+    assert self_check(model, torch.rand(1, 3, 64, 64), Views(1, Symmetries.of([])), candidates_for("auto")) is None

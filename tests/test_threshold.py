@@ -8,23 +8,20 @@ import math
 
 import pytest
 import torch
+from anomalib.data import InferenceBatch
+from anomalib.models import Padim, Patchcore
 from lightning.pytorch import seed_everything
 
-from anomalib.engine import Engine
-from anomalib.models import Padim, Patchcore
-
-from fsad_anomalib.benchmark.runner import decision_rates, oracle_f1_threshold
+from fsad_anomalib.benchmark.thresholds import decision_rates, oracle_f1_threshold
+from fsad_anomalib.confirm import confirm
 from fsad_anomalib.data import FewShot
 from fsad_anomalib.models import FewShotContrastive
-from fsad_anomalib.post_processing import NormalThresholdPostProcessor, prediction_bound
+from fsad_anomalib.post_processing import NormalThresholdPostProcessor, conformal_bound, prediction_bound
 
-from .conftest import folder_datamodule, make_dataset
+from .conftest import cpu_engine, folder_datamodule, make_dataset
 
 SIZE = 64
 
-
-def _engine(root) -> Engine:
-    return Engine(default_root_dir=root, logger=False, enable_progress_bar=False, accelerator="cpu")
 
 
 def _patchcore(rate: float = 0.05) -> Patchcore:
@@ -71,9 +68,10 @@ def test_a_model_it_cannot_refit_is_refused_before_training():
 
 def test_false_reject_rate_on_real_fresh_normals_is_near_its_target(tmp_path):
     """PatchCore (offline EfficientNet-Lite0 weights) on the ELPV mono development set (100 normals that no support
-    set holds, never the test set): 10 support sets of K = 4, the benchmark's own runs, a 5 % target."""
-    from fsad_anomalib.benchmark.runner import run_benchmark  # noqa: PLC0415
-    from fsad_anomalib.data import ELPV  # noqa: PLC0415
+    set holds, never the test set): 10 support sets of K = 4, the benchmark's own runs, a 5 % target.
+    """
+    from fsad_anomalib.benchmark.runner import run_benchmark
+    from fsad_anomalib.data import ELPV
 
     rows = run_benchmark({"ELPV/mono": lambda: ELPV("mono", evaluation="dev", val_split_mode="none", eval_batch_size=32)},
                          k_shots=[4], seeds=range(10), methods=["PatchCore"], output=tmp_path, time_inference=False,
@@ -89,14 +87,15 @@ def test_false_reject_rate_on_real_fresh_normals_is_near_its_target(tmp_path):
 def test_near_identical_normals_err_on_the_safe_side(tmp_path):
     """PatchCore (random weights) on generated stripes that differ only in pixel noise: 5 support sets of K = 8, 150
     fresh normals each. A held-out image is scored against K - 1 images and a new part against K; where normals
-    hardly vary this gap outweighs their spread, and fewer good parts than the target are rejected."""
+    hardly vary this gap outweighs their spread, and fewer good parts than the target are rejected.
+    """
     root = make_dataset(tmp_path / "data", n_train=24, n_test=150, size=SIZE)
     rates, thresholds = [], []
     for seed in range(5):
         seed_everything(seed)
         datamodule = FewShot(folder_datamodule(root, val_split_mode="none"), k_shot=8, seed=seed)
         model = _patchcore()
-        engine = _engine(tmp_path / f"run{seed}")
+        engine = cpu_engine(tmp_path / f"run{seed}")
         engine.fit(model=model, datamodule=datamodule)
         predictions = engine.predict(model=model, dataloaders=datamodule.test_dataloader())
         labels = torch.cat([batch.pred_label.flatten() for batch in predictions])
@@ -114,7 +113,7 @@ def default_without_validation(generated_root, tmp_path_factory):
     root = tmp_path_factory.mktemp("threshold")
     datamodule = FewShot(folder_datamodule(generated_root, val_split_mode="none"), k_shot=4, seed=0)
     model = FewShotContrastive(image_size=SIZE, fine_tuning=False)
-    engine = _engine(root)
+    engine = cpu_engine(root)
     engine.fit(model=model, datamodule=datamodule)
     return {"model": model, "engine": engine, "datamodule": datamodule, "root": root}
 
@@ -159,7 +158,7 @@ def test_validation_batches_do_not_move_the_threshold(generated_root, tmp_path, 
     seed_everything(0)
     datamodule = FewShot(folder_datamodule(generated_root, val_split_mode="same_as_test"), k_shot=4, seed=0)
     model = FewShotContrastive(image_size=SIZE, fine_tuning=False)
-    _engine(tmp_path).fit(model=model, datamodule=datamodule)
+    cpu_engine(tmp_path).fit(model=model, datamodule=datamodule)
     expected = default_without_validation["model"].post_processor
     assert torch.equal(model.post_processor.image_threshold, expected.image_threshold)
 
@@ -170,7 +169,7 @@ def test_anomalib_f1_threshold_stays_available(generated_root, tmp_path):
     seed_everything(0)
     datamodule = FewShot(folder_datamodule(generated_root), k_shot=4, seed=0)
     model = FewShotContrastive(image_size=SIZE, fine_tuning=False, post_processor=PostProcessor())
-    _engine(tmp_path).fit(model=model, datamodule=datamodule)
+    cpu_engine(tmp_path).fit(model=model, datamodule=datamodule)
     assert type(model.post_processor) is PostProcessor and torch.isfinite(model.post_processor.image_threshold)
 
 
@@ -179,7 +178,7 @@ def test_k_equals_one_gives_a_finite_threshold_and_a_warning(generated_root, tmp
     datamodule = FewShot(folder_datamodule(generated_root, val_split_mode="none"), k_shot=1, seed=0)
     model = FewShotContrastive(image_size=SIZE)
     with caplog.at_level(logging.WARNING, logger="fsad_anomalib.post_processing.normal_threshold"):
-        _engine(tmp_path).fit(model=model, datamodule=datamodule)
+        cpu_engine(tmp_path).fit(model=model, datamodule=datamodule)
     assert math.isfinite(float(model.post_processor.image_threshold))
     assert model.post_processor.calibration["views"] == 8  # one image, scored in its 7 other flips and turns
     assert any("rests on one image" in record.getMessage() for record in caplog.records)
@@ -192,7 +191,7 @@ def test_padim_gets_a_threshold_and_its_checkpoint_loads_into_the_stock_post_pro
     model = Padim(backbone="resnet18", pre_trained=False, layers=["layer1", "layer2"], visualizer=False,
                   pre_processor=Padim.configure_pre_processor(image_size=(SIZE, SIZE)),
                   post_processor=NormalThresholdPostProcessor())
-    engine = _engine(tmp_path)
+    engine = cpu_engine(tmp_path)
     engine.fit(model=model, datamodule=datamodule)
     threshold = model.post_processor.image_threshold
     assert torch.isfinite(threshold) and len(model.post_processor.calibration["held_out_scores"]) == 4
@@ -214,9 +213,10 @@ def test_benchmark_rates_at_a_threshold_and_at_the_oracle():
 def test_scores_keep_their_order_and_the_rate_can_move_after_training(default_without_validation):
     post = default_without_validation["model"].post_processor
     raw = torch.linspace(-50.0, 5000.0, 2001)
-    normalised = post._normalize(raw, post.image_min, post.image_max, post.image_threshold)
+    normalised = post(InferenceBatch(pred_score=raw)).pred_score
     assert bool((normalised.diff() > 0).all()) and bool(((normalised > 0) & (normalised < 1)).all())
-    assert float(post._normalize(post.image_threshold, post.image_min, post.image_max, post.image_threshold)) == 0.5
+    at_threshold = post(InferenceBatch(pred_score=post.image_threshold.clone().view(1))).pred_score
+    assert float(at_threshold) == 0.5
     at_five = float(post.image_threshold)
     assert post.threshold_at(0.05) == pytest.approx(at_five)
     strict = post.threshold_at(0.01)
@@ -243,7 +243,7 @@ def test_a_model_whose_refit_fails_on_k_minus_1_images_trains_on_unlabelled(gene
     model = Dfm(backbone="resnet18", layer="layer3", pre_trained=False, visualizer=False,
                 pre_processor=Dfm.configure_pre_processor(image_size=(SIZE, SIZE)),
                 post_processor=NormalThresholdPostProcessor())  # fmt: skip
-    engine = _engine(tmp_path)
+    engine = cpu_engine(tmp_path)
     with caplog.at_level(logging.WARNING):
         engine.fit(model=model, datamodule=datamodule)
     assert "could not be refitted on 1 of the 2 images (IndexError" in caplog.text
@@ -256,9 +256,8 @@ def test_a_model_whose_refit_fails_on_k_minus_1_images_trains_on_unlabelled(gene
 @pytest.mark.parametrize(("n", "rate"), [(19, 0.05), (50, 0.05), (99, 0.01)])
 def test_conformal_bound_rejects_at_most_the_target_share_whatever_the_distribution(n, rate):
     """Heavy-tailed (Pareto) scores, where a normal bound would be far off: over 4,000 draws of N good parts, the share
-    of new good parts above the order statistic is at most the target and within 1 / (N + 1) of it."""
-    from fsad_anomalib.post_processing.normal_threshold import conformal_bound, prediction_bound  # noqa: PLC0415
-
+    of new good parts above the order statistic is at most the target and within 1 / (N + 1) of it.
+    """
     generator = torch.Generator().manual_seed(0)
     draws = 4000
     calibration = torch.rand(draws, n, generator=generator, dtype=torch.float64) ** -1.5
@@ -270,12 +269,11 @@ def test_conformal_bound_rejects_at_most_the_target_share_whatever_the_distribut
 
 
 def test_confirm_on_good_parts_resets_the_thresholds_and_the_checkpoint_carries_them(
-    default_without_validation, generated_root, tmp_path, caplog
+    default_without_validation, generated_root, tmp_path, caplog,
 ):
     """After training on K = 4, 24 further good parts set a conformal threshold (for 5 %: the highest of their 24
-    scores), labels follow it, another rate moves on the same scores, a checkpoint reloads it, bad input is refused."""
-    from fsad_anomalib.post_processing.normal_threshold import conformal_bound  # noqa: PLC0415
-
+    scores), labels follow it, another rate moves on the same scores, a checkpoint reloads it, bad input is refused.
+    """
     run = default_without_validation
     model, post = run["model"], run["model"].post_processor
     saved = (copy.deepcopy(post.calibration), post.image_threshold.clone(), post.image_min.clone(),
@@ -284,7 +282,7 @@ def test_confirm_on_good_parts_resets_the_thresholds_and_the_checkpoint_carries_
                                      val_split_mode="none"), k_shot=24, seed=0)  # fmt: skip
     good.setup()
     try:
-        record = post.confirm(model, good.train_dataloader())
+        record = confirm(model, good.train_dataloader())
         assert record["confirmed_on"] == 24 and record["estimator"] == "split-conformal order statistic"
         assert record["from_training"]["image"]["threshold"] == pytest.approx(float(saved[1]))  # kept for the record
         scores = torch.tensor(record["image"]["scores"])
@@ -304,26 +302,24 @@ def test_confirm_on_good_parts_resets_the_thresholds_and_the_checkpoint_carries_
         assert torch.equal(loaded.post_processor.image_threshold, post.image_threshold)
         assert loaded.post_processor.calibration["confirmed_on"] == 24
         with caplog.at_level(logging.WARNING):
-            post.confirm(model, images[:5])
+            confirm(model, images[:5])
         assert "5 good parts are fewer than the 19" in caplog.text
         with pytest.raises(ValueError, match=r"batch 0 is \(5, 64, 64\)"):
-            post.confirm(model, images[:5, 0])
+            confirm(model, images[:5, 0])
         with pytest.raises(ValueError, match="at least 2 good parts"):
-            post.confirm(model, images[:1])
-        with pytest.raises(ValueError, match="whose post-processor this is"):
-            post.confirm(_patchcore(), images)
+            confirm(model, images[:1])
+        with pytest.raises(TypeError, match="with a NormalThresholdPostProcessor"):
+            confirm(Patchcore(backbone="resnet18", pre_trained=False), images)
     finally:
         post.calibration = saved[0]
-        for buffer, value in zip((post._image_threshold, post.image_min, post.image_max, post._pixel_threshold,
-                                  post.pixel_min, post.pixel_max), saved[1:]):  # fmt: skip
-            buffer.copy_(value)
-        post.false_reject_rate = 0.05
+        post.adopt({**saved[0], "false_reject_rate": 0.05})
 
 
 def test_confirm_command_writes_a_checkpoint_with_the_confirmed_threshold(default_without_validation, tmp_path, capsys):
-    """python -m fsad_anomalib.confirm: a folder of good parts in, a checkpoint with their threshold out (the trained
-    one untouched); a wrong folder, file or model class is named."""
-    from fsad_anomalib.confirm import main  # noqa: PLC0415
+    """Python -m fsad_anomalib.confirm: a folder of good parts in, a checkpoint with their threshold out (the trained
+    one untouched); a wrong folder, file or model class is named.
+    """
+    from fsad_anomalib.confirm import main
 
     run = default_without_validation
     ckpt = tmp_path / "trained.ckpt"
@@ -338,7 +334,7 @@ def test_confirm_command_writes_a_checkpoint_with_the_confirmed_threshold(defaul
     assert "confirmed_on" not in trained.post_processor.calibration
     assert not torch.equal(confirmed.post_processor.image_threshold, trained.post_processor.image_threshold)
     # the threshold is the highest of the 20 good parts' scores (rank ceil(21 * 0.95) = 20): none of them is NG
-    from anomalib.data.utils import read_image  # noqa: PLC0415
+    from anomalib.data.utils import read_image
 
     confirmed.eval()
     with torch.no_grad():  # one at a time, as the command scored them (a batch of 20 may differ in the last bits)
@@ -359,13 +355,14 @@ def test_confirm_command_writes_a_checkpoint_with_the_confirmed_threshold(defaul
 
 def test_confirm_command_takes_a_stock_patchcore_checkpoint(generated_root, tmp_path, capsys):
     """A PatchCore trained with the normal-only post-processor loads back with anomalib's; the command puts ours back,
-    confirms, and the written checkpoint carries the new threshold."""
-    from fsad_anomalib.confirm import main  # noqa: PLC0415
+    confirms, and the written checkpoint carries the new threshold.
+    """
+    from fsad_anomalib.confirm import main
 
     seed_everything(0)
     datamodule = FewShot(folder_datamodule(generated_root, val_split_mode="none"), k_shot=4, seed=0)
     model = _patchcore()
-    engine = _engine(tmp_path)
+    engine = cpu_engine(tmp_path)
     engine.fit(model=model, datamodule=datamodule)
     ckpt, out = tmp_path / "patchcore.ckpt", tmp_path / "confirmed.ckpt"
     engine.trainer.save_checkpoint(ckpt)

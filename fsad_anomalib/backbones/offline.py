@@ -18,13 +18,16 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import timm
+import torch
+from safetensors.torch import load_file, save_file
+
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "OFFLINE_PREFIX",
     "OfflineWeightsError",
     "backbone_normalization",
-    "available_offline_backbones",
     "cache_dir",
     "load_features_weights",
     "offline_backbone",
@@ -51,15 +54,6 @@ def cache_dir() -> Path:
     return Path(root).expanduser().resolve()
 
 
-def available_offline_backbones() -> list[str]:
-    """timm architectures whose weights package is installed."""
-    found = []
-    for arch, (module, _) in _PACKAGES.items():
-        if importlib.util.find_spec(module) is not None:
-            found.append(arch)
-    return found
-
-
 def _weights_file(arch: str) -> Path:
     if arch not in _PACKAGES:
         msg = f"No offline weights package is known for backbone '{arch}'. Known: {sorted(_PACKAGES)}."
@@ -84,10 +78,6 @@ def offline_backbone(arch: str = "tf_efficientnet_lite0") -> str:
         >>> from anomalib.models import Padim
         >>> Padim(backbone=offline_backbone("tf_efficientnet_lite0"), layers=["blocks.2", "blocks.4"])
     """
-    import timm  # noqa: PLC0415
-    import torch  # noqa: PLC0415
-    from safetensors.torch import save_file  # noqa: PLC0415
-
     arch = arch.removeprefix(OFFLINE_PREFIX)
     source = _weights_file(arch)
     target = cache_dir() / "timm" / arch
@@ -142,7 +132,7 @@ def offline_backbone(arch: str = "tf_efficientnet_lite0") -> str:
     return f"local-dir:{target}"
 
 
-def load_features_weights(network: "torch.nn.Module", name: str) -> None:
+def load_features_weights(network: torch.nn.Module, name: str) -> None:
     """Load a ``local-dir:`` folder's weights into a timm features-only ``network``, strictly.
 
     The folder holds a classifier's checkpoint; the tensors of the head that a features-only network lacks
@@ -152,8 +142,6 @@ def load_features_weights(network: "torch.nn.Module", name: str) -> None:
     Raises:
         OfflineWeightsError: The folder's weights do not fit ``network``.
     """
-    from safetensors.torch import load_file  # noqa: PLC0415
-
     path = Path(name.removeprefix("local-dir:")) / "model.safetensors"
     state = load_file(str(path))
     wanted = network.state_dict()
@@ -181,8 +169,6 @@ def backbone_normalization(backbone: str) -> tuple[tuple[float, ...], tuple[floa
     ``local-dir:`` folders (and ``offline:`` names) carry the config in ``config.json``; other names use timm's
     registry. ImageNet's when neither knows the backbone.
     """
-    import timm  # noqa: PLC0415
-
     name = resolve_backbone(backbone)
     if name.startswith("local-dir:"):
         config = Path(name.removeprefix("local-dir:")) / "config.json"

@@ -13,7 +13,7 @@ __all__ = ["build_from_spec", "int_at_least", "json_object", "parse_json_object"
 
 def read_yaml(path: Path, error: Callable[[str], Exception]) -> Any:  # noqa: ANN401
     """The YAML content of ``path``; a file that cannot be read or is not YAML raises ``error(what)``."""
-    import yaml  # noqa: PLC0415  (PyYAML: a dependency of jsonargparse, anomalib's CLI parser)
+    import yaml
 
     try:
         text = path.read_text()
@@ -42,7 +42,7 @@ def parse_json_object(text: str, option: str = "") -> dict[str, Any]:
 
 
 def json_object(text: str) -> dict[str, Any]:
-    """argparse ``type`` for a JSON object (argparse puts the option's name in front of the error)."""
+    """Argparse ``type`` for a JSON object (argparse puts the option's name in front of the error)."""
     try:
         return parse_json_object(text)
     except ValueError as exc:
@@ -50,7 +50,7 @@ def json_object(text: str) -> dict[str, Any]:
 
 
 def int_at_least(minimum: int):  # noqa: ANN201
-    """argparse ``type``: an integer >= ``minimum`` (argparse names the option in its error)."""
+    """Argparse ``type``: an integer >= ``minimum`` (argparse names the option in its error)."""
 
     def parse(text: str) -> int:
         try:
@@ -68,8 +68,9 @@ def int_at_least(minimum: int):  # noqa: ANN201
 def build_from_spec(base: type, spec: dict[str, Any], what: str, error: Callable[[str], Exception]) -> Any:  # noqa: ANN401
     """An instance of a ``base`` subclass from ``class_path`` + ``init_args``, parsed by jsonargparse as anomalib's CLI
     parses them (short class names included); any failure raises ``error("its <what> (<class>) could not be built:
-    ...")``."""
-    from jsonargparse import ArgumentParser  # noqa: PLC0415
+    ...")``.
+    """
+    from jsonargparse import ArgumentParser
 
     parser = ArgumentParser(exit_on_error=False)
     parser.add_subclass_arguments(base, "spec", required=True)
@@ -82,8 +83,8 @@ def build_from_spec(base: type, spec: dict[str, Any], what: str, error: Callable
 
 def quiet_logs() -> None:
     """Lightning's and anomalib's logs at ERROR only, and no OpenVINO telemetry: a run prints its own progress."""
-    import logging  # noqa: PLC0415
-    import os  # noqa: PLC0415
+    import logging
+    import os
 
     os.environ.setdefault("OPENVINO_TELEMETRY_DISABLED", "1")
     for name in ("lightning", "lightning.pytorch", "lightning.fabric", "lightning_fabric", "anomalib"):

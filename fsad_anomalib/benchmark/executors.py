@@ -1,7 +1,7 @@
 """Where the benchmark's runs execute: each in a process of its own, here (serial) or as Ray tasks (ray).
 
 A run is a picklable :class:`Task`: the set's datamodule builder, K, seed, method and the settings every run
-shares. :func:`execute` trains and tests it and returns its row; an exception becomes an error row (the run's
+shares. :func:`execute` trains and tests it with the runner's function and returns its row; an exception becomes an error row (the run's
 key, ``error`` and the end of the traceback), so a failed run never stops a sweep.
 
 - ``serial``: one run after another in this process. PatchCore's coreset fragments glibc's heap: after each run
@@ -23,6 +23,10 @@ import traceback
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
+
+import torch
+
+from fsad_anomalib.benchmark.cli import quiet_logs
 
 __all__ = ["EXECUTORS", "Task", "error_row", "execute", "ray_executor", "serial_executor", "trim_heap"]
 
@@ -77,36 +81,33 @@ def trim_heap() -> None:
         pass
 
 
-def execute(task: Task) -> dict[str, Any]:
-    """Train and test one run and return its row, or its error row where anything in it raises."""
-    import torch  # noqa: PLC0415
-
-    from fsad_anomalib.benchmark.cli import quiet_logs  # noqa: PLC0415
-    from fsad_anomalib.benchmark.runner import run_one  # noqa: PLC0415
-
+def execute(task: Task, run: Callable[[Task], dict[str, Any]]) -> dict[str, Any]:
+    """``run(task)``'s row, or the task's error row where anything in it raises."""
     quiet_logs()  # a Ray worker starts with Lightning's default logging
     if task.cpus_per_run:
         torch.set_num_threads(task.cpus_per_run)
     try:
-        return run_one(task)
+        return run(task)
     except Exception as exc:  # noqa: BLE001 - a failed run is recorded, and the sweep goes on
         return error_row(task, exc)
 
 
-def serial_executor(tasks: Iterable[Task]) -> Iterator[tuple[Task, dict[str, Any]]]:
+def serial_executor(
+    tasks: Iterable[Task], run: Callable[[Task], dict[str, Any]],
+) -> Iterator[tuple[Task, dict[str, Any]]]:
     """Run ``tasks`` one after another in this process; yield each with its row as it ends.
 
     After each run the freed heap goes back to the operating system (:func:`trim_heap`), so a long sweep needs
     about what its largest run needs.
     """
     for task in tasks:
-        row = execute(task)
+        row = execute(task, run)
         trim_heap()
         yield task, row
 
 
 def ray_executor(
-    tasks: Iterable[Task], address: str | None = None, cpus_per_run: int = 1
+    tasks: Iterable[Task], run: Callable[[Task], dict[str, Any]], address: str | None = None, cpus_per_run: int = 1,
 ) -> Iterator[tuple[Task, dict[str, Any]]]:
     """Run ``tasks`` as Ray tasks on the cluster at ``address`` (a new local one without it); yield each with its
     row as it ends, in the order they end.
@@ -115,7 +116,7 @@ def ray_executor(
     process of its own (``max_calls=1``). A task whose worker dies is recorded as failed (no retry).
     """
     try:
-        import ray  # noqa: PLC0415
+        import ray
     except ImportError as exc:
         msg = "--executor ray needs Ray: pip install 'fsad-anomalib[distributed]'."
         raise RuntimeError(msg) from exc
@@ -127,7 +128,7 @@ def ray_executor(
         gpus = ray.cluster_resources().get("GPU", 0)
         options = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": cpus_per_run}
         remote = ray.remote(max_calls=1, max_retries=0, **options)(execute)
-        pending = {remote.remote(task): task for task in tasks}
+        pending = {remote.remote(task, run): task for task in tasks}
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
             task = pending.pop(done[0])

@@ -19,6 +19,8 @@ from lightning import LightningModule, Trainer
 
 from fsad_anomalib.benchmark.cli import build_from_spec, read_yaml
 from fsad_anomalib.benchmark.methods import OrderPreservingPostProcessor, ranking_components
+from fsad_anomalib.models import FewShotContrastive  # noqa: F401 - registers the short name with anomalib's parser
+from fsad_anomalib.post_processing.normal_threshold import can_refit
 
 __all__ = ["TRAINER_KEYS", "MethodConfig", "RankingOnlyPostProcessor"]
 
@@ -45,11 +47,6 @@ class RankingOnlyPostProcessor(OrderPreservingPostProcessor):
         """No training images are kept."""
 
 
-def refittable(model: LightningModule) -> bool:
-    """Whether :class:`~fsad_anomalib.post_processing.NormalThresholdPostProcessor` can refit ``model``."""
-    return callable(getattr(model, "refit", None)) or callable(getattr(model, "fit", None))
-
-
 class MethodConfig:
     """The model of one ``--method-config NAME=FILE``; :meth:`build` makes a fresh one (one per run).
 
@@ -71,7 +68,7 @@ class MethodConfig:
         self.path = Path(path)
         self.spec, self.notes = self._read_spec()
         model = self.build()  # checks the class and its arguments now, not mid-benchmark
-        if not refittable(model):
+        if not can_refit(model):
             self.notes.append(f"{type(model).__name__} is trained by an optimiser and cannot be refitted on K - 1 "
                               "images: no normal-only threshold, AUROC only")  # fmt: skip
 
@@ -111,11 +108,9 @@ class MethodConfig:
 
     def build(self, false_reject_rate: float = 0.05) -> AnomalibModule:
         """A new model from the file, with the benchmark's post-processor and evaluator and no visualizer."""
-        import fsad_anomalib.models  # noqa: F401, PLC0415  (FewShotContrastive as a short name too)
-
         model = build_from_spec(AnomalibModule, self.spec, "model", self._error)
         components = ranking_components(false_reject_rate)
-        if not refittable(model):
+        if not can_refit(model):
             components["post_processor"] = RankingOnlyPostProcessor(false_reject_rate)
         model.post_processor = components["post_processor"]
         model.evaluator = components["evaluator"]

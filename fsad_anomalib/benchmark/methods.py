@@ -6,11 +6,13 @@ from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any
 
-from torchvision.transforms.v2 import Compose, Normalize, Resize
-
+import timm
+import torch
 from anomalib.metrics import AUROC, Evaluator
 from anomalib.models import Padim, Patchcore
+from anomalib.models.image.padim.torch_model import _N_FEATURES_DEFAULTS
 from anomalib.pre_processing import PreProcessor
+from torchvision.transforms.v2 import Compose, Normalize, Resize
 
 from fsad_anomalib.backbones import backbone_normalization, resolve_backbone
 from fsad_anomalib.fine_tuning import ContrastiveFineTuning
@@ -77,9 +79,6 @@ def method_callbacks(name: str) -> list:
 # its fine-tuning only (frozen: none; L_Con: NT-Xent alone; L_Con+L_PP: no synthesized negatives)
 FSC_VARIANTS: dict[str, dict[str, Any] | bool] = {
     "FewShotContrastive": {},
-    # the same model under another name, so that a run with other arguments (a per-set expert configuration given
-    # by --set-model-args) can be tabled and compared beside the default's runs (--include-runs)
-    "expert": {},
     "frozen": False,
     "L_Con": {"lambda_pp": 0.0, "synthesis": "none"},
     "L_Con+L_PP": {"synthesis": "none"},
@@ -129,9 +128,6 @@ DEFAULT_DEPTHS = (2, 3)
 
 @lru_cache(maxsize=16)
 def _feature_info(backbone: str) -> tuple[tuple[str, ...], tuple[int, ...]]:
-    import timm  # noqa: PLC0415
-
-    import torch  # noqa: PLC0415
 
     try:  # its random initialisation must not draw from the run's seeded stream (the first run would differ)
         with torch.random.fork_rng(devices=[]):
@@ -217,9 +213,8 @@ def build_method(  # noqa: ANN201
 
 def _padim_features(backbone: str, layers: list[str]) -> int:
     """PaDiM's ``n_features``: anomalib's own choice for its backbones (100 on resnet18, 550 on wide_resnet50_2),
-    else 100, and never more than the layers' channels hold together."""
-    from anomalib.models.image.padim.torch_model import _N_FEATURES_DEFAULTS  # noqa: PLC0415
-
+    else 100, and never more than the layers' channels hold together.
+    """
     names, channels = _feature_info(backbone)
     total = sum(channels[names.index(layer)] for layer in layers)
     return min(_N_FEATURES_DEFAULTS.get(resolve_backbone(backbone), 100), total)

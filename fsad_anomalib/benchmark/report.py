@@ -9,6 +9,9 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from scipy import stats
+
 __all__ = ["paired_table", "sign_flip_p", "summarise", "threshold_table", "write_plots", "write_table", "write_time_plot"]
 
 
@@ -29,10 +32,11 @@ METRICS = {"auroc": "image_AUROC", "pixel_auroc": "pixel_AUROC"}  # summary entr
 
 def summarise(rows: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
     """Mean/std over seeds per (dataset, category, K, method) of each metric, and ``<metric>_nan_runs``: how many runs
-    lack its value (missing or NaN)."""
+    lack its value (missing or NaN).
+    """
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
-        groups[(row["dataset"], row["category"], row["k_shot"], row["method"])].append(row)
+        groups[row["dataset"], row["category"], row["k_shot"], row["method"]].append(row)
     out = {}
     for key, group in groups.items():
         out[key] = {
@@ -72,20 +76,21 @@ def threshold_table(rows: list[dict[str, Any]], methods: list[str] | None = None
     """Per set, K and method: the normal-only threshold's false-reject rate on the test normals and detection rate
     on the test anomalies (means over seeds), beside the same rates at anomalib's oracle F1 threshold, learned on the
     test set itself. Runs without a threshold record (older runs.jsonl lines) are left out. Runs made with
-    ``--confirm N`` add a row "METHOD, confirmed on N": the same runs, their threshold confirmed on N further normals."""
+    ``--confirm N`` add a row "METHOD, confirmed on N": the same runs, their threshold confirmed on N further normals.
+    """
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
         if isinstance(row.get("threshold"), dict):
             record = row["threshold"]
             targets = record.get("at") or {f"{record['target_false_reject_rate']:g}": record}
             for target, at in targets.items():
-                groups[(row["dataset"], row["category"], row["k_shot"], float(target), row["method"])].append(
+                groups[row["dataset"], row["category"], row["k_shot"], float(target), row["method"]].append(
                     {**record, "false_reject_rate": at["false_reject_rate"], "detection_rate": at["detection_rate"]})
             confirmed = row.get("confirmed")
             if isinstance(confirmed, dict) and "at" in confirmed:  # the same run, its threshold confirmed on N normals
                 name = f"{row['method']}, confirmed on {confirmed['n']}"
                 for target, at in confirmed["at"].items():
-                    groups[(row["dataset"], row["category"], row["k_shot"], float(target), name)].append(
+                    groups[row["dataset"], row["category"], row["k_shot"], float(target), name].append(
                         {**record, "false_reject_rate": at["false_reject_rate"], "detection_rate": at["detection_rate"]})
     if not groups:
         return []
@@ -154,39 +159,28 @@ EXACT_SIGN_FLIP_PAIRS = 20
 def sign_flip_p(differences: list[float], draws: int = 2**20, seed: int = 0) -> float:
     """Two-sided p-value of a paired sign-flip (permutation) test that the mean difference is 0.
 
-    Under the null hypothesis each paired difference is as likely to have either sign, so the p-value is the share
-    of the ``2**n`` sign patterns whose summed difference is at least as far from 0 as the observed one. Exact up to
-    ``EXACT_SIGN_FLIP_PAIRS`` pairs; beyond, ``draws`` random patterns from a fixed ``seed`` (the same table every
-    time), counted as ``(hits + 1) / (draws + 1)``. No distribution is assumed; with ``n`` pairs it cannot be below
-    ``2 / 2**n`` (0.25 for three seeds).
+    ``scipy.stats.permutation_test`` with one sample (each difference's sign flipped) on ``|mean|``: the share of
+    the ``2**n`` sign patterns at least as far from 0 as the observed one. Exact up to ``EXACT_SIGN_FLIP_PAIRS``
+    pairs; beyond, ``draws`` random patterns from a fixed ``seed`` (the same table every time), counted as ``(hits +
+    1) / (draws + 1)``. No distribution is assumed; with ``n`` pairs it cannot be below ``2 / 2**n``.
     """
-    import numpy as np  # noqa: PLC0415
-
-    magnitudes = np.abs(np.asarray(differences, dtype=np.float64))
-    n = len(magnitudes)
-    if n == 0:
+    values = np.asarray(differences, dtype=np.float64)
+    if values.size == 0:
         return float("nan")
-    if not np.all(np.isfinite(magnitudes)):
+    if not np.all(np.isfinite(values)):
         msg = f"sign_flip_p: differences must be finite numbers, got {list(differences)}."
         raise ValueError(msg)
-    observed = abs(float(np.sum(differences))) - 1e-12
-    chunk = 2**16  # sign patterns per matrix product: a few MB whatever n is
-
-    def hits(bits: np.ndarray) -> int:  # bits: (patterns, n) of 0/1 -> patterns at least as extreme
-        return int(np.sum(np.abs((2.0 * bits - 1.0) @ magnitudes) >= observed))
-
-    if n <= EXACT_SIGN_FLIP_PAIRS:
-        total = 2**n
-        count = sum(hits((np.arange(start, min(start + chunk, total))[:, None] >> np.arange(n)) & 1)
-                    for start in range(0, total, chunk))
-        return count / total
-    rng = np.random.default_rng(seed)
-    count = sum(hits(rng.integers(0, 2, size=(min(chunk, draws - start), n))) for start in range(0, draws, chunk))
-    return (count + 1) / (draws + 1)
+    exact = values.size <= EXACT_SIGN_FLIP_PAIRS
+    result = stats.permutation_test(
+        (values,), lambda x, axis: np.abs(np.mean(x, axis=axis)), permutation_type="samples", vectorized=True,
+        n_resamples=2**values.size if exact else draws, alternative="greater", batch=2**16,
+        random_state=np.random.default_rng(seed),
+    )
+    return float(result.pvalue)
 
 
 def _format_p(p: float) -> str:
-    return "<0.001" if p < 0.001 else f"{p:.3f}"  # noqa: PLR2004
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
 
 
 def paired_table(rows: list[dict[str, Any]], method: str, other: str) -> str:
@@ -202,11 +196,11 @@ def paired_table(rows: list[dict[str, Any]], method: str, other: str) -> str:
         if row["method"] in (method, other):
             value = row["image_AUROC"]
             if _has_value(value):
-                runs[(row["dataset"], row["category"], row["k_shot"], row["seed"])][row["method"]] = value
+                runs[row["dataset"], row["category"], row["k_shot"], row["seed"]][row["method"]] = value
     diffs: dict[tuple, list[float]] = defaultdict(list)
     for (dataset, category, k, _), pair in sorted(runs.items()):
-        if len(pair) == 2:  # noqa: PLR2004
-            diffs[(dataset, category, k)].append(pair[method] - pair[other])
+        if len(pair) == 2:
+            diffs[dataset, category, k].append(pair[method] - pair[other])
     title = f"{method} against {other}, paired by support set (set, K, seed)"
     if not diffs:
         return f"{title}: no set, K and seed has a finite image AUROC from both.\n"
@@ -222,9 +216,9 @@ def paired_table(rows: list[dict[str, Any]], method: str, other: str) -> str:
     for dataset, category in sorted({key[:2] for key in diffs}):
         ks = sorted(k for (d, c, k) in diffs if (d, c) == (dataset, category))
         for k in ks:
-            lines.append(line(f"{dataset} {category}", str(k), diffs[(dataset, category, k)]))
+            lines.append(line(f"{dataset} {category}", str(k), diffs[dataset, category, k]))
         if len(ks) > 1:
-            lines.append(line(f"{dataset} {category}", "all", [d for k in ks for d in diffs[(dataset, category, k)]]))
+            lines.append(line(f"{dataset} {category}", "all", [d for k in ks for d in diffs[dataset, category, k]]))
     lines += ["", f"p: two-sided sign-flip test that the mean difference is 0 (exact up to {EXACT_SIGN_FLIP_PAIRS} "
               "pairs, no distribution assumed); with n pairs it cannot be below 2 / 2^n, 0.25 for three."]
     return "\n".join(lines) + "\n"
@@ -232,10 +226,10 @@ def paired_table(rows: list[dict[str, Any]], method: str, other: str) -> str:
 
 def write_plots(rows: list[dict[str, Any]], folder: str | Path) -> list[Path]:
     """PNG plots: image AUROC against K per set (std bands) and inference ms per image per method."""
-    import matplotlib  # noqa: PLC0415
+    import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt
 
     folder = Path(folder)
     summary = summarise(rows)
@@ -244,8 +238,8 @@ def write_plots(rows: list[dict[str, Any]], folder: str | Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(6, 4))
         for method in sorted({k[3] for k in summary}):
             ks = sorted(k[2] for k in summary if k[:2] == (dataset, category) and k[3] == method)
-            means = [summary[(dataset, category, k, method)]["auroc"][0] for k in ks]
-            stds = [summary[(dataset, category, k, method)]["auroc"][1] for k in ks]
+            means = [summary[dataset, category, k, method]["auroc"][0] for k in ks]
+            stds = [summary[dataset, category, k, method]["auroc"][1] for k in ks]
             ax.plot(ks, means, marker="o", label=method)
             ax.fill_between(ks, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)], alpha=0.15)
         ax.set_xscale("log", base=2)
@@ -270,7 +264,7 @@ def write_plots(rows: list[dict[str, Any]], folder: str | Path) -> list[Path]:
                 folder / "inference_ms.png",
                 floor=json.loads(floor.read_text())["ms_b1"] if floor.exists() else None,
                 ylabel="ms per image, batch 1 (median)",
-            )
+            ),
         )
     return written
 
@@ -278,10 +272,10 @@ def write_plots(rows: list[dict[str, Any]], folder: str | Path) -> list[Path]:
 def write_time_plot(ms: dict[str, float], path: str | Path, floor: float | None = None,
                     ylabel: str = "ms per image") -> Path:
     """Bar plot of milliseconds per image per method, with the bare backbone's time as a dashed line."""
-    import matplotlib  # noqa: PLC0415
+    import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.bar(list(ms), list(ms.values()))

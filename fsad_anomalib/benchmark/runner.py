@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import resource
 import statistics
 import tempfile
@@ -19,23 +18,24 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+import timm
 import torch
-from lightning.pytorch import Callback, seed_everything
-from torch.utils.data import DataLoader
-
 from anomalib.data.datamodules.base.image import AnomalibDataModule
 from anomalib.engine import Engine
+from lightning.pytorch import Callback, seed_everything
+from torch.utils.benchmark import Timer
 
 from fsad_anomalib.backbones import resolve_backbone
+from fsad_anomalib.benchmark.executors import EXECUTORS, Task, ray_executor, serial_executor
 from fsad_anomalib.benchmark.methods import FSC_VARIANTS, METHODS, build_method, method_callbacks
 from fsad_anomalib.benchmark.sets import test_label_counts
+from fsad_anomalib.benchmark.thresholds import confirmation_record, threshold_record
 from fsad_anomalib.data import FewShot
-from fsad_anomalib.data.few_shot import sample_support_set
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RECORDED_RATES", "NonFiniteScoreCounter", "decision_rates", "load_runs", "merge_runs", "oracle_f1_threshold",
-           "peak_rss_mb", "run_benchmark", "threshold_record", "time_forward"]
+__all__ = ["NonFiniteScoreCounter", "load_runs", "merge_runs", "peak_rss_mb", "run_benchmark", "run_one",
+           "time_forward"]
 
 
 def peak_rss_mb() -> float:
@@ -45,31 +45,17 @@ def peak_rss_mb() -> float:
 
 @torch.no_grad()
 def time_forward(
-    fn: Callable[[torch.Tensor], Any], batch: int, image_size: int, repeats: int = 5, device: torch.device | str = "cpu"
+    fn: Callable[[torch.Tensor], Any], batch: int, image_size: int, repeats: int = 5, device: torch.device | str = "cpu",
 ) -> float:
-    """Median milliseconds per image of ``fn`` on random images of ``batch`` x 3 x size x size on ``device``."""
-    device = torch.device(device)
-    x = torch.rand(batch, 3, image_size, image_size, device=device)
-
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    fn(x)  # warm-up
-    times = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        fn(x)
-        sync()
-        times.append((time.perf_counter() - start) * 1000 / batch)
-    return statistics.median(times)
+    """Median milliseconds per image of ``fn`` on random images of ``batch`` x 3 x size x size on ``device``
+    (``torch.utils.benchmark.Timer``, which synchronises CUDA)."""
+    timer = Timer("fn(x)", globals={"fn": fn, "x": torch.rand(batch, 3, image_size, image_size, device=device)})
+    timer.timeit(1)  # warm-up
+    return statistics.median(timer.timeit(1).median * 1000 / batch for _ in range(repeats))
 
 
 def backbone_floor(backbone: str, image_size: int, repeats: int = 7) -> dict[str, float]:
     """Bare backbone forward (timm features, no scoring): the floor for every method using it."""
-    import timm  # noqa: PLC0415
-
     # the time does not depend on the weights: random ones, never a download
     net = timm.create_model(resolve_backbone(backbone), pretrained=False, features_only=True, exportable=True).eval()
     return {
@@ -90,7 +76,7 @@ class NonFiniteScoreCounter(Callback):
         self.scores = 0
         self.maps = 0
 
-    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:  # noqa: ANN001, ARG002, PLR0913
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:  # noqa: ANN001, ARG002
         """Count the batch's images with a non-finite score or map."""
         score = getattr(outputs, "pred_score", None)
         if score is not None:
@@ -146,92 +132,6 @@ def merge_runs(rows: list[dict[str, Any]], *others: list[dict[str, Any]]) -> lis
     return merged
 
 
-def decision_rates(scores: list[float], labels: list[int], threshold: float) -> dict[str, float]:
-    """False-reject rate on the normals (label 0) and detection rate on the anomalies (label 1) of ``score >
-    threshold``, the decision anomalib's post-processor makes; NaN where the threshold or a class is missing."""
-    normal = [s for s, y in zip(scores, labels, strict=True) if y == 0]
-    anomalous = [s for s, y in zip(scores, labels, strict=True) if y == 1]
-    finite = threshold is not None and math.isfinite(threshold)
-
-    def rate(values: list[float]) -> float:
-        return sum(v > threshold for v in values) / len(values) if finite and values else float("nan")
-
-    return {"false_reject_rate": rate(normal), "detection_rate": rate(anomalous)}
-
-
-def oracle_f1_threshold(scores: list[float], labels: list[int]) -> float:
-    """anomalib's F1-adaptive threshold learned on these (test) scores and labels: the best F1 they allow."""
-    from anomalib.metrics.threshold.f1_adaptive_threshold import _F1AdaptiveThreshold  # noqa: PLC0415
-
-    pairs = [(s, y) for s, y in zip(scores, labels, strict=True) if y in (0, 1) and math.isfinite(s)]
-    if not pairs or len({y for _, y in pairs}) < 2:  # noqa: PLR2004
-        return float("nan")
-    metric = _F1AdaptiveThreshold()
-    metric.update(torch.tensor([s for s, _ in pairs], dtype=torch.float64), torch.tensor([y for _, y in pairs]))
-    return float(metric.compute())
-
-
-# besides the run's own target, every run records what the same held-out evidence gives at these targets
-RECORDED_RATES = (0.01, 0.05)
-
-
-def _rates_at(post_processor: Any, scores: list, labels: list, target: float, threshold: float) -> dict[str, Any]:  # noqa: ANN401
-    """Threshold and rates at each of ``RECORDED_RATES`` (from the calibration's evidence) and at ``target``
-    (``threshold``)."""
-    at = {}
-    for rate in sorted({*RECORDED_RATES, target}):
-        try:
-            value = float(post_processor.threshold_at(rate)) if rate != target else threshold
-        except (AttributeError, ValueError):
-            value = float("nan")
-        at[f"{rate:g}"] = {"threshold": value, **decision_rates(scores, labels, value)}
-    return at
-
-
-def threshold_record(post_processor: Any, target: float) -> dict[str, Any]:  # noqa: ANN401
-    """What a run's normal-only threshold does on the test set, beside anomalib's oracle F1 threshold.
-
-    ``at`` holds the threshold and the two rates at each of ``RECORDED_RATES`` and ``target``, all from the same
-    held-out evidence (:meth:`NormalThresholdPostProcessor.threshold_at`), so one run measures several targets.
-    """
-    scores = list(getattr(post_processor, "raw_scores", []))
-    labels = list(getattr(post_processor, "gt_labels", []))
-    threshold = float(post_processor._image_threshold) if post_processor is not None else float("nan")  # noqa: SLF001
-    oracle = oracle_f1_threshold(scores, labels)
-    own, best = decision_rates(scores, labels, threshold), decision_rates(scores, labels, oracle)
-    at = _rates_at(post_processor, scores, labels, target, threshold)
-    return {"target_false_reject_rate": target, "threshold": threshold, "false_reject_rate": own["false_reject_rate"],
-            "detection_rate": own["detection_rate"], "oracle_threshold": oracle,
-            "oracle_false_reject_rate": best["false_reject_rate"], "oracle_detection_rate": best["detection_rate"],
-            "at": at}  # fmt: skip
-
-
-def confirmation_images(few_shot: FewShot, n: int, seed: int) -> Any:  # noqa: ANN401
-    """A dataloader of ``n`` normals of the training pool outside the support set, drawn with ``seed``."""
-    full = few_shot.datamodule.train_data
-    support = set(few_shot.support_set)
-    spare = [path for path in few_shot.pool(full) if path not in support]
-    if n > len(spare):
-        msg = f"--confirm {n}: the training pool holds {len(spare)} normals outside the support set."
-        raise ValueError(msg)
-    # a stream of its own, so that the draw does not depend on what the support set's draw consumed
-    chosen = set(sample_support_set(spare, n, seed + 10_000))
-    paths = full.samples.image_path.astype(str)
-    subset = full.subsample([i for i, path in enumerate(paths) if path in chosen])
-    return DataLoader(subset, batch_size=32, shuffle=False, collate_fn=subset.collate_fn)
-
-
-def confirmation_record(model: Any, few_shot: FewShot, n: int, seed: int, target: float) -> dict[str, Any]:  # noqa: ANN401
-    """The threshold confirmed on ``n`` further pool normals, and its rates on the test scores the run recorded."""
-    post = model.post_processor
-    if not callable(getattr(post, "confirm", None)):
-        return {"n": n, "error": f"{type(post).__name__} has no confirm()"}
-    scores, labels = list(post.raw_scores), list(post.gt_labels)
-    record = post.confirm(model, confirmation_images(few_shot, n, seed), false_reject_rate=target)
-    at = _rates_at(post, scores, labels, target, float(post.threshold_at(target)))
-    return {"n": n, "estimator": record["estimator"], "at": at}
-
-
 def run_benchmark(
     datamodules: dict[str, Callable[[], AnomalibDataModule]],
     k_shots: Iterable[int] = (1, 2, 4, 8, 16),
@@ -266,10 +166,8 @@ def run_benchmark(
     Each row records the arguments its model was built with, and what its threshold, set from the K normals at
     ``false_reject_rate``, does on the test set (beside anomalib's oracle F1 threshold learned on it). With
     ``confirm=N`` the threshold is then confirmed on N further normals of the training pool (never the support set or
-    the test set; :meth:`NormalThresholdPostProcessor.confirm`) and its rates on the same test scores are recorded too.
+    the test set; :func:`fsad_anomalib.confirm.confirm`) and its rates on the same test scores are recorded too.
     """
-    from fsad_anomalib.benchmark.executors import EXECUTORS, Task, ray_executor, serial_executor  # noqa: PLC0415
-
     if executor not in EXECUTORS:
         msg = f"executor must be one of {EXECUTORS}, got '{executor}'."
         raise ValueError(msg)
@@ -295,6 +193,7 @@ def run_benchmark(
     if len(plan) > len(todo):
         progress(f"{len(plan) - len(todo)} of {len(plan)} runs are already in {runs_file}; {len(todo)} to run")
     position = {task.key: index for index, task in enumerate(plan, 1)}
+
     def head(task: Task) -> str:
         return f"[{position[task.key]}/{len(plan)}] {task.label} K={task.k_shot} seed={task.seed} {task.method}"
 
@@ -305,9 +204,9 @@ def run_benchmark(
 
     if executor == "ray":
         progress(f"{len(todo)} runs as Ray tasks on {ray_address or 'a local Ray cluster'}")
-        results = ray_executor(todo, ray_address, cpus_per_run or 1)
+        results = ray_executor(todo, run_one, ray_address, cpus_per_run or 1)
     else:
-        results = serial_executor(announced(todo))
+        results = serial_executor(announced(todo), run_one)
     started, finished = time.perf_counter(), 0
     for task, row in results:
         rows.append(row)
@@ -336,48 +235,27 @@ def _layers_of(model: Any) -> list[str] | None:  # noqa: ANN401
     return [str(layer) for layer in layers] if isinstance(layers, list | tuple) else None
 
 
-def run_one(task: Any) -> dict[str, Any]:  # noqa: ANN401
-    """The row of one :class:`~fsad_anomalib.benchmark.executors.Task`, trained and tested in this process."""
-    dataset, category = task.key[:2]
-    return _run_one(task.build_datamodule(), dataset, category, task.k_shot, task.seed, task.method, task.backbone,
-                    task.image_size, task.fsc_args, task.time_inference, task.accelerator, task.false_reject_rate,
-                    task.pre_trained, task.method_config, task.confirm)  # fmt: skip
-
-
 def _duration(seconds: float) -> str:
     """``seconds`` as '40 s', '12 min' or '2 h 05 min'."""
-    if seconds < 60:  # noqa: PLR2004
+    if seconds < 60:
         return f"{seconds:.0f} s"
     minutes = round(seconds / 60)
-    return f"{minutes} min" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"  # noqa: PLR2004
+    return f"{minutes} min" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
 
 
-def _run_one(
-    datamodule: AnomalibDataModule,
-    dataset: str,
-    category: str,
-    k_shot: int,
-    seed: int,
-    method: str,
-    backbone: str,
-    image_size: int,
-    fsc_args: dict[str, Any] | None,
-    time_inference: bool,
-    accelerator: str = "auto",
-    false_reject_rate: float = 0.05,
-    pre_trained: bool = True,
-    method_config: Any = None,  # noqa: ANN401
-    confirm: int = 0,
-) -> dict[str, Any]:
+def run_one(task: Task) -> dict[str, Any]:
+    """Train and test one run in this process and return its row."""
+    dataset, category, k_shot, seed, method = task.key
+    datamodule, method_config, false_reject_rate = task.build_datamodule(), task.method_config, task.false_reject_rate
     seed_everything(seed, verbose=False)
     few_shot = FewShot(datamodule, k_shot=k_shot, seed=seed)
     if method_config is not None:
         model = method_config.build(false_reject_rate)
     else:
-        model = build_method(method, backbone, image_size, fsc_args, false_reject_rate, pre_trained)
+        model = build_method(method, task.backbone, task.image_size, task.fsc_args, false_reject_rate, task.pre_trained)
     with tempfile.TemporaryDirectory(prefix="fsad-bench-") as workdir:
         engine = Engine(default_root_dir=workdir, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                        accelerator=accelerator, devices=1, callbacks=[*method_callbacks(method), counter := NonFiniteScoreCounter()],
+                        accelerator=task.accelerator, devices=1, callbacks=[*method_callbacks(method), counter := NonFiniteScoreCounter()],
                         **(method_config.trainer_args if method_config is not None else {}))  # fmt: skip
         start = time.perf_counter()
         engine.fit(model=model, datamodule=few_shot)
@@ -400,23 +278,23 @@ def _run_one(
         "test_normal": test_normal,
         "test_anomalous": test_anomalous,
         "support_set": few_shot.support_set,
-        "model_args": (fsc_args or {}) if method in FSC_VARIANTS else method_config.spec if method_config else {},
+        "model_args": task.fsc_args if method in FSC_VARIANTS else method_config.spec if method_config else {},
         # the feature layers a stock or configured model read (FewShotContrastive's are in self_configuration)
         "layers": None if method in FSC_VARIANTS else _layers_of(model),
         "threshold": threshold_record(model.post_processor, false_reject_rate),
         # the held-out normal scores and bounds behind it, to study the estimator offline without rerunning
         "calibration": dict(getattr(model.post_processor, "calibration", {}) or {}),
     }
-    if confirm:  # the threshold confirmed on `confirm` further pool normals, and what it does on the same test scores
-        row["confirmed"] = confirmation_record(model, few_shot, confirm, seed, false_reject_rate)
+    if task.confirm:  # the threshold confirmed on `confirm` further pool normals, and what it does on the same test scores
+        row["confirmed"] = confirmation_record(model, few_shot, task.confirm, seed, false_reject_rate)
     record = getattr(model, "self_configuration", None)
     if record:  # FewShotContrastive: what it chose from the K normals, and the fine-tuning decision's evidence
         decision = {k: v for k, v in record.get("fine_tuning", {}).items() if k != "families"}
         row["self_configuration"] = {"chosen": record.get("chosen"), "fine_tuning": decision or None}
-    if time_inference:
+    if task.time_inference:
         model.eval()
         device = next(model.parameters()).device
-        row["ms_b1"] = time_forward(model, 1, image_size, device=device)
-        row["ms_b32"] = time_forward(model, 32, image_size, repeats=2, device=device)
+        row["ms_b1"] = time_forward(model, 1, task.image_size, device=device)
+        row["ms_b32"] = time_forward(model, 32, task.image_size, repeats=2, device=device)
     row["peak_rss_mb"] = peak_rss_mb()
     return row

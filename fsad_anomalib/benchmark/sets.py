@@ -13,9 +13,12 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from anomalib.data import Folder, MVTecAD, Visa
 from anomalib.data.datamodules.base.image import AnomalibDataModule
+from anomalib.data.utils import ValSplitMode
 
 from fsad_anomalib.benchmark.cli import build_from_spec, read_yaml
+from fsad_anomalib.data import ELPV, FewShot, Textile
 from fsad_anomalib.data.few_shot import normal_pool
 
 __all__ = ["DataConfig", "builtin_datamodule", "test_label_counts"]
@@ -36,31 +39,21 @@ def builtin_datamodule(label: str, args: argparse.Namespace) -> AnomalibDataModu
     """
     dataset, _, category = label.partition("/")
     if dataset == "ELPV":
-        from fsad_anomalib.data import ELPV  # noqa: PLC0415
-
         return ELPV(category or "mono", eval_batch_size=args.eval_batch_size, evaluation=args.evaluation,
                     val_split_mode="none")
     if dataset == "Textile":
-        from fsad_anomalib.data import Textile  # noqa: PLC0415
-
         return Textile(category or "local", eval_batch_size=args.eval_batch_size, evaluation=args.evaluation,
                        val_split_mode="none")
     if args.evaluation != "test":
         msg = f"--evaluation {args.evaluation}: only the offline sets (ELPV, Textile) have a development set."
         raise ValueError(msg)
     if dataset == "MVTecAD":
-        from anomalib.data import MVTecAD  # noqa: PLC0415
-
         return MVTecAD(root=args.mvtec_root, category=category, eval_batch_size=args.eval_batch_size, num_workers=0,
                        val_split_mode="none")
     if dataset == "Visa":
-        from anomalib.data import Visa  # noqa: PLC0415
-
         return Visa(root=args.visa_root, category=category, eval_batch_size=args.eval_batch_size, num_workers=0,
                        val_split_mode="none")
     if dataset == "Folder":
-        from anomalib.data import Folder  # noqa: PLC0415
-
         return Folder(
             name="folder", root=category, normal_dir="train/good", abnormal_dir="test/bad",
             normal_test_dir="test/good", val_split_mode="none", num_workers=0,
@@ -129,9 +122,7 @@ class DataConfig:
         return self._build()[0]
 
     def _build(self) -> tuple[AnomalibDataModule, list[str]]:
-        from anomalib.data.utils import ValSplitMode  # noqa: PLC0415
 
-        from fsad_anomalib.data import FewShot  # noqa: PLC0415  (also makes ELPV, Textile, FewShot short names)
 
         datamodule = build_from_spec(AnomalibDataModule, self.spec, "datamodule", self._error)
         notes = []
@@ -144,4 +135,3 @@ class DataConfig:
                          "the whole test set")
             datamodule.val_split_mode = ValSplitMode.NONE
         return datamodule, notes
-

@@ -7,11 +7,10 @@ import logging
 from pathlib import Path
 
 import numpy as np
-from jsonargparse.typing import PositiveInt
-from lightning import Trainer
-
 from anomalib.data.datamodules.base.image import AnomalibDataModule
 from anomalib.data.datasets.base.image import AnomalibDataset
+from jsonargparse.typing import PositiveInt
+from lightning import Trainer
 
 from fsad_anomalib.data.validation import check_image_files
 
@@ -44,7 +43,8 @@ def normal_pool(dataset: AnomalibDataset) -> list[str]:
 
 def sample_support_set(pool: list[str], k_shot: int | None, seed: int) -> list[str]:
     """Draw ``k_shot`` distinct paths from ``pool`` with ``seed`` (``None``: all of them); independent of the pool's
-    order."""
+    order.
+    """
     if k_shot is not None and (not isinstance(k_shot, int) or isinstance(k_shot, bool) or k_shot < 1):
         msg = f"k_shot must be an integer >= 1, or None for every normal training image, got {k_shot!r}."
         raise ValueError(msg)

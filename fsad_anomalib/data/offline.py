@@ -11,29 +11,22 @@ the pool. Few-shot training sets are drawn from the pool with :class:`fsad_anoma
 ``evaluation="dev"`` swaps the test set for a **development set** made only of images the test set
 never uses: ``n_dev`` normals taken off the pool and up to ``n_dev`` of the anomalies left out of the
 test set. Choose a method's settings there, then report on the test set.
-
-``evaluation="shift"`` is a development set of **whole-image shifts**: the same ``n_dev`` normals, and as anomalies
-the next ``n_dev`` pool normals, each changed as a whole (brightness, pixel noise, lost resolution, a finer pattern:
-:data:`~fsad_anomalib.data.shifts.DEV_SHIFT_FAMILIES`, in turn), written once as PNG files under
-``$FSAD_ANOMALIB_CACHE/shifts``. The pool loses both sets of normals. No test image is used.
 """
 
 from __future__ import annotations
 
 import importlib
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-from pandas import DataFrame
-
 from anomalib import TaskType
 from anomalib.data.datamodules.base.image import AnomalibDataModule
 from anomalib.data.datasets.base.image import AnomalibDataset
 from anomalib.data.utils import Split, TestSplitMode, ValSplitMode
+from pandas import DataFrame
 from torchvision.transforms.v2 import Transform
 
-EVALUATION_SETS = ("test", "dev", "shift")
+EVALUATION_SETS = ("test", "dev")
 
 __all__ = [
     "ELPV",
@@ -41,11 +34,8 @@ __all__ = [
     "SamplesDataset",
     "Textile",
     "elpv_paths",
-    "elpv_samples",
-    "shifted_copies",
     "split_samples",
     "textile_paths",
-    "textile_samples",
 ]
 
 
@@ -118,13 +108,6 @@ def split_samples(
     test_normal = [normal_paths[i] for i in normal_order[:n_test_normal]]
     pool = [normal_paths[i] for i in normal_order[n_test_normal:]]
     test_abnormal = [abnormal_paths[i] for i in abnormal_order[:n_test_abnormal]]
-    if evaluation == "shift":
-        if n_dev < 1 or 2 * n_dev >= len(pool):
-            msg = f"{what}: the shift development set needs 1 <= 2 * n_dev < {len(pool)} (pool size); got n_dev={n_dev}."
-            raise ValueError(msg)
-        sources = pool[-2 * n_dev : -n_dev]
-        test_normal, pool = pool[-n_dev:], pool[: -2 * n_dev]
-        test_abnormal = shifted_copies(sources, what, split_seed)
     if evaluation == "dev":
         spare = [abnormal_paths[i] for i in abnormal_order[n_test_abnormal:]]
         if n_dev < 1 or n_dev >= len(pool) or not spare:
@@ -139,37 +122,6 @@ def split_samples(
     rows += [(p, "normal", 0, "", Split.TEST.value) for p in test_normal]
     rows += [(p, "abnormal", 1, "", Split.TEST.value) for p in test_abnormal]
     return DataFrame(rows, columns=["image_path", "label", "label_index", "mask_path", "split"])
-
-
-def shifted_copies(paths: list[str], what: str, seed: int = 0) -> list[str]:
-    """PNG copies of ``paths``, each under a whole-image shift of ``DEV_SHIFT_FAMILIES`` in turn, in the cache.
-
-    Deterministic: image ``i`` gets family ``i mod 4`` drawn from a generator seeded with ``seed`` and ``i``; files
-    that exist are reused.
-    """
-    import torch  # noqa: PLC0415
-    from PIL import Image  # noqa: PLC0415
-
-    from fsad_anomalib.backbones.offline import cache_dir  # noqa: PLC0415
-    from fsad_anomalib.data.shifts import DEV_SHIFT_FAMILIES, shift  # noqa: PLC0415
-
-    folder = cache_dir() / "shifts" / what.replace(" ", "_").replace("/", "_") / f"seed{seed}"
-    folder.mkdir(parents=True, exist_ok=True)
-    out = []
-    for index, path in enumerate(paths):
-        family = DEV_SHIFT_FAMILIES[index % len(DEV_SHIFT_FAMILIES)]
-        target = folder / f"{index:04d}_{family}_{Path(path).stem}.png"
-        if not target.is_file():
-            with Image.open(path) as image:
-                array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-            tensor = torch.from_numpy(array).permute(2, 0, 1)[None]
-            generator = torch.Generator().manual_seed(seed * 100_003 + index)
-            shifted = shift(tensor, family, generator)[0].permute(1, 2, 0).numpy()
-            partial = target.with_suffix(".tmp.png")
-            Image.fromarray((shifted * 255.0).round().clip(0, 255).astype(np.uint8)).save(partial)
-            partial.replace(target)
-        out.append(str(target))
-    return out
 
 
 def elpv_paths(category: str) -> tuple[list[str], list[str]]:
@@ -200,16 +152,6 @@ def textile_paths(category: str = "local") -> tuple[list[str], list[str]]:
     abnormal_dir = ccd.local_dir() if category == "local" else ccd.global_dir()
     abnormal = [str(p) for p in Path(abnormal_dir).iterdir() if p.suffix.lower() in exts]
     return normal, abnormal
-
-
-def elpv_samples(category: str, **split: Any) -> DataFrame:  # noqa: ANN401
-    """Samples of one ELPV cell type; ``split``: keyword arguments of :func:`split_samples`."""
-    return split_samples(*elpv_paths(category), f"ELPV {category}", **split)
-
-
-def textile_samples(category: str = "local", **split: Any) -> DataFrame:  # noqa: ANN401
-    """Samples of the textile set; ``split``: keyword arguments of :func:`split_samples`."""
-    return split_samples(*textile_paths(category), f"Textile {category}", **split)
 
 
 class _OfflineDataModule(AnomalibDataModule):
@@ -307,7 +249,7 @@ class ELPV(_OfflineDataModule):
     CATEGORIES = ("mono", "poly")
     DATASET_NAME = "ELPV"
 
-    def __init__(self, category: str = "mono", **kwargs) -> None:  # noqa: D107
+    def __init__(self, category: str = "mono", **kwargs) -> None:
         super().__init__(category=category, **kwargs)
 
     def _paths(self) -> tuple[list[str], list[str]]:
@@ -335,7 +277,7 @@ class Textile(_OfflineDataModule):
     CATEGORIES = ("local", "global")
     DATASET_NAME = "Textile"
 
-    def __init__(self, category: str = "local", **kwargs) -> None:  # noqa: D107
+    def __init__(self, category: str = "local", **kwargs) -> None:
         super().__init__(category=category, **kwargs)
 
     def _paths(self) -> tuple[list[str], list[str]]:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -13,14 +14,26 @@ from lightning.pytorch.core.mixins import HyperparametersMixin
 from torch import nn
 
 from fsad_anomalib.backbones.features import patch_and_global
+from fsad_anomalib.data.views import Symmetries, resolve_symmetries
 from fsad_anomalib.fine_tuning.tuner import ContrastiveFineTuner
 from fsad_anomalib.fine_tuning.views import ViewAugmentation
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ContrastiveFineTuning", "find_feature_extractor"]
+__all__ = ["ContrastiveFeatures", "ContrastiveFineTuning", "find_feature_extractor"]
 
-SYMMETRIES = ("hflip", "vflip", "rot90")
+# the projection heads' output size (the paper's), and at most this many training images from a loader
+PROJECTION_DIM = 128
+MAX_IMAGES = 64
+
+
+@runtime_checkable
+class ContrastiveFeatures(Protocol):
+    """A torch model that names the features it scores (FewShotContrastive): fine-tuning trains exactly those."""
+
+    def contrastive_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Patch features ``(B, C, h, w)`` and unit-norm embeddings ``(B, D)`` of normalised-to-be images."""
+        ...
 
 
 def find_feature_extractor(pl_module: LightningModule) -> nn.Module:
@@ -56,8 +69,8 @@ class ContrastiveFineTuning(HyperparametersMixin, Callback):
     Projection heads live in the callback and are thrown away: only the extractor's weights change, so the
     model's fit, test, checkpoint and export work unchanged and carry the fine-tuned weights.
 
-    A model whose torch model has ``contrastive_features(images)`` (FewShotContrastive) is trained on exactly
-    the features it scores. For any other model the extractor's last output layer gives the embedding and the
+    A model whose torch model has ``contrastive_features(images)`` (:class:`ContrastiveFeatures`, as
+    FewShotContrastive) is trained on exactly the features it scores. For any other model the extractor's last output layer gives the embedding and the
     others the patch features (:func:`~fsad_anomalib.backbones.features.patch_and_global`).
 
     Args:
@@ -73,13 +86,10 @@ class ContrastiveFineTuning(HyperparametersMixin, Callback):
         synthesis (str): Anomalies for L_NP: ``cutpaste``, ``speck`` (small noisy spots) or ``none``.
             Defaults to ``"cutpaste"``.
         crop_scale (float): Smallest area fraction of the random resized crop of each view. Defaults to ``0.8``.
-        hflip (bool | None): Random horizontal flips of the views. ``None``: the model's own ``hflip`` where it
-            has one (FewShotContrastive's), else ``True``. Defaults to ``None``.
-        vflip (bool | None): Random vertical flips, as ``hflip``. Defaults to ``None``.
-        rot90 (bool | None): Random 90-degree turns, as ``hflip``. Defaults to ``None``.
+        symmetries (Sequence[str] | None): Random flips and turns of the views, among ``hflip``, ``vflip`` and
+            ``rot90``. ``None``: the model's own where it declares them (FewShotContrastive's), else all three.
+            Defaults to ``None``.
         color_jitter (float): Brightness and contrast jitter of the views. Defaults to ``0.2``.
-        projection_dim (int): Output size of the temporary projection heads. Defaults to ``128``.
-        max_images (int): At most this many training images are used. Defaults to ``64``.
         seed (int | None): ``None``: views, anomalies, head initialisation and batch draws come from the global
             random stream, as ``seed_everything`` left it. An integer: from a stream seeded with it (the global
             stream is left as it was), the training images taken in the order of their paths, so a run repeats
@@ -108,17 +118,12 @@ class ContrastiveFineTuning(HyperparametersMixin, Callback):
         lambda_np: float = 1.0,
         synthesis: str = "cutpaste",
         crop_scale: float = 0.8,
-        hflip: bool | None = None,
-        vflip: bool | None = None,
-        rot90: bool | None = None,
+        symmetries: Sequence[str] | None = None,
         color_jitter: float = 0.2,
-        projection_dim: int = 128,
-        max_images: int = 64,
         seed: int | None = None,
     ) -> None:
         super().__init__()
-        for name, value in {"steps": steps, "batch_size": batch_size, "projection_dim": projection_dim,
-                            "max_images": max_images}.items():  # fmt: skip
+        for name, value in {"steps": steps, "batch_size": batch_size}.items():
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 msg = f"ContrastiveFineTuning: {name} must be an integer >= 1, got {value!r}."
                 raise ValueError(msg)
@@ -129,10 +134,10 @@ class ContrastiveFineTuning(HyperparametersMixin, Callback):
             msg = f"ContrastiveFineTuning: seed must be None or an integer >= 0, got {seed!r}."
             raise ValueError(msg)
         self.save_hyperparameters()
-        self.steps, self.batch_size, self.max_images, self.seed = steps, batch_size, max_images, seed
+        self.steps, self.batch_size, self.max_images, self.seed = steps, batch_size, MAX_IMAGES, seed
         self.lr_backbone, self.lr_head, self.weight_decay = lr_backbone, lr_head, weight_decay
-        self.projection_dim = projection_dim
-        self.symmetries = {"hflip": hflip, "vflip": vflip, "rot90": rot90}
+        self.projection_dim = PROJECTION_DIM
+        self.symmetries = None if symmetries is None else Symmetries.of(symmetries)
         self.crop_scale, self.color_jitter = crop_scale, color_jitter
         # built now so that a wrong temperature, weight, synthesis or crop scale fails at construction
         self.tuner = ContrastiveFineTuner(temperature, lambda_pp, lambda_np, synthesis,
@@ -140,10 +145,9 @@ class ContrastiveFineTuning(HyperparametersMixin, Callback):
         self.history: list[float] = []
 
     def _views_for(self, pl_module: LightningModule) -> ViewAugmentation:
-        """The views' augmentation, with each unset symmetry taken from the model (``True`` if it has none)."""
-        flags = {name: value if value is not None else bool(getattr(pl_module, name, True))
-                 for name, value in self.symmetries.items()}  # fmt: skip
-        return ViewAugmentation(self.crop_scale, color_jitter=self.color_jitter, **flags)
+        """The views' augmentation, unset symmetries the model's (all three where it declares none)."""
+        symmetries = resolve_symmetries(self.symmetries, pl_module, Symmetries())
+        return ViewAugmentation(self.crop_scale, symmetries=symmetries, color_jitter=self.color_jitter)
 
     def _support_images(self, trainer: Trainer) -> torch.Tensor:
         loader = trainer.train_dataloader
@@ -169,12 +173,12 @@ class ContrastiveFineTuning(HyperparametersMixin, Callback):
 
     @staticmethod
     def _features_fn(pl_module: LightningModule, network: nn.Module) -> Callable:
-        """images in [0, 1] -> (patch features, unit-norm embedding), through the model's own pre-processing."""
+        """Images in [0, 1] -> (patch features, unit-norm embedding), through the model's own pre-processing."""
         pre = getattr(getattr(pl_module, "pre_processor", None), "transform", None)
         transform = pre if pre is not None else nn.Identity()
-        tap = getattr(getattr(pl_module, "model", None), "contrastive_features", None)
-        if tap is not None:
-            return lambda batch: tap(transform(batch))
+        model = getattr(pl_module, "model", None)
+        if isinstance(model, ContrastiveFeatures):
+            return lambda batch: model.contrastive_features(transform(batch))
 
         def features(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             maps = network(transform(batch))
@@ -203,7 +207,7 @@ class ContrastiveFineTuning(HyperparametersMixin, Callback):
         if not self.tuner.has_signal(min(images.shape[0], self.batch_size)):
             logger.warning(
                 "ContrastiveFineTuning: K = 1 with L_NP switched off: no loss term has a negative, fine-tuning is "
-                "skipped and the model keeps its pretrained backbone."
+                "skipped and the model keeps its pretrained backbone.",
             )
             return
         features = self._features_fn(pl_module, network)
@@ -214,7 +218,7 @@ class ContrastiveFineTuning(HyperparametersMixin, Callback):
         device = images.device
         head = nn.Sequential(nn.Linear(pooled.shape[1], 512), nn.ReLU(), nn.Linear(512, self.projection_dim)).to(device)
         dense_head = nn.Sequential(
-            nn.Conv2d(patch.shape[1], 256, 1), nn.ReLU(), nn.Conv2d(256, self.projection_dim, 1)
+            nn.Conv2d(patch.shape[1], 256, 1), nn.ReLU(), nn.Conv2d(256, self.projection_dim, 1),
         ).to(device)
 
         def embed(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

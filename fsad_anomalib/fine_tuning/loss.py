@@ -70,7 +70,7 @@ class NTXentLoss(nn.Module):
     def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
         """Compute the loss from the two views' projections, each ``(N, D)``."""
         n = z1.shape[0]
-        if n < 2:  # noqa: PLR2004
+        if n < 2:
             return z1.sum() * 0.0
         z = torch.cat([z1, z2], dim=0)
         sim = z @ z.T / self.temperature
@@ -243,7 +243,7 @@ class DenseSynthesizedNegativeLoss(nn.Module):
         d = normal.shape[1]
         u = normal.permute(0, 2, 3, 1).reshape(-1, d)
         ua = anomalous.permute(0, 2, 3, 1).reshape(-1, d)
-        m = mask.reshape(-1) > 0.5  # noqa: PLR2004
+        m = mask.reshape(-1) > 0.5
         anchors = (~m).nonzero().flatten()
         negatives = m.nonzero().flatten()
         if len(anchors) == 0 or len(negatives) == 0:

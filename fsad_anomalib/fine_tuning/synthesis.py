@@ -29,13 +29,8 @@ def _uniform(low: float, high: float) -> float:
     return float(torch.empty(1).uniform_(low, high).item())
 
 
-def _paste(
-    images: torch.Tensor,
-    sizes: list[tuple[float, float]],
-    angles: list[float],
-    jitter: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Paste a (rotated) rectangle of content copied from elsewhere in each image, with its mask."""
+def _paste(images: torch.Tensor, sizes: list[tuple[float, float]], jitter: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Paste a rectangle of content copied from elsewhere in each image, with its mask."""
     b, _, h, w = images.shape
     device = images.device
     ys = torch.arange(h, device=device, dtype=images.dtype).view(h, 1)
@@ -44,15 +39,10 @@ def _paste(
     masks = torch.zeros(b, 1, h, w, device=device, dtype=images.dtype)
     for i in range(b):
         box_w, box_h = sizes[i]
-        theta = math.radians(angles[i])
-        # half extent of the rotated box, to keep it inside the image
-        ext_x = 0.5 * (abs(box_w * math.cos(theta)) + abs(box_h * math.sin(theta)))
-        ext_y = 0.5 * (abs(box_w * math.sin(theta)) + abs(box_h * math.cos(theta)))
+        ext_x, ext_y = 0.5 * box_w, 0.5 * box_h  # half extents, to keep the box inside the image
         cx = _uniform(ext_x, max(ext_x, w - 1 - ext_x))
         cy = _uniform(ext_y, max(ext_y, h - 1 - ext_y))
-        u = (xs - cx) * math.cos(theta) + (ys - cy) * math.sin(theta)
-        v = -(xs - cx) * math.sin(theta) + (ys - cy) * math.cos(theta)
-        mask = ((u.abs() <= box_w / 2) & (v.abs() <= box_h / 2)).to(images.dtype)
+        mask = (((xs - cx).abs() <= box_w / 2) & ((ys - cy).abs() <= box_h / 2)).to(images.dtype)
         if mask.sum() == 0:
             mask[int(round(cy)), int(round(cx))] = 1.0
         # content from another place: shift by at least the box size in one direction
@@ -83,7 +73,7 @@ def cutpaste(
         log_ar = _uniform(math.log(aspect_ratio), math.log(1 / aspect_ratio))
         ar = math.exp(log_ar)
         sizes.append((min(w - 2, math.sqrt(area * ar)), min(h - 2, math.sqrt(area / ar))))
-    return _paste(images, sizes, [0.0] * b, jitter)
+    return _paste(images, sizes, jitter)
 
 
 def speck(
@@ -126,7 +116,7 @@ def speck(
 
 
 def _check(images: torch.Tensor) -> None:
-    if images.ndim != 4 or images.shape[1] not in {1, 3}:  # noqa: PLR2004
+    if images.ndim != 4 or images.shape[1] not in {1, 3}:
         msg = f"Anomaly synthesis expects images of shape (B, 1|3, H, W), got {tuple(images.shape)}."
         raise ValueError(msg)
     min_side = 8

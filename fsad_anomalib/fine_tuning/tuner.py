@@ -62,7 +62,7 @@ class ContrastiveFineTuner(nn.Module):
 
     def has_signal(self, n_images: int) -> bool:
         """Whether the loss can move the weights for a batch of ``n_images`` distinct images."""
-        return n_images >= 2 or self.uses_negatives  # noqa: PLR2004
+        return n_images >= 2 or self.uses_negatives
 
     def forward(self, images: torch.Tensor, embed: EmbedFn) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss and its parts (``loss_con``, ``loss_pp``, ``loss_np`` and ``loss_np_dense``) for ``(N, C, H, W)``."""
@@ -79,7 +79,7 @@ class ContrastiveFineTuner(nn.Module):
         total, logs = self.loss(z1, z2, z[2 * n :] if self.uses_negatives else None)
         if mask is not None and dense is not None:
             small = F.interpolate(mask, size=dense.shape[-2:], mode="area")
-            loss_dense = self.dense_loss(dense[:n], dense[2 * n :], (small > 0.25).to(dense.dtype))  # noqa: PLR2004
+            loss_dense = self.dense_loss(dense[:n], dense[2 * n :], (small > 0.25).to(dense.dtype))
             total = total + self.loss.lambda_np * loss_dense
             logs["loss_np_dense"] = loss_dense.detach()
         return total, logs

@@ -6,6 +6,8 @@ import torch
 from kornia import augmentation as K  # noqa: N812
 from torch import nn
 
+from fsad_anomalib.data.views import Symmetries
+
 __all__ = ["ViewAugmentation"]
 
 
@@ -15,24 +17,20 @@ class ViewAugmentation(nn.Module):
     Args:
         crop_scale (float): Smallest area fraction kept by the random resized crop, in (0, 1]; 1 switches
             cropping off. Defaults to ``0.8``.
-        hflip (bool): Random horizontal flips. Defaults to ``True``.
-        vflip (bool): Random vertical flips. Defaults to ``True``.
-        rot90 (bool): Random 90-degree turns. Defaults to ``True``. Switch off the symmetries a product does
-            not have (``rot90`` for objects with an up direction).
+        symmetries (Symmetries | None): Random flips and 90-degree turns, those the product allows. Defaults to
+            all three.
         color_jitter (float): Strength of brightness and contrast jitter; 0 switches it off. Defaults to ``0.2``.
 
     Example:
         >>> import torch
-        >>> ViewAugmentation(rot90=False)(torch.rand(2, 3, 64, 64)).shape
+        >>> ViewAugmentation(symmetries=Symmetries.of(["hflip", "vflip"]))(torch.rand(2, 3, 64, 64)).shape
         torch.Size([2, 3, 64, 64])
     """
 
     def __init__(
         self,
         crop_scale: float = 0.8,
-        hflip: bool = True,
-        vflip: bool = True,
-        rot90: bool = True,
+        symmetries: Symmetries | None = None,
         color_jitter: float = 0.2,
     ) -> None:
         super().__init__()
@@ -40,7 +38,7 @@ class ViewAugmentation(nn.Module):
             msg = f"crop_scale must be in (0, 1], got {crop_scale}."
             raise ValueError(msg)
         self.crop_scale = crop_scale
-        self.hflip, self.vflip, self.rot90 = hflip, vflip, rot90
+        self.symmetries = symmetries if symmetries is not None else Symmetries()
         self.color_jitter = color_jitter
         self._pipelines: dict[tuple[int, int], K.AugmentationSequential] = {}
 
@@ -48,11 +46,11 @@ class ViewAugmentation(nn.Module):
         ops: list[nn.Module] = []
         if self.crop_scale < 1:
             ops.append(K.RandomResizedCrop(size, scale=(self.crop_scale, 1.0), ratio=(0.9, 1.1)))
-        if self.hflip:
+        if self.symmetries.hflip:
             ops.append(K.RandomHorizontalFlip())
-        if self.vflip:
+        if self.symmetries.vflip:
             ops.append(K.RandomVerticalFlip())
-        if self.rot90:
+        if self.symmetries.rot90:
             ops.append(K.RandomRotation90(times=(0, 3), p=1.0))
         if self.color_jitter > 0:
             ops.append(K.ColorJitter(brightness=self.color_jitter, contrast=self.color_jitter, p=0.8))

@@ -1,5 +1,6 @@
 """Post-processing of fsad-anomalib, for any anomalib model: an OK/NG threshold from the K normal images alone."""
 
-from .normal_threshold import NormalThresholdPostProcessor, prediction_bound
+from .bounds import conformal_bound, prediction_bound
+from .normal_threshold import NormalThresholdPostProcessor, Refittable
 
-__all__ = ["NormalThresholdPostProcessor", "prediction_bound"]
+__all__ = ["NormalThresholdPostProcessor", "Refittable", "conformal_bound", "prediction_bound"]

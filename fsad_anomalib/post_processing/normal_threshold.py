@@ -30,132 +30,56 @@ normalisation from a validation set that holds anomalies. A few-shot user has K 
    (never clamped, so AUROC on normalised scores equals AUROC on raw ones). Checkpoints and exported graphs carry
    the buffers, so a deployed model labels as the trained one does.
 
-4. **Confirmation on the line (optional).** The bound is right on average over support sets, not for each: K images
-   need not show how much a product varies. :meth:`NormalThresholdPostProcessor.confirm` resets both thresholds from
-   N further good parts scored by the deployed model (no defective image): with at least ``1 / rate - 1`` of them
-   the threshold is the split-conformal order statistic, the ``ceil((N + 1) (1 - rate))``-th smallest score, which
-   a new good part exceeds with probability at most ``rate`` whatever the scores' distribution (they are
-   exchangeable with the line's own good parts, so neither the bank-size gap nor the normality assumption enters);
-   with fewer, the prediction bound of their scores.
+Confirmation on the line (:mod:`fsad_anomalib.confirm`) later resets both thresholds from N further good parts.
 
 Any memory-bank anomalib model (PatchCore, PaDiM, DFM, DFKDE, ...: a ``fit()`` after a training epoch that runs
 no optimiser) is refitted on copies made before its training epoch. A model can instead offer
-``refit(images) -> scorer``, a torch module fitted on ``images`` whose forward returns an ``InferenceBatch``, as
-FewShotContrastive does (its self-configuration and fine-tuning are kept; only the fit is redone).
+``refit(images) -> scorer`` (:class:`Refittable`), as FewShotContrastive does (its self-configuration and
+fine-tuning are kept; only the fit is redone).
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-import math
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, runtime_checkable
 
 import torch
-from lightning import LightningModule, Trainer
-from scipy import stats
-from torch import nn
-
 from anomalib.data import Batch, ImageBatch, InferenceBatch
 from anomalib.post_processing import PostProcessor
+from lightning import LightningModule, Trainer
+from torch import nn
 
 from fsad_anomalib.data.few_shot import skip_validation_without_data
-from fsad_anomalib.data.views import fit_views, symmetry_count
+from fsad_anomalib.data.views import Symmetries, Views, resolve_symmetries
+from fsad_anomalib.post_processing.bounds import bound_at, check_rate, prediction_bound
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["VIEWS_BELOW", "NormalThresholdPostProcessor", "bound_at", "conformal_bound", "prediction_bound"]
+__all__ = ["VIEWS_BELOW", "NormalThresholdPostProcessor", "Refittable", "can_refit", "score_batch"]
 
 # below this many images, each held-out image is also scored in its flips and turns
 VIEWS_BELOW = 4
 
 
-def transform_of(scores: torch.Tensor) -> str:
-    """``log`` where all ``scores`` are positive (distances, skewed to the right), else ``identity``."""
-    return "log" if bool((scores > 0).all()) else "identity"
+@runtime_checkable
+class Refittable(Protocol):
+    """A model that refits itself for held-out scores: ``refit(images)`` returns a scorer (a torch module whose
+    forward gives an ``InferenceBatch``) fitted on ``images`` alone."""
+
+    def refit(self, images: torch.Tensor) -> nn.Module:
+        """A scorer fitted on ``images``."""
+        ...
 
 
-def _transformed(scores: torch.Tensor, transform: str) -> torch.Tensor:
-    values = scores.detach().double().flatten().cpu()
-    return values.log() if transform == "log" else values
+def can_refit(model: object) -> bool:
+    """Whether the post-processor can set a threshold for ``model``: it refits itself (:class:`Refittable`), or it
+    is a memory-bank model with a ``fit()`` after its training epoch (PatchCore, PaDiM, DFM, ...)."""
+    return isinstance(model, Refittable) or callable(getattr(model, "fit", None))
 
 
-def prediction_bound(scores: torch.Tensor, false_reject_rate: float, n_effective: int | None = None) -> dict[str, Any]:
-    """The one-sided normal prediction bound of ``scores`` at ``false_reject_rate``.
-
-    Args:
-        scores (torch.Tensor): Held-out normal scores (1-D, finite).
-        false_reject_rate (float): The target probability that a new normal score lies above the bound.
-        n_effective (int | None): The number of independent samples behind ``scores`` (the images, where several
-            views of one image were scored); defaults to ``scores.numel()``.
-
-    Returns:
-        dict[str, Any]: ``threshold`` (float) and what it was computed from: ``transform`` (``log`` where all
-        scores are positive, else ``identity``), ``mean`` and ``std`` in that space, ``n``, ``t``.
-    """
-    values = scores.detach().double().flatten().cpu()
-    n = int(n_effective or values.numel())
-    if values.numel() < 2 or n < 2:  # noqa: PLR2004
-        msg = f"a prediction bound needs at least 2 held-out scores from 2 samples, got {values.numel()} from {n}."
-        raise ValueError(msg)
-    transform = transform_of(values)
-    x = _transformed(values, transform)
-    mean, std = float(x.mean()), float(x.std())
-    # scores that agree to the last digits would give a bound at the mean: keep a floor of 1 % of the level
-    std = max(std, 0.01 * max(abs(mean), 1e-12)) if transform == "identity" else max(std, 1e-3)
-    t = float(stats.t.ppf(1.0 - false_reject_rate, df=n - 1))
-    threshold = _bound_value(mean, std, n, t, transform)
-    return {"threshold": threshold, "transform": transform, "mean": mean, "std": std, "n": n, "t": t}
-
-
-def _bound_value(mean: float, std: float, n: int, t: float, transform: str) -> float:
-    bound = mean + t * std * math.sqrt(1.0 + 1.0 / n)
-    return math.exp(bound) if transform == "log" else bound
-
-
-def conformal_bound(scores: torch.Tensor, false_reject_rate: float) -> dict[str, Any]:
-    """The split-conformal threshold of the scores of N good parts the model never saw, at ``false_reject_rate``.
-
-    With ``N >= 1 / rate - 1`` scores it is the ``ceil((N + 1) (1 - rate))``-th smallest: a new good part, exchangeable
-    with these, scores above it with probability at most ``rate`` (and more than ``rate - 1 / (N + 1)``), for any
-    distribution. With fewer the order statistic does not exist and the normal prediction bound of the scores is
-    used instead. The record keeps the scores, so :func:`bound_at` can move to another rate.
-    """
-    values = scores.detach().double().flatten().cpu()
-    n = values.numel()
-    if n < conformal_minimum(false_reject_rate):
-        record = prediction_bound(values, false_reject_rate)
-        return {**record, "estimator": "normal prediction bound", "scores": values.tolist()}
-    rank = math.ceil((n + 1) * (1.0 - false_reject_rate) - 1e-9)  # <= n from conformal_minimum parts on
-    threshold = float(values.sort().values[rank - 1])
-    return {"threshold": threshold, "estimator": "split-conformal order statistic", "n": n, "rank": rank,
-            "scores": values.tolist()}  # fmt: skip
-
-
-def conformal_minimum(false_reject_rate: float) -> int:
-    """How many good parts :func:`conformal_bound` needs for its distribution-free order statistic at this rate."""
-    return math.ceil(1.0 / false_reject_rate - 1.0 - 1e-9)
-
-
-def bound_at(record: dict[str, Any], false_reject_rate: float) -> float:
-    """The threshold a :func:`prediction_bound` or :func:`conformal_bound` ``record`` gives at another
-    ``false_reject_rate`` (same evidence)."""
-    if "scores" in record:  # confirmed on good parts: the same estimator, at the other rate
-        return float(conformal_bound(torch.tensor(record["scores"], dtype=torch.float64), false_reject_rate)["threshold"])
-    t = float(stats.t.ppf(1.0 - false_reject_rate, df=int(record["n"]) - 1))
-    return _bound_value(float(record["mean"]), float(record["std"]), int(record["n"]), t, str(record["transform"]))
-
-
-def _check_rate(false_reject_rate: Any) -> None:  # noqa: ANN401
-    if isinstance(false_reject_rate, bool) or not isinstance(false_reject_rate, (int, float)) or not (
-        0.0 < float(false_reject_rate) < 0.5  # noqa: PLR2004
-    ):
-        msg = f"false_reject_rate must be a number in (0, 0.5), e.g. 0.05 for 5 % of good parts, got {false_reject_rate!r}."
-        raise ValueError(msg)
-
-
-def _score(scorer: nn.Module, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def score_batch(scorer: nn.Module, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Image scores and anomaly-map maxima (NaN without a map) of ``query`` under a fitted ``scorer``."""
     device = next((b.device for b in scorer.buffers()), query.device)
     with torch.no_grad():
@@ -180,12 +104,10 @@ class NormalThresholdPostProcessor(PostProcessor):
     Args:
         false_reject_rate (float): Target share of good parts rejected, in (0, 0.5): 0.05 rejects about 50 good
             parts in 1,000. Defaults to ``0.05``.
-        hflip (bool | None): The product may be flipped left-right: such views of a held-out image count as
-            held-out normals below ``VIEWS_BELOW`` images. ``None`` (the default) takes the model's own ``hflip``
-            where it has one (FewShotContrastive), else ``False``: a flip is a claim about the product that only
-            the user can make.
-        vflip (bool | None): As ``hflip``, top-bottom.
-        rot90 (bool | None): As ``hflip``, turns by 90 degrees (square images only).
+        symmetries (Sequence[str] | None): The flips and turns (``hflip``, ``vflip``, ``rot90``) that leave a good
+            part good: such views of a held-out image count as held-out normals below ``VIEWS_BELOW`` images.
+            ``None`` (the default) takes the model's own where it declares them (FewShotContrastive), else none: a
+            symmetry is a claim about the product that only the user can make.
         **kwargs: :class:`~anomalib.post_processing.PostProcessor`'s arguments (``image_sensitivity`` other
             than 0.5 moves the decision away from the threshold).
 
@@ -198,15 +120,14 @@ class NormalThresholdPostProcessor(PostProcessor):
     def __init__(
         self,
         false_reject_rate: float = 0.05,
-        hflip: bool | None = None,
-        vflip: bool | None = None,
-        rot90: bool | None = None,
+        symmetries: Sequence[str] | None = None,
         **kwargs: Any,  # noqa: ANN401
     ) -> None:
-        _check_rate(false_reject_rate)
+        check_rate(false_reject_rate)
         super().__init__(**kwargs)
         self.false_reject_rate = float(false_reject_rate)
-        self.hflip, self.vflip, self.rot90 = (None if flag is None else bool(flag) for flag in (hflip, vflip, rot90))
+        # plain names (checkpoints keep them); unset until calibration resolves them with the model's
+        self.symmetries = None if symmetries is None else Symmetries.of(symmetries).names
         # what the threshold was computed from (plain types: it goes into checkpoints)
         self.calibration: dict[str, Any] = {}
         self._images: dict[str, torch.Tensor] = {}
@@ -215,7 +136,7 @@ class NormalThresholdPostProcessor(PostProcessor):
 
     @property
     def _checkpoint_config_keys(self) -> tuple[str, ...]:
-        return (*super()._checkpoint_config_keys, "false_reject_rate", "hflip", "vflip", "rot90", "calibration")
+        return (*super()._checkpoint_config_keys, "false_reject_rate", "symmetries", "calibration")
 
     # ------------------------------------------------------------------ collecting the K normals
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -228,7 +149,7 @@ class NormalThresholdPostProcessor(PostProcessor):
         """Start a new calibration, and refuse a model it cannot refit before anything runs."""
         del trainer
         self._images, self._snapshot, self._calibrated = {}, None, False
-        if not callable(getattr(pl_module, "refit", None)) and not callable(getattr(pl_module, "fit", None)):
+        if not can_refit(pl_module):
             msg = (
                 f"NormalThresholdPostProcessor sets its threshold from leave-one-out refits on the training images, "
                 f"and {type(pl_module).__name__} can be neither refitted (it has no fit() after its training epoch, "
@@ -240,7 +161,7 @@ class NormalThresholdPostProcessor(PostProcessor):
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Batch, batch_idx: int) -> None:
         """Copy the model as it is before its first training step (after fine-tuning callbacks): the refits' start."""
         del trainer, batch, batch_idx
-        if self._snapshot is None and not callable(getattr(pl_module, "refit", None)):
+        if self._snapshot is None and not isinstance(pl_module, Refittable):
             attached = pl_module._trainer  # noqa: SLF001 - a copy must not drag the trainer (and its data) along
             pl_module._trainer = None  # noqa: SLF001
             try:
@@ -249,7 +170,7 @@ class NormalThresholdPostProcessor(PostProcessor):
                 pl_module._trainer = attached  # noqa: SLF001
 
     def on_train_batch_end(
-        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Batch, batch_idx: int  # noqa: ANN401
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Batch, batch_idx: int,  # noqa: ANN401
     ) -> None:
         """Keep the training images as the model saw them (after the pre-processor)."""
         del trainer, pl_module, outputs, batch_idx
@@ -300,11 +221,9 @@ class NormalThresholdPostProcessor(PostProcessor):
         if self._calibrated or not self._images:
             return
         self._calibrated = True
-        for name in ("hflip", "vflip", "rot90"):  # unset symmetries: the model's, else none
-            if getattr(self, name) is None:
-                setattr(self, name, bool(getattr(pl_module, name, False)))
+        self.symmetries = resolve_symmetries(self.symmetries, pl_module, Symmetries(False, False, False)).names
         images = torch.stack([self._images[key] for key in sorted(self._images)])
-        refit = pl_module.refit if callable(getattr(pl_module, "refit", None)) else self._refit
+        refit = pl_module.refit if isinstance(pl_module, Refittable) else self._refit
         was_training = pl_module.training
         try:
             self.calibrate(images, refit)
@@ -337,27 +256,20 @@ class NormalThresholdPostProcessor(PostProcessor):
         independent images they come from) and ``views`` (how many views of each were scored).
         """
         k = images.shape[0]
-        hflip, vflip, rot90 = bool(self.hflip), bool(self.vflip), bool(self.rot90)
-        n_views = symmetry_count(hflip, vflip, rot90, square=images.shape[-1] == images.shape[-2])
-        if k >= VIEWS_BELOW:
-            n_views = 1
+        symmetries = Symmetries.of(self.symmetries or [])
+        n_views = 1 if k >= VIEWS_BELOW else symmetries.count(square=images.shape[-1] == images.shape[-2])
+        views = Views(n_views, symmetries)
         if k == 1:
             if n_views < 2:  # noqa: PLR2004
-                msg = ("one training image and no flip or turn allowed (pass NormalThresholdPostProcessor(hflip=True, "
-                       "...) for the symmetries your product has) leave no "
-                       "normal evidence to hold out")  # fmt: skip
+                msg = ("one training image and no flip or turn allowed (pass NormalThresholdPostProcessor(symmetries="
+                       "[...]) for the symmetries your product has) leave no normal evidence to hold out")  # fmt: skip
                 raise ValueError(msg)
-            views = torch.cat(list(fit_views(images, n_views, hflip, vflip, rot90)))[1:]
-            scores, maxima = _score(refit(images), views)
+            scores, maxima = score_batch(refit(images), torch.cat(list(views.of(images)))[1:])
             return {"scores": scores, "maxima": maxima, "n": n_views - 1, "views": n_views}
-        parts = []
-        for i in range(k):
-            keep = torch.cat([images[:i], images[i + 1 :]])
-            parts.append(_score(refit(keep), torch.cat(list(fit_views(images[i : i + 1], n_views, hflip, vflip,
-                                                                       rot90)))))  # fmt: skip
-        record = {"scores": torch.cat([p[0] for p in parts]), "maxima": torch.cat([p[1] for p in parts]), "n": k * n_views,
-                  "views": n_views}  # fmt: skip
-        return record
+        parts = [score_batch(refit(torch.cat([images[:i], images[i + 1 :]])), torch.cat(list(views.of(images[i : i + 1]))))
+                 for i in range(k)]  # fmt: skip
+        return {"scores": torch.cat([p[0] for p in parts]), "maxima": torch.cat([p[1] for p in parts]),
+                "n": k * n_views, "views": n_views}  # fmt: skip
 
     def calibrate(self, images: torch.Tensor, refit: Callable[[torch.Tensor], nn.Module]) -> dict[str, Any]:
         """Set the image and pixel thresholds and the normalisation from held-out scores of the normal ``images``.
@@ -417,13 +329,23 @@ class NormalThresholdPostProcessor(PostProcessor):
             logger.warning("NormalThresholdPostProcessor: no threshold from the %s: %s", what, error)
             return None
 
+    def adopt(self, record: dict[str, Any]) -> None:
+        """Put the thresholds of ``record`` (``image`` and ``pixel``, each with the ``lowest`` normal score) in force,
+        with its ``false_reject_rate``; ``calibration`` becomes the record (confirmation uses this)."""
+        for key, (threshold, low, high) in {"image": (self._image_threshold, self.image_min, self.image_max),
+                                            "pixel": (self._pixel_threshold, self.pixel_min, self.pixel_max)}.items():
+            if key in record:
+                self._set(threshold, low, high, record[key]["threshold"], record[key]["lowest"])
+        self.false_reject_rate = float(record.get("false_reject_rate", self.false_reject_rate))
+        self.calibration = record
+
     def threshold_at(self, false_reject_rate: float) -> float:
         """The image threshold the calibration gives at another target ``false_reject_rate``, without refitting.
 
         Raises:
             ValueError: The rate is not in (0, 0.5), or no image threshold has been set (train the model first).
         """
-        _check_rate(false_reject_rate)
+        check_rate(false_reject_rate)
         if "image" not in self.calibration:
             msg = "no image threshold has been set yet: train the model with this post-processor, or load a checkpoint."
             raise ValueError(msg)
@@ -445,105 +367,9 @@ class NormalThresholdPostProcessor(PostProcessor):
             self.calibration["pixel"]["threshold"] = pixel
         self.calibration["false_reject_rate"] = self.false_reject_rate
 
-    @torch.no_grad()
-    def confirm(
-        self,
-        model: LightningModule,
-        images: torch.Tensor | Iterable[Any],
-        false_reject_rate: float | None = None,
-    ) -> dict[str, Any]:
-        """Reset the image and pixel thresholds from N further **good** parts (no defective ones), as the line runs.
-
-        The threshold from the K training images is right on average over support sets, not for yours: K images
-        need not show how much the product varies. ``images`` are good parts the model never saw, scored by the
-        trained ``model`` as it is deployed. With at least ``1 / rate - 1`` of them (19 for 5 %, 99 for 1 %) the
-        threshold is their split-conformal order statistic (:func:`conformal_bound`): at most ``rate`` of the line's
-        good parts lie above it, whatever the scores' distribution. With fewer it is the prediction bound of their
-        scores, with a warning. Save the checkpoint (or export) again to deploy it.
-
-        Args:
-            model (LightningModule): The trained model whose post-processor this is.
-            images (torch.Tensor | Iterable): Good parts: a ``(N, 3, H, W)`` tensor in [0, 1], or batches of them
-                (tensors, or anomalib batches such as a datamodule's dataloader yields, labels ignored).
-            false_reject_rate (float | None): A new target rate; defaults to the current one.
-
-        Returns:
-            dict[str, Any]: The new calibration record (also in ``calibration``).
-
-        Raises:
-            ValueError: ``model`` does not use this post-processor, the images are not image batches, fewer than 2
-                give finite scores, or the rate is not in (0, 0.5).
-        """
-        rate = self.false_reject_rate if false_reject_rate is None else false_reject_rate
-        _check_rate(rate)
-        if getattr(model, "post_processor", None) is not self:
-            msg = "confirm(model, images): model must be the trained model whose post-processor this is."
-            raise ValueError(msg)
-        scores, maxima = self._score_good_parts(model, images)
-        finite = scores[torch.isfinite(scores)]
-        if finite.numel() < scores.numel():
-            logger.warning("NormalThresholdPostProcessor.confirm: %d of %d good parts gave NaN or infinite scores and "
-                           "are left out; check those images.", scores.numel() - finite.numel(), scores.numel())  # fmt: skip
-        if finite.numel() < 2:  # noqa: PLR2004
-            msg = f"confirm(model, images) needs at least 2 good parts with finite scores, got {finite.numel()}."
-            raise ValueError(msg)
-        needed = conformal_minimum(rate)
-        if finite.numel() < needed:
-            logger.warning("NormalThresholdPostProcessor.confirm: %d good parts are fewer than the %d a distribution-"
-                           "free threshold at %.1f %% needs; using the normal prediction bound of their scores.",
-                           finite.numel(), needed, 100 * rate)  # fmt: skip
-        self.false_reject_rate = float(rate)
-        image = conformal_bound(finite, self.false_reject_rate)
-        previous = {key: self.calibration[key] for key in ("k_shot", "image", "pixel") if key in self.calibration}
-        record: dict[str, Any] = {"k_shot": self.calibration.get("k_shot"), "false_reject_rate": self.false_reject_rate,
-                                  "confirmed_on": int(finite.numel()), "estimator": image["estimator"],
-                                  "from_training": previous}  # fmt: skip
-        record["image"] = {**image, "lowest": float(finite.min())}
-        self._set(self._image_threshold, self.image_min, self.image_max, image["threshold"], float(finite.min()))
-        finite_maxima = maxima[torch.isfinite(maxima)]
-        if finite_maxima.numel() >= 2:  # noqa: PLR2004
-            pixel = conformal_bound(finite_maxima, self.false_reject_rate)
-            record["pixel"] = {**pixel, "lowest": float(finite_maxima.min())}
-            self._set(self._pixel_threshold, self.pixel_min, self.pixel_max, pixel["threshold"],
-                      float(finite_maxima.min()))  # fmt: skip
-        logger.info("NormalThresholdPostProcessor: image threshold %.6g for a %.1f %% false-reject rate, confirmed on "
-                    "%d good parts (%s)", image["threshold"], 100 * rate, finite.numel(), image["estimator"])  # fmt: skip
-        self.calibration = record
-        return record
-
-    @staticmethod
-    def _score_good_parts(model: LightningModule, images: torch.Tensor | Iterable[Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Raw image scores and anomaly-map maxima of good parts, through the model's pre-processor and torch model."""
-        batches = [images] if isinstance(images, torch.Tensor) else images
-        was_training = model.training
-        model.eval()
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        scores, maxima = [], []
-        try:
-            for index, batch in enumerate(batches):
-                tensor = batch if isinstance(batch, torch.Tensor) else getattr(batch, "image", None)
-                if not isinstance(tensor, torch.Tensor) or tensor.ndim != 4 or tensor.shape[1] != 3:  # noqa: PLR2004
-                    shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(batch).__name__
-                    msg = (f"confirm(model, images): batch {index} is {shape}; expected good-part images as a "
-                           "(N, 3, H, W) tensor in [0, 1], or batches with an .image tensor of that shape.")
-                    raise ValueError(msg)
-                tensor = tensor.to(device)
-                if model.pre_processor:  # the transform training and `anomalib predict` apply (forward() applies
-                    transform = getattr(model.pre_processor, "transform", None)  # the export one: no antialias)
-                    tensor = transform(tensor) if transform is not None else model.pre_processor(tensor)
-                batch_scores, batch_maxima = _score(model.model, tensor)
-                scores.append(batch_scores)
-                maxima.append(batch_maxima)
-        finally:
-            model.train(was_training)
-        if not scores:
-            msg = "confirm(model, images): no images given."
-            raise ValueError(msg)
-        return torch.cat(scores), torch.cat(maxima)
-
     @staticmethod
     def _normalize(
-        preds: torch.Tensor | None, norm_min: torch.Tensor, norm_max: torch.Tensor, threshold: torch.Tensor
+        preds: torch.Tensor | None, norm_min: torch.Tensor, norm_max: torch.Tensor, threshold: torch.Tensor,
     ) -> torch.Tensor | None:
         """Map ``preds`` into (0, 1), strictly increasing: 0.5 at the threshold, 0.25 at the lowest held-out normal.
 

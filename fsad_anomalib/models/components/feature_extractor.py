@@ -13,11 +13,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch import nn
 from anomalib.models.components import TimmFeatureExtractor
 from timm.models._features import FeatureDictNet
 from timm.models.efficientnet import EfficientNetFeatures
 from timm.models.mobilenetv3 import MobileNetV3Features
+from torch import nn
 
 from fsad_anomalib.backbones import IMAGENET_MEAN, IMAGENET_STD, OFFLINE_PREFIX, load_features_weights, resolve_backbone
 
@@ -78,7 +78,7 @@ def features_until(
 
 def _layer_error(backbone: str, name: str, layers: Sequence[int | str]) -> ValueError:
     """The error for feature layers a timm backbone lacks, naming them and every layer it has (index, name, stride)."""
-    import timm  # noqa: PLC0415
+    import timm
 
     try:
         info = timm.create_model(name, features_only=True, pretrained=False).feature_info
@@ -98,7 +98,7 @@ def build_feature_extractor(
     layers: Sequence[int | str],
     pre_trained: bool,
 ) -> tuple[TimmFeatureExtractor, tuple[float, ...], tuple[float, ...]]:
-    """anomalib's ``TimmFeatureExtractor`` with gradients on, plus the backbone's normalisation constants."""
+    """Anomalib's ``TimmFeatureExtractor`` with gradients on, plus the backbone's normalisation constants."""
     if isinstance(backbone, str):
         name = resolve_backbone(backbone)
         # offline weights are a classifier's checkpoint: load only the tensors a features-only network has

@@ -1,7 +1,7 @@
 """Gaussian fit with Ledoit-Wolf shrinkage and the Mahalanobis distance.
 
 Few-shot statistics are degenerate: K * N_A samples in hundreds of dimensions give a singular sample
-covariance. The Ledoit-Wolf estimator shrinks it towards ``mu * I`` (``mu`` the mean eigenvalue) by the
+covariance. The Ledoit-Wolf estimator (scikit-learn's) shrinks it towards ``mu * I`` (``mu`` the mean eigenvalue) by the
 analytically optimal amount; a floor of ``eps * mu`` on the diagonal (and ``eps`` absolute when all
 samples coincide) keeps the result positive definite in every case, so the precision matrix exists and
 scores are finite. Computed in float64.
@@ -10,33 +10,14 @@ scores are finite. Computed in float64.
 from __future__ import annotations
 
 import torch
+from sklearn.covariance import ledoit_wolf
 
-__all__ = ["fit_gaussian", "ledoit_wolf", "mahalanobis"]
-
-
-def ledoit_wolf(x: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """Ledoit-Wolf shrunk covariance of ``x`` ``(n, p)`` (same formula as scikit-learn). Returns (cov, shrinkage)."""
-    x = x.double()
-    n, p = x.shape
-    xc = x - x.mean(0, keepdim=True)
-    emp = xc.T @ xc / n
-    mu = torch.trace(emp) / p
-    if n < 2 or mu <= 0:  # noqa: PLR2004
-        return mu * torch.eye(p, dtype=x.dtype, device=x.device), 1.0
-    x2 = xc**2
-    beta_ = (x2.T @ x2).sum() / n
-    delta_ = (emp**2).sum()
-    beta = (beta_ - delta_) / (p * n)
-    delta = (delta_ - 2 * mu * torch.trace(emp) + p * mu**2) / p
-    beta = torch.minimum(beta, delta)
-    shrinkage = 0.0 if float(delta) == 0 else float(beta / delta)
-    cov = (1 - shrinkage) * emp + shrinkage * mu * torch.eye(p, dtype=x.dtype, device=x.device)
-    return cov, shrinkage
+__all__ = ["fit_gaussian", "mahalanobis"]
 
 
 def fit_gaussian(x: torch.Tensor, eps: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Mean, precision (inverse of the shrunk covariance) and shrinkage of samples ``x`` ``(n, p)``."""
-    if x.ndim != 2 or x.shape[0] < 1:  # noqa: PLR2004
+    if x.ndim != 2 or x.shape[0] < 1:
         msg = f"fit_gaussian expects samples of shape (n >= 1, p), got {tuple(x.shape)}."
         raise ValueError(msg)
     if not torch.isfinite(x).all():
@@ -44,7 +25,11 @@ def fit_gaussian(x: torch.Tensor, eps: float = 1e-3) -> tuple[torch.Tensor, torc
         raise ValueError(msg)
     x64 = x.double()
     mean = x64.mean(0)
-    cov, shrinkage = ledoit_wolf(x64)
+    if x64.shape[0] < 2:  # noqa: PLR2004 - one sample: no spread to estimate, the shrunk covariance is mu * I
+        cov, shrinkage = x64.new_zeros(x64.shape[1], x64.shape[1]), 1.0
+    else:
+        cov_np, shrinkage = ledoit_wolf(x64.cpu().numpy())  # scikit-learn's Ledoit-Wolf, in float64 on the CPU
+        cov, shrinkage = torch.from_numpy(cov_np).to(x64.device), float(shrinkage)
     p = cov.shape[0]
     mu = float(torch.trace(cov) / p)
     floor = eps * mu if mu > 0 else eps

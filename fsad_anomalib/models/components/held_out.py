@@ -17,15 +17,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+from sklearn.metrics import roc_auc_score
 
 from fsad_anomalib.models.components.gaussian import fit_gaussian, mahalanobis
 from fsad_anomalib.models.components.sampling import greedy_coreset
 
-__all__ = ["FUSIONS", "LOCAL_MODES", "Fold", "auroc", "fuse", "local_map", "part_scores", "topk_mean"]
+__all__ = ["FUSIONS", "LOCAL_MODES", "Fold", "auroc", "fuse", "local_map", "part_scores", "standardisation", "topk_mean"]
 
 LOCAL_MODES = ("patch", "knn", "knn_patch")
-# how the global (g) and local (p) parts, each divided by its held-out normal mean, make the image score
+# how the global (g) and local (p) parts, each standardised on held-out normals, make the image score
 FUSIONS = ("local", "mean", "max", "global")
+# floor of a part's held-out standard deviation, relative to its held-out mean (K = 2 gives two held-out scores)
+MIN_RELATIVE_STD = 0.1
 
 
 def gaussian_map(patch: torch.Tensor, mean: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
@@ -48,10 +51,11 @@ def nearest_map(patch: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
 
 
 def local_map(
-    patch: torch.Tensor, mode: str, mean: torch.Tensor, precision: torch.Tensor, bank: torch.Tensor | None
+    patch: torch.Tensor, mode: str, mean: torch.Tensor, precision: torch.Tensor, bank: torch.Tensor | None,
 ) -> torch.Tensor:
     """The local anomaly map ``(B, 1, h, w)`` of ``mode``: ``patch`` (Mahalanobis to the patch Gaussian),
-    ``knn`` (distance to the nearest memory-bank patch) or ``knn_patch`` (per patch, their geometric mean)."""
+    ``knn`` (distance to the nearest memory-bank patch) or ``knn_patch`` (per patch, their geometric mean).
+    """
     if mode == "patch" or bank is None or bank.shape[0] == 0:
         return gaussian_map(patch, mean, precision)
     knn = nearest_map(patch, bank)
@@ -79,9 +83,27 @@ def fuse(g: torch.Tensor, p: torch.Tensor, fusion: str) -> torch.Tensor:
 
 
 def auroc(normal: torch.Tensor, anomalous: torch.Tensor) -> float:
-    """Probability that an anomalous score exceeds a normal one (ties count one half): the ROC curve's area."""
-    diff = anomalous.double().view(-1, 1) - normal.double().view(1, -1)
-    return float(((diff > 0).double() + 0.5 * (diff == 0).double()).mean())
+    """The ROC curve's area of normal against anomalous scores (scikit-learn's; ties count one half).
+
+    Not torchmetrics' ``binary_auroc``: it reads scores outside [0, 1] as logits, and their sigmoid ties distances.
+    """
+    scores = torch.cat([normal.flatten(), anomalous.flatten()]).double().cpu().numpy()
+    return float(roc_auc_score([0] * normal.numel() + [1] * anomalous.numel(), scores))
+
+
+def standardisation(global_scores: torch.Tensor, local_scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shift and scale ``(2,)`` of the global and local parts: mean and standard deviation of held-out normal scores.
+
+    The deviation has a floor of ``MIN_RELATIVE_STD`` times the mean (two held-out scores can lie close by chance);
+    one score gives the floor.
+    """
+    shifts, scales = [], []
+    for scores in (global_scores, local_scores):
+        mean = scores.mean()
+        std = scores.std() if scores.numel() > 1 else scores.new_zeros(())
+        shifts.append(mean)
+        scales.append(torch.maximum(std, MIN_RELATIVE_STD * mean.abs()).clamp_min(1e-6))
+    return torch.stack(shifts), torch.stack(scales)
 
 
 @dataclass
@@ -181,7 +203,7 @@ def folds_for(n_views: int, k: int, n_fit_views: int) -> list[Fold]:
     folds = []
     fitted = torch.zeros(n_views, k, dtype=torch.bool)
     fitted[:n_fit_views] = True
-    if k >= 2:  # noqa: PLR2004
+    if k >= 2:
         for i in range(k):
             fit, query = fitted.clone(), torch.zeros(n_views, k, dtype=torch.bool)
             fit[:, i] = False

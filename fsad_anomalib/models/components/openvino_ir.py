@@ -14,7 +14,7 @@ the eager model does, without configuration.
 
 from __future__ import annotations
 
-import xml.etree.ElementTree as ET  # noqa: N817 - the stdlib's usual alias
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
@@ -24,9 +24,9 @@ __all__ = ["keep_fp32"]
 
 def _older_forms(xml_path: Path) -> None:
     """Rewrite ``Interpolate`` v11 as v4 and ``Pad`` v12 as v1 (the forms the CPU plugin would convert them to)."""
-    import openvino as ov  # noqa: PLC0415 - only when exporting to OpenVINO
-    from openvino.opset1.ops import pad  # noqa: PLC0415
-    from openvino.opset10.ops import interpolate  # noqa: PLC0415 - the v4 Interpolate (opset10 still uses it)
+    import openvino as ov
+    from openvino.opset1.ops import pad
+    from openvino.opset10.ops import interpolate
 
     core = ov.Core()
     model = core.read_model(xml_path)
@@ -34,7 +34,7 @@ def _older_forms(xml_path: Path) -> None:
     for op in model.get_ordered_ops():
         version, kind = op.get_type_info().version_id, op.get_type_name()
         inputs = [port.get_source_output() for port in op.inputs()]
-        if kind == "Interpolate" and version == "opset11" and len(inputs) == 2:  # noqa: PLR2004 - data, sizes/scales
+        if kind == "Interpolate" and version == "opset11" and len(inputs) == 2:
             a = op.get_attributes()
             rank = inputs[0].get_partial_shape().rank.get_length()
             sizes, scales = (inputs[1], np.ones(rank, np.float32)) if a["shape_calculation_mode"] == "sizes" else (

