@@ -20,7 +20,7 @@ BUILD_ONLY = "fsad_anomalib/_build_backend.py"
 # One line, run by site.py at start-up: defines a finder that waits for ``import anomalib.models`` and
 # only then imports fsad_anomalib._plugin (see that module). It imports nothing itself.
 PTH_LINE = (
-    b"import os, sys; exec(\"class _FsadAnomalibHook:\\n def find_spec(self, name, path=None, target=None):\\n"
+    b'import os, sys; exec("class _FsadAnomalibHook:\\n def find_spec(self, name, path=None, target=None):\\n'
     b"  if name != 'anomalib.models': return None\\n  sys.meta_path.remove(self)\\n"
     b"  from fsad_anomalib._plugin import hook_spec\\n  return hook_spec(name)\\n"
     b"if not os.environ.get('FSAD_ANOMALIB_NO_PLUGIN'): sys.meta_path.insert(0, _FsadAnomalibHook())\")\n"
@@ -41,15 +41,16 @@ def _add_pth(wheel_directory: str, wheel_name: str) -> str:
                 continue
             if info.filename.endswith(".dist-info/RECORD"):
                 lines = [line for line in data.decode().splitlines() if not line.startswith(BUILD_ONLY + ",")]
-                data = ("\n".join(lines) + "\n" + record_line).encode()
+                archive.writestr(info, ("\n".join(lines) + "\n" + record_line).encode())
+                continue
             archive.writestr(info, data)
     tmp.replace(path)
     return wheel_name
 
 
-def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):  # noqa: ANN001
+def build_wheel(wheel_directory, config_settings=None, metadata_directory=None) -> str:  # noqa: ANN001
     return _add_pth(wheel_directory, _orig.build_wheel(wheel_directory, config_settings, metadata_directory))
 
 
-def build_editable(wheel_directory, config_settings=None, metadata_directory=None):  # noqa: ANN001
+def build_editable(wheel_directory, config_settings=None, metadata_directory=None) -> str:  # noqa: ANN001
     return _add_pth(wheel_directory, _orig.build_editable(wheel_directory, config_settings, metadata_directory))

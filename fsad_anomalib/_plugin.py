@@ -29,7 +29,7 @@ def _load_plugin() -> None:
     for name in _PLUGIN_MODULES:
         try:
             importlib.import_module(name)
-        except Exception as exc:  # noqa: BLE001 - a broken plugin must never break anomalib itself
+        except Exception as exc:  # noqa: BLE001, PERF203 - a broken plugin must never break anomalib itself
             warnings.warn(f"fsad-anomalib: could not register {name} with anomalib: {exc}", stacklevel=2)
     _expose_models()
     try:
@@ -63,7 +63,7 @@ def _expose_models() -> None:
         allowed.add("fsad_anomalib.models")
 
 
-def hook_spec(fullname: str):
+def hook_spec(fullname: str):  # noqa: ANN202 - typing it would import importlib.machinery at start-up
     """The spec of ``fullname`` whose loader imports fsad-anomalib's plugin modules right after executing it."""
     try:
         import importlib.util

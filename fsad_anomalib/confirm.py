@@ -1,4 +1,4 @@
-"""Confirm a trained model's OK/NG threshold on further good parts: :func:`confirm`, and its command.
+r"""Confirm a trained model's OK/NG threshold on further good parts: :func:`confirm`, and its command.
 
 The threshold from the K training images is right on average over support sets, not for each: K images need not
 show how much a product varies. Confirmation resets the image and pixel thresholds from N further **good** parts
@@ -34,7 +34,8 @@ from lightning import LightningModule
 from fsad_anomalib import models as our_models
 from fsad_anomalib.models.few_shot_contrastive.torch_model import NotFittedError
 from fsad_anomalib.post_processing.bounds import check_rate, conformal_bound, conformal_minimum
-from fsad_anomalib.post_processing.normal_threshold import NormalThresholdPostProcessor, score_batch
+from fsad_anomalib.post_processing.evidence import score_batch
+from fsad_anomalib.post_processing.normal_threshold import NormalThresholdPostProcessor
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +47,10 @@ def _model_class(name: str) -> type:
         found = getattr(module, name, None)
         if isinstance(found, type) and hasattr(found, "load_from_checkpoint"):
             return found
-    msg = f"--model {name}: not a model class of fsad_anomalib.models or anomalib.models (e.g. FewShotContrastive, Patchcore)."
+    msg = (
+        f"--model {name}: not a model class of fsad_anomalib.models or anomalib.models (e.g. FewShotContrastive, "
+        "Patchcore)."
+    )
     raise ValueError(msg)
 
 
@@ -74,9 +78,7 @@ def _batches(paths: Sequence[Path]) -> Iterator[torch.Tensor]:
 
 @torch.no_grad()
 def confirm(
-    model: LightningModule,
-    images: torch.Tensor | Iterable[Any],
-    false_reject_rate: float | None = None,
+    model: LightningModule, images: torch.Tensor | Iterable[Any], false_reject_rate: float | None = None
 ) -> dict[str, Any]:
     """Reset the image and pixel thresholds from N further **good** parts (no defective ones), as the line runs.
 
@@ -110,31 +112,50 @@ def confirm(
     scores, maxima = _score_good_parts(model, images)
     finite = scores[torch.isfinite(scores)]
     if finite.numel() < scores.numel():
-        logger.warning("Confirmation: %d of %d good parts gave NaN or infinite scores and "
-                       "are left out; check those images.", scores.numel() - finite.numel(), scores.numel())  # fmt: skip
+        logger.warning(
+            "Confirmation: %d of %d good parts gave NaN or infinite scores and are left out; check those images.",
+            scores.numel() - finite.numel(),
+            scores.numel(),
+        )
     if finite.numel() < 2:
         msg = f"confirm(model, images) needs at least 2 good parts with finite scores, got {finite.numel()}."
         raise ValueError(msg)
     needed = conformal_minimum(rate)
     if finite.numel() < needed:
-        logger.warning("Confirmation: %d good parts are fewer than the %d a distribution-"
-                       "free threshold at %.1f %% needs; using the normal prediction bound of their scores.",
-                       finite.numel(), needed, 100 * rate)  # fmt: skip
+        logger.warning(
+            "Confirmation: %d good parts are fewer than the %d a distribution-"
+            "free threshold at %.1f %% needs; using the normal prediction bound of their scores.",
+            finite.numel(),
+            needed,
+            100 * rate,
+        )
     image = conformal_bound(finite, float(rate))
     previous = {key: post.calibration[key] for key in ("k_shot", "image", "pixel") if key in post.calibration}
-    record: dict[str, Any] = {"k_shot": post.calibration.get("k_shot"), "false_reject_rate": float(rate),
-                              "confirmed_on": int(finite.numel()), "estimator": image["estimator"],
-                              "from_training": previous, "image": {**image, "lowest": float(finite.min())}}  # fmt: skip
+    record: dict[str, Any] = {
+        "k_shot": post.calibration.get("k_shot"),
+        "false_reject_rate": float(rate),
+        "confirmed_on": int(finite.numel()),
+        "estimator": image["estimator"],
+        "from_training": previous,
+        "image": {**image, "lowest": float(finite.min())},
+    }
     finite_maxima = maxima[torch.isfinite(maxima)]
-    if finite_maxima.numel() >= 2:  # noqa: PLR2004
+    if finite_maxima.numel() >= 2:
         record["pixel"] = {**conformal_bound(finite_maxima, float(rate)), "lowest": float(finite_maxima.min())}
     post.adopt(record)
-    logger.info("Confirmation: image threshold %.6g for a %.1f %% false-reject rate, from %d good parts (%s)",
-                image["threshold"], 100 * rate, finite.numel(), image["estimator"])  # fmt: skip
+    logger.info(
+        "Confirmation: image threshold %.6g for a %.1f %% false-reject rate, from %d good parts (%s)",
+        image["threshold"],
+        100 * rate,
+        finite.numel(),
+        image["estimator"],
+    )
     return record
 
 
-def _score_good_parts(model: LightningModule, images: torch.Tensor | Iterable[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+def _score_good_parts(
+    model: LightningModule, images: torch.Tensor | Iterable[Any]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Raw image scores and anomaly-map maxima of good parts, through the model's pre-processor and torch model."""
     batches = [images] if isinstance(images, torch.Tensor) else images
     was_training = model.training
@@ -146,8 +167,10 @@ def _score_good_parts(model: LightningModule, images: torch.Tensor | Iterable[An
             tensor = batch if isinstance(batch, torch.Tensor) else getattr(batch, "image", None)
             if not isinstance(tensor, torch.Tensor) or tensor.ndim != 4 or tensor.shape[1] != 3:
                 shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(batch).__name__
-                msg = (f"confirm(model, images): batch {index} is {shape}; expected good-part images as a "
-                       "(N, 3, H, W) tensor in [0, 1], or batches with an .image tensor of that shape.")
+                msg = (
+                    f"confirm(model, images): batch {index} is {shape}; expected good-part images as a "
+                    "(N, 3, H, W) tensor in [0, 1], or batches with an .image tensor of that shape."
+                )
                 raise ValueError(msg)
             tensor = tensor.to(device)
             if model.pre_processor:  # the transform training and `anomalib predict` apply (forward() applies
@@ -165,7 +188,7 @@ def _score_good_parts(model: LightningModule, images: torch.Tensor | Iterable[An
 
 
 def confirm_checkpoint(
-    model_name: str, ckpt: str | Path, images: str | Path, output: str | Path, false_reject_rate: float | None = None,
+    model_name: str, ckpt: str | Path, images: str | Path, output: str | Path, false_reject_rate: float | None = None
 ) -> dict:
     """Load ``ckpt``, confirm its threshold on the good parts in ``images`` and write ``output``; return the record."""
     ckpt, output = Path(ckpt), Path(output)
@@ -196,22 +219,32 @@ def confirm_checkpoint(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point."""
-    parser = argparse.ArgumentParser(prog="python -m fsad_anomalib.confirm", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("--model", required=True, help="the checkpoint's model class: FewShotContrastive, Patchcore, ...")
+    parser = argparse.ArgumentParser(
+        prog="python -m fsad_anomalib.confirm",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--model", required=True, help="the checkpoint's model class: FewShotContrastive, Patchcore, ..."
+    )
     parser.add_argument("--ckpt", required=True, help="the trained model's checkpoint")
-    parser.add_argument("--images", required=True, help="a folder of good parts the model never saw (searched recursively)")
+    parser.add_argument(
+        "--images", required=True, help="a folder of good parts the model never saw (searched recursively)"
+    )
     parser.add_argument("--output", required=True, help="where to write the confirmed checkpoint")
-    parser.add_argument("--false-reject-rate", type=float, default=None,
-                        help="a new target rate in (0, 0.5); default: the checkpoint's")
+    parser.add_argument(
+        "--false-reject-rate", type=float, default=None, help="a new target rate in (0, 0.5); default: the checkpoint's"
+    )
     args = parser.parse_args(argv)
     try:
         record = confirm_checkpoint(args.model, args.ckpt, args.images, args.output, args.false_reject_rate)
     except (ValueError, NotFittedError) as error:
         parser.error(str(error))
     image = record["image"]
-    print(f"image threshold {image['threshold']:.6g} for a {100 * record['false_reject_rate']:g} % false-reject rate, "
-          f"from {record['confirmed_on']} good parts ({record['estimator']}); written to {args.output}")  # fmt: skip
+    print(
+        f"image threshold {image['threshold']:.6g} for a {100 * record['false_reject_rate']:g} % false-reject rate, "
+        f"from {record['confirmed_on']} good parts ({record['estimator']}); written to {args.output}"
+    )
     return 0
 
 

@@ -36,7 +36,7 @@ def unseen_shift(image: torch.Tensor, turn: int) -> torch.Tensor:
 
 
 def cpu_engine(root: Path, **kwargs) -> Engine:
-    """anomalib's Engine on the CPU, quiet: no logger, no progress bar."""
+    """Anomalib's Engine on the CPU, quiet: no logger, no progress bar."""
     return Engine(default_root_dir=root, logger=False, enable_progress_bar=False, accelerator="cpu", **kwargs)
 
 

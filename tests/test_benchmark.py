@@ -21,16 +21,33 @@ def test_benchmark_end_to_end_and_resume(generated_root, tmp_path):
     methods = ["FewShotContrastive", "frozen", "PatchCore", "PaDiM"]
     args = {"fine_tuning": {"steps": 2}, "n_views": 2}
     printed = []
-    rows = run_benchmark(sets, k_shots=[1, 2], seeds=[0], methods=methods, output=out, image_size=64,
-                         fsc_args=args, progress=printed.append)  # fmt: skip
+    rows = run_benchmark(
+        sets,
+        k_shots=[1, 2],
+        seeds=[0],
+        methods=methods,
+        output=out,
+        image_size=64,
+        fsc_args=args,
+        progress=printed.append,
+    )
     assert len(rows) == 2 * len(methods)
     assert printed[0] == "[1/8] generated/toy K=1 seed=0 FewShotContrastive"  # long runs show where they are
     assert "(1/8 done in " in printed[1] and " left)" in printed[1] and "(8/8 done in " in printed[-1]
     lines = (out / "runs.jsonl").read_text().splitlines()
     assert len(lines) == 2 * len(methods)
     row = json.loads(lines[0])
-    for key in ("image_AUROC", "pixel_AUROC", "train_s", "ms_b1", "ms_b32", "peak_rss_mb", "support_set", "test_normal",
-                "test_anomalous"):
+    for key in (
+        "image_AUROC",
+        "pixel_AUROC",
+        "train_s",
+        "ms_b1",
+        "ms_b32",
+        "peak_rss_mb",
+        "support_set",
+        "test_normal",
+        "test_anomalous",
+    ):
         assert key in row
     assert len(row["support_set"]) == row["k_shot"]
     # the generated defects are plain to see: real rankings, not the 0.5 of tied or constant scores
@@ -55,8 +72,16 @@ def test_benchmark_end_to_end_and_resume(generated_root, tmp_path):
     assert "false rejects" in printed[1]
     # resuming runs nothing new
     printed.clear()
-    again = run_benchmark(sets, k_shots=[1, 2], seeds=[0], methods=methods, output=out, image_size=64,
-                          fsc_args=args, progress=printed.append)  # fmt: skip
+    again = run_benchmark(
+        sets,
+        k_shots=[1, 2],
+        seeds=[0],
+        methods=methods,
+        output=out,
+        image_size=64,
+        fsc_args=args,
+        progress=printed.append,
+    )
     assert printed == [f"8 of 8 runs are already in {out / 'runs.jsonl'}; 0 to run"]
     assert len(again) == len(rows)
     assert len((out / "runs.jsonl").read_text().splitlines()) == len(lines)
@@ -70,13 +95,43 @@ def test_benchmark_end_to_end_and_resume(generated_root, tmp_path):
     from fsad_anomalib.benchmark.__main__ import main
 
     (out / "results.md").unlink()
-    assert main(["--report-only", "--sets", "generated/toy", "--k", "2", "--methods", "PatchCore", "PaDiM",
-                 "--output", str(out)]) == 0  # fmt: skip
+    assert (
+        main([
+            "--report-only",
+            "--sets",
+            "generated/toy",
+            "--k",
+            "2",
+            "--methods",
+            "PatchCore",
+            "PaDiM",
+            "--output",
+            str(out),
+        ])
+        == 0
+    )
     report = (out / "results.md").read_text()
     assert "| generated toy | PatchCore |" in report and "K=1" not in report and "FewShotContrastive" not in report
     # run by run on the same support sets: FewShotContrastive against frozen, from the runs themselves
-    assert main(["--report-only", "--sets", "generated/toy", "--k", "1", "2", "--methods", "FewShotContrastive",
-                 "frozen", "--compare", "FewShotContrastive", "frozen", "--output", str(out)]) == 0  # fmt: skip
+    assert (
+        main([
+            "--report-only",
+            "--sets",
+            "generated/toy",
+            "--k",
+            "1",
+            "2",
+            "--methods",
+            "FewShotContrastive",
+            "frozen",
+            "--compare",
+            "FewShotContrastive",
+            "frozen",
+            "--output",
+            str(out),
+        ])
+        == 0
+    )
     report = (out / "results.md").read_text()
     auroc = {(r["method"], r["k_shot"]): r["image_AUROC"] for r in rows}
     for k in (1, 2):
@@ -87,14 +142,30 @@ def test_benchmark_end_to_end_and_resume(generated_root, tmp_path):
     # another folder's runs join the table where this one has none; its own runs.jsonl is left alone
     other = tmp_path / "other"
     other.mkdir()
-    stock = [json.loads(line) for line in lines if json.loads(line)["method"] in ("PatchCore", "PaDiM")]
+    stock = [json.loads(line) for line in lines if json.loads(line)["method"] in {"PatchCore", "PaDiM"}]
     mine = [json.loads(line) for line in lines if json.loads(line)["method"] == "frozen"]
     (other / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in mine))
     stock_only = tmp_path / "stock_only"
     stock_only.mkdir()
     (stock_only / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in stock))
-    assert main(["--report-only", "--sets", "generated/toy", "--k", "1", "2", "--methods", "frozen", "PatchCore",
-                 "--output", str(other), "--include-runs", str(stock_only)]) == 0  # fmt: skip
+    assert (
+        main([
+            "--report-only",
+            "--sets",
+            "generated/toy",
+            "--k",
+            "1",
+            "2",
+            "--methods",
+            "frozen",
+            "PatchCore",
+            "--output",
+            str(other),
+            "--include-runs",
+            str(stock_only),
+        ])
+        == 0
+    )
     report = (other / "results.md").read_text()
     assert "| generated toy | PatchCore |" in report and "| generated toy | frozen |" in report
     # only the requested runs are taken in (PaDiM's are not): 2 frozen + 2 PatchCore
@@ -102,8 +173,25 @@ def test_benchmark_end_to_end_and_resume(generated_root, tmp_path):
     assert len((other / "runs.jsonl").read_text().splitlines()) == len(mine)
     # a summary folder of other folders' runs alone: it gets the table and plots, and no runs.jsonl
     summary = tmp_path / "summary"
-    assert main(["--report-only", "--sets", "generated/toy", "--k", "1", "2", "--methods", "frozen", "PatchCore",
-                 "--output", str(summary), "--include-runs", str(other), str(stock_only)]) == 0  # fmt: skip
+    assert (
+        main([
+            "--report-only",
+            "--sets",
+            "generated/toy",
+            "--k",
+            "1",
+            "2",
+            "--methods",
+            "frozen",
+            "PatchCore",
+            "--output",
+            str(summary),
+            "--include-runs",
+            str(other),
+            str(stock_only),
+        ])
+        == 0
+    )
     report = (summary / "results.md").read_text()
     assert "| generated toy | PatchCore |" in report and "| generated toy | frozen |" in report
     assert "4 of these 4 runs come from --include-runs" in report
@@ -114,15 +202,28 @@ def test_benchmark_end_to_end_and_resume(generated_root, tmp_path):
 
 def test_paired_table_counts_each_support_set_once_and_skips_nan_runs():
     def run(method: str, k: int, seed: int, auroc: float, category: str = "a") -> dict:
-        return {"dataset": "set", "category": category, "k_shot": k, "seed": seed, "method": method, "image_AUROC": auroc}
+        return {
+            "dataset": "set",
+            "category": category,
+            "k_shot": k,
+            "seed": seed,
+            "method": method,
+            "image_AUROC": auroc,
+        }
 
     rows = [
-        run("A", 1, 0, 0.80), run("B", 1, 0, 0.70),  # A ahead by 0.10
-        run("A", 1, 1, 0.60), run("B", 1, 1, 0.60),  # level
-        run("A", 1, 2, 0.50), run("B", 1, 2, 0.70),  # B ahead by 0.20
-        run("A", 2, 0, 0.90), run("B", 2, 0, float("nan")),  # no pair: B gave no AUROC
+        run("A", 1, 0, 0.80),
+        run("B", 1, 0, 0.70),  # A ahead by 0.10
+        run("A", 1, 1, 0.60),
+        run("B", 1, 1, 0.60),  # level
+        run("A", 1, 2, 0.50),
+        run("B", 1, 2, 0.70),  # B ahead by 0.20
+        run("A", 2, 0, 0.90),
+        run("B", 2, 0, float("nan")),  # no pair: B gave no AUROC
         run("A", 2, 1, 0.90),  # no pair: B never ran
-        run("C", 1, 0, 0.99), run("A", 4, 0, 0.75, "b"), run("B", 4, 0, 0.70, "b"),
+        run("C", 1, 0, 0.99),
+        run("A", 4, 0, 0.75, "b"),
+        run("B", 4, 0, 0.70, "b"),
     ]
     table = paired_table(rows, "A", "B")
     assert "| set | K | pairs | mean A - B | A ahead | level | B ahead |" in table
@@ -161,12 +262,30 @@ def test_benchmark_compare_names_methods_it_tables(capsys: pytest.CaptureFixture
     from fsad_anomalib.benchmark.__main__ import main
 
     with pytest.raises(SystemExit):
-        main(["--report-only", "--methods", "frozen", "PatchCore", "--compare", "FewShotContrastive", "frozen",
-              "--output", "/nonexistent-fsad-output"])  # fmt: skip
+        main([
+            "--report-only",
+            "--methods",
+            "frozen",
+            "PatchCore",
+            "--compare",
+            "FewShotContrastive",
+            "frozen",
+            "--output",
+            "/nonexistent-fsad-output",
+        ])
     err = capsys.readouterr().err
     assert "--compare FewShotContrastive frozen" in err and "--methods" in err
     with pytest.raises(SystemExit):
-        main(["--report-only", "--methods", "frozen", "--compare", "frozen", "frozen", "--output", "/nonexistent-fsad-output"])
+        main([
+            "--report-only",
+            "--methods",
+            "frozen",
+            "--compare",
+            "frozen",
+            "frozen",
+            "--output",
+            "/nonexistent-fsad-output",
+        ])
     assert "--compare frozen frozen: name two different methods" in capsys.readouterr().err
 
 
@@ -211,7 +330,9 @@ def test_speed_variants_must_be_json_objects(variant: str, capsys: pytest.Captur
         (["--sets", "ELPV/mono", "--set-model-args", "ELPV/mono={x"], "--set-model-args"),
     ],
 )
-def test_benchmark_model_args_must_be_json_objects(argv: list[str], named: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_benchmark_model_args_must_be_json_objects(
+    argv: list[str], named: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     from fsad_anomalib.benchmark.__main__ import main
 
     with pytest.raises(SystemExit):
@@ -223,18 +344,30 @@ def test_benchmark_model_args_must_be_json_objects(argv: list[str], named: str, 
 
 def _data_config(path, root, **init_args) -> str:
     """An `anomalib train --config` file: FewShot around Folder over the generated set, plus a model section."""
-    folder = {"name": "toy", "root": str(root), "normal_dir": "train/good", "abnormal_dir": "test/bad",
-              "normal_test_dir": "test/good", "mask_dir": "mask/bad", "val_split_mode": "same_as_test", "num_workers": 0,
-              **init_args}
-    config = {"model": {"class_path": "FewShotContrastive"},
-              "data": {"class_path": "FewShot", "init_args": {"k_shot": 4, "seed": 0,
-                                                             "datamodule": {"class_path": "Folder", "init_args": folder}}}}
+    folder = {
+        "name": "toy",
+        "root": str(root),
+        "normal_dir": "train/good",
+        "abnormal_dir": "test/bad",
+        "normal_test_dir": "test/good",
+        "mask_dir": "mask/bad",
+        "val_split_mode": "same_as_test",
+        "num_workers": 0,
+        **init_args,
+    }
+    config = {
+        "model": {"class_path": "FewShotContrastive"},
+        "data": {
+            "class_path": "FewShot",
+            "init_args": {"k_shot": 4, "seed": 0, "datamodule": {"class_path": "Folder", "init_args": folder}},
+        },
+    }
     path.write_text(json.dumps(config))  # JSON is YAML
     return str(path)
 
 
 def test_benchmark_runs_on_an_anomalib_datamodule_config(generated_root, tmp_path, capsys: pytest.CaptureFixture[str]):
-    """--data takes the data section of an anomalib config: the user's own Folder, with its masks, next to stock PatchCore."""
+    """--data takes the data section of an anomalib config: the user's own Folder, with masks, beside PatchCore."""
     from anomalib.data.utils import ValSplitMode
 
     from fsad_anomalib.benchmark.__main__ import main
@@ -249,18 +382,43 @@ def test_benchmark_runs_on_an_anomalib_datamodule_config(generated_root, tmp_pat
     assert len(datamodule.test_data) == 16 and not getattr(datamodule, "val_data", None)
 
     out = tmp_path / "bench"
-    assert main(["--data", config, "--k", "2", "--seeds", "0", "--methods", "frozen", "PatchCore", "--image-size", "64",
-                 "--no-timing", "--set-model-args", 'Folder/toy={"n_views": 2}', "--output", str(out),
-                 "--compare", "frozen", "PatchCore"]) == 0  # fmt: skip
+    assert (
+        main([
+            "--data",
+            config,
+            "--k",
+            "2",
+            "--seeds",
+            "0",
+            "--methods",
+            "frozen",
+            "PatchCore",
+            "--image-size",
+            "64",
+            "--no-timing",
+            "--set-model-args",
+            'Folder/toy={"n_views": 2}',
+            "--output",
+            str(out),
+            "--compare",
+            "frozen",
+            "PatchCore",
+        ])
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "k_shot and seed are left aside" in printed and "val_split_mode same_as_test -> none" in printed
     assert "model ignored" in printed
     rows = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
-    assert [(r["dataset"], r["category"], r["method"]) for r in rows] == [("Folder", "toy", "frozen"),
-                                                                          ("Folder", "toy", "PatchCore")]
+    assert [(r["dataset"], r["category"], r["method"]) for r in rows] == [
+        ("Folder", "toy", "frozen"),
+        ("Folder", "toy", "PatchCore"),
+    ]
     assert rows[0]["model_args"] == {"n_views": 2} and rows[1]["model_args"] == {}
     assert rows[0]["support_set"] == rows[1]["support_set"] and len(rows[0]["support_set"]) == 2
-    assert all((r["test_normal"], r["test_anomalous"]) == (8, 8) for r in rows)  # the whole test set, no validation split
+    assert all(
+        (r["test_normal"], r["test_anomalous"]) == (8, 8) for r in rows
+    )  # the whole test set, no validation split
     for row in rows:  # the generated blobs are plain to see, and the masks give pixel AUROC
         assert row["image_AUROC"] > 0.9 and row["pixel_AUROC"] > 0.9
     results = (out / "results.md").read_text()
@@ -279,8 +437,27 @@ def test_benchmark_confirms_thresholds_on_further_pool_normals(generated_root, t
 
     config = _data_config(tmp_path / "my_product.yaml", generated_root)
     out = tmp_path / "bench"
-    assert main(["--data", config, "--k", "2", "--seeds", "0", "1", "--methods", "PatchCore", "--image-size", "64",
-                 "--no-timing", "--confirm", "8", "--output", str(out)]) == 0  # fmt: skip
+    assert (
+        main([
+            "--data",
+            config,
+            "--k",
+            "2",
+            "--seeds",
+            "0",
+            "1",
+            "--methods",
+            "PatchCore",
+            "--image-size",
+            "64",
+            "--no-timing",
+            "--confirm",
+            "8",
+            "--output",
+            str(out),
+        ])
+        == 0
+    )
     rows = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
     assert len(rows) == 2
     for row in rows:
@@ -289,15 +466,32 @@ def test_benchmark_confirms_thresholds_on_further_pool_normals(generated_root, t
         assert set(confirmed["at"]) == {"0.01", "0.05"}
         assert confirmed["at"]["0.01"]["threshold"] > confirmed["at"]["0.05"]["threshold"]
         assert confirmed["at"]["0.05"]["threshold"] != row["threshold"]["threshold"]  # a threshold of its own
-        assert 0 <= confirmed["at"]["0.05"]["false_reject_rate"] <= 1 and confirmed["at"]["0.05"]["detection_rate"] > 0.5
+        assert (
+            0 <= confirmed["at"]["0.05"]["false_reject_rate"] <= 1 and confirmed["at"]["0.05"]["detection_rate"] > 0.5
+        )
     results = (out / "results.md").read_text()
     assert "| Folder toy | 2 | 5 % | PatchCore | 2 |" in results
     assert "| Folder toy | 2 | 5 % | PatchCore, confirmed on 8 | 2 |" in results
     assert results.index("| 5 % | PatchCore |") < results.index("| 5 % | PatchCore, confirmed on 8 |")
     # 12 pool normals, 2 in the support set: 11 more cannot be drawn
     too_many = tmp_path / "too_many"
-    main(["--data", config, "--k", "2", "--seeds", "0", "--methods", "PatchCore", "--image-size", "64", "--no-timing",
-          "--confirm", "11", "--output", str(too_many)])  # fmt: skip
+    main([
+        "--data",
+        config,
+        "--k",
+        "2",
+        "--seeds",
+        "0",
+        "--methods",
+        "PatchCore",
+        "--image-size",
+        "64",
+        "--no-timing",
+        "--confirm",
+        "11",
+        "--output",
+        str(too_many),
+    ])
     failed = json.loads((too_many / "runs.jsonl").read_text().splitlines()[0])
     assert "--confirm 11: the training pool holds 10 normals outside the support set" in failed["error"]
     capsys.readouterr()
@@ -305,11 +499,24 @@ def test_benchmark_confirms_thresholds_on_further_pool_normals(generated_root, t
 
 def test_pixel_auroc_table_only_for_sets_with_masks(tmp_path):
     def run(dataset, method, seed, image, pixel, maps=0):
-        return {"dataset": dataset, "category": "c", "k_shot": 2, "seed": seed, "method": method, "image_AUROC": image,
-                "pixel_AUROC": pixel, "non_finite_maps": maps, "train_s": 1.0}
+        return {
+            "dataset": dataset,
+            "category": "c",
+            "k_shot": 2,
+            "seed": seed,
+            "method": method,
+            "image_AUROC": image,
+            "pixel_AUROC": pixel,
+            "non_finite_maps": maps,
+            "train_s": 1.0,
+        }
 
-    rows = [run("masks", "A", 0, 0.8, 0.9), run("masks", "A", 1, 0.6, 0.7), run("masks", "B", 0, 0.5, float("nan"), 3),
-            run("nomasks", "A", 0, 0.7, None)]
+    rows = [
+        run("masks", "A", 0, 0.8, 0.9),
+        run("masks", "A", 1, 0.6, 0.7),
+        run("masks", "B", 0, 0.5, float("nan"), 3),
+        run("nomasks", "A", 0, 0.7, None),
+    ]
     text = write_table(rows, tmp_path / "results.md", methods=["A", "B"])
     image, pixel = text.split("Pixel AUROC")
     assert "| masks c | A | 0.700 +- 0.141 |" in image and "| nomasks c | A | 0.700 +- 0.000 |" in image
@@ -325,12 +532,21 @@ def test_pixel_auroc_table_only_for_sets_with_masks(tmp_path):
         ("data: [\n", "not a YAML file"),
         ("model: {class_path: FewShotContrastive}\n", "expected an anomalib datamodule"),
         ("data: {class_path: torch.nn.Linear, init_args: {in_features: 2, out_features: 3}}\n", "could not be built"),
-        ("data: {class_path: Folder, init_args: {name: x, root: ROOT, normal_dir: train/good, bogus: 1}}\n",
-         "'bogus' is not accepted"),
-        ("data: {class_path: Folder, init_args: {name: x, root: ROOT/missing, normal_dir: train/good}}\n",
-         "could not list its images"),
-        ("data: {class_path: Folder, init_args: {name: x, root: ROOT, normal_dir: train/good, normal_test_dir: test/good}}\n",
-         "8 normal and 0 anomalous"),
+        (
+            "data: {class_path: Folder, init_args: {name: x, root: ROOT, normal_dir: train/good, bogus: 1}}\n",
+            "'bogus' is not accepted",
+        ),
+        (
+            "data: {class_path: Folder, init_args: {name: x, root: ROOT/missing, normal_dir: train/good}}\n",
+            "could not list its images",
+        ),
+        (
+            (
+                "data: {class_path: Folder, init_args: {name: x, root: ROOT, normal_dir: train/good, "
+                "normal_test_dir: test/good}}\n"
+            ),
+            "8 normal and 0 anomalous",
+        ),
     ],
 )
 def test_benchmark_data_config_errors_name_the_file(content, expected, generated_root, tmp_path, capsys):
@@ -419,7 +635,7 @@ def test_benchmark_numeric_options_are_checked_up_front(argv, expected, tmp_path
         (["--model-args", '{"nope": 1}'], "unexpected keyword argument 'nope'"),
         (["--set-model-args", 'ELPV/mono={"fine_tuning": {"steps": 0}}'], "steps must be an integer >= 1"),
         (["--model-args", '{"fine_tuning": {"synthesis": "perlin"}}'], "synthesis must be one of"),
-        (["--model-args", '{"fine_tuning": 3}'], "fine_tuning must be \"auto\", true, false or an object"),
+        (["--model-args", '{"fine_tuning": 3}'], 'fine_tuning must be "auto", true, false or an object'),
     ],
 )
 def test_benchmark_checks_fewshotcontrastive_arguments_before_the_first_run(argv, expected, tmp_path, capsys):
@@ -455,8 +671,14 @@ def test_results_md_says_when_a_threshold_flags_nothing() -> None:
 
     def row(seed: int, method: str, fr: float, det: float) -> dict:
         at = {"false_reject_rate": fr, "detection_rate": det}
-        return {"dataset": "ELPV", "category": "mono", "k_shot": 2, "seed": seed, "method": method,
-                "threshold": {"target_false_reject_rate": 0.05, "at": {"0.05": at}}}  # fmt: skip
+        return {
+            "dataset": "ELPV",
+            "category": "mono",
+            "k_shot": 2,
+            "seed": seed,
+            "method": method,
+            "threshold": {"target_false_reject_rate": 0.05, "at": {"0.05": at}},
+        }
 
     rows = [row(0, "A", 0.0, 0.0), row(1, "A", 0.0, 0.0), row(0, "B", 0.0, 0.0), row(1, "B", 0.04, 0.5)]
     lines = {line.split(" | ")[3]: line for line in threshold_table(rows)[2:]}

@@ -21,8 +21,15 @@ TIMINGS = {"train_s", "peak_rss_mb", "ms_b1", "ms_b32"}
 
 
 def _data_config(path, root) -> str:
-    folder = {"name": "toy", "root": str(root), "normal_dir": "train/good", "abnormal_dir": "test/bad",
-              "normal_test_dir": "test/good", "mask_dir": "mask/bad", "num_workers": 0}  # fmt: skip
+    folder = {
+        "name": "toy",
+        "root": str(root),
+        "normal_dir": "train/good",
+        "abnormal_dir": "test/bad",
+        "normal_test_dir": "test/good",
+        "mask_dir": "mask/bad",
+        "num_workers": 0,
+    }
     path.write_text(json.dumps({"data": {"class_path": "Folder", "init_args": folder}}))  # JSON is YAML
     return str(path)
 
@@ -44,15 +51,29 @@ def test_stock_layers_follow_the_backbone():
 def test_resnet18_sweep_of_patchcore_padim_and_fewshotcontrastive(generated_root, tmp_path):
     """--backbone resnet18 --no-pretrained: random weights, no download; every method runs end to end."""
     sets = {"generated/toy": lambda: folder_datamodule(generated_root, val_split_mode="none")}
-    rows = run_benchmark(sets, k_shots=[2], seeds=[0], methods=["FewShotContrastive", "PatchCore", "PaDiM"],
-                         output=tmp_path, backbone="resnet18", pre_trained=False, image_size=64, time_inference=False,
-                         fsc_args={"fine_tuning": False}, progress=lambda line: None)  # fmt: skip
+    rows = run_benchmark(
+        sets,
+        k_shots=[2],
+        seeds=[0],
+        methods=["FewShotContrastive", "PatchCore", "PaDiM"],
+        output=tmp_path,
+        backbone="resnet18",
+        pre_trained=False,
+        image_size=64,
+        time_inference=False,
+        fsc_args={"fine_tuning": False},
+        progress=lambda _line: None,
+    )
     assert [r["method"] for r in rows] == ["FewShotContrastive", "PatchCore", "PaDiM"]
     for row in rows:
         assert "error" not in row, row.get("error")
         assert row["non_finite_scores"] == 0 and row["image_AUROC"] > 0.5  # bright blobs, even on random features
-        assert row["layers"] == {"FewShotContrastive": None, "PatchCore": ["layer2", "layer3"],
-                                 "PaDiM": ["layer1", "layer2", "layer3"]}[row["method"]]  # fmt: skip
+        assert (
+            row["layers"]
+            == {"FewShotContrastive": None, "PatchCore": ["layer2", "layer3"], "PaDiM": ["layer1", "layer2", "layer3"]}[
+                row["method"]
+            ]
+        )
 
 
 def test_a_method_config_runs_beside_the_built_in_methods(generated_root, tmp_path, capsys):
@@ -60,18 +81,49 @@ def test_a_method_config_runs_beside_the_built_in_methods(generated_root, tmp_pa
     from fsad_anomalib.benchmark.__main__ import main
 
     dfm = tmp_path / "dfm.yaml"
-    dfm.write_text("seed_everything: 0\nmodel:\n  class_path: Dfm\n  init_args:\n    backbone: resnet18\n"
-                   "    layer: layer3\n    pre_trained: false\n    post_processor: true\n")  # fmt: skip
+    dfm.write_text(
+        "seed_everything: 0\nmodel:\n  class_path: Dfm\n  init_args:\n    backbone: resnet18\n"
+        "    layer: layer3\n    pre_trained: false\n    post_processor: true\n"
+    )
     out = tmp_path / "bench"
     # K = 4: DFM's PCA needs more than one image in each leave-one-out refit
-    assert main(["--data", _data_config(tmp_path / "toy.yaml", generated_root), "--k", "4", "--seeds", "0", "1",
-                 "--methods", "PatchCore", "--method-config", f"Dfm={dfm}", "--backbone", "resnet18", "--no-pretrained",
-                 "--image-size", "64", "--no-timing", "--output", str(out), "--compare", "Dfm", "PatchCore"]) == 0  # fmt: skip
+    assert (
+        main([
+            "--data",
+            _data_config(tmp_path / "toy.yaml", generated_root),
+            "--k",
+            "4",
+            "--seeds",
+            "0",
+            "1",
+            "--methods",
+            "PatchCore",
+            "--method-config",
+            f"Dfm={dfm}",
+            "--backbone",
+            "resnet18",
+            "--no-pretrained",
+            "--image-size",
+            "64",
+            "--no-timing",
+            "--output",
+            str(out),
+            "--compare",
+            "Dfm",
+            "PatchCore",
+        ])
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "only its model section and trainer.max_epochs/max_steps are read (seed_everything ignored" in printed
     assert "post_processor replaced by the benchmark's" in printed
     rows = load_runs(out)
-    assert sorted((r["method"], r["seed"]) for r in rows) == [("Dfm", 0), ("Dfm", 1), ("PatchCore", 0), ("PatchCore", 1)]
+    assert sorted((r["method"], r["seed"]) for r in rows) == [
+        ("Dfm", 0),
+        ("Dfm", 1),
+        ("PatchCore", 0),
+        ("PatchCore", 1),
+    ]
     by = {(r["method"], r["seed"]): r for r in rows}
     for seed in (0, 1):
         dfm_row, patchcore = by["Dfm", seed], by["PatchCore", seed]
@@ -91,12 +143,31 @@ def test_a_model_trained_by_an_optimiser_gets_auroc_and_no_threshold(generated_r
     from fsad_anomalib.benchmark.__main__ import main
 
     gan = tmp_path / "ganomaly.yaml"
-    gan.write_text("trainer:\n  max_epochs: 1\n  accelerator: cpu\nmodel:\n  class_path: Ganomaly\n  init_args:\n"
-                   "    batch_size: 2\n    n_features: 8\n    latent_vec_size: 8\n")  # fmt: skip
+    gan.write_text(
+        "trainer:\n  max_epochs: 1\n  accelerator: cpu\nmodel:\n  class_path: Ganomaly\n  init_args:\n"
+        "    batch_size: 2\n    n_features: 8\n    latent_vec_size: 8\n"
+    )
     out = tmp_path / "bench"
-    assert main(["--data", _data_config(tmp_path / "toy.yaml", generated_root), "--k", "2", "--seeds", "0",
-                 "--methods", "PatchCore", "--method-config", f"Gan={gan}", "--image-size", "64", "--no-timing",
-                 "--output", str(out)]) == 0  # fmt: skip
+    assert (
+        main([
+            "--data",
+            _data_config(tmp_path / "toy.yaml", generated_root),
+            "--k",
+            "2",
+            "--seeds",
+            "0",
+            "--methods",
+            "PatchCore",
+            "--method-config",
+            f"Gan={gan}",
+            "--image-size",
+            "64",
+            "--no-timing",
+            "--output",
+            str(out),
+        ])
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "Ganomaly is trained by an optimiser and cannot be refitted" in printed
     assert "(trainer.accelerator ignored" in printed
@@ -113,7 +184,10 @@ def test_a_model_trained_by_an_optimiser_gets_auroc_and_no_threshold(generated_r
         ("trainer:\n  max_epochs: 1\n", "expected an anomalib model: a 'model:' section"),
         ("model:\n  class_path: NoSuchModel\n", "its model (NoSuchModel) could not be built"),
         ("model:\n  class_path: Dfm\n  init_args:\n    no_such_argument: 3\n", "its model (Dfm) could not be built"),
-        ("trainer:\n  max_epochs: 0\nmodel:\n  class_path: Dfm\n", "trainer.max_epochs must be a whole number of at least 1"),
+        (
+            "trainer:\n  max_epochs: 0\nmodel:\n  class_path: Dfm\n",
+            "trainer.max_epochs must be a whole number of at least 1",
+        ),
     ],
 )
 def test_bad_method_configs_are_refused_before_any_run(content, expected, generated_root, tmp_path, capsys):
@@ -123,8 +197,18 @@ def test_bad_method_configs_are_refused_before_any_run(content, expected, genera
     bad.write_text(content)
     out = tmp_path / "bench"
     with pytest.raises(SystemExit):
-        main(["--data", _data_config(tmp_path / "toy.yaml", generated_root), "--k", "1", "--methods", "PatchCore",
-              "--method-config", f"Mine={bad}", "--output", str(out)])  # fmt: skip
+        main([
+            "--data",
+            _data_config(tmp_path / "toy.yaml", generated_root),
+            "--k",
+            "1",
+            "--methods",
+            "PatchCore",
+            "--method-config",
+            f"Mine={bad}",
+            "--output",
+            str(out),
+        ])
     error = capsys.readouterr().err
     assert f"--method-config Mine={bad}: {expected}" in error
     assert not (out / "runs.jsonl").exists()
@@ -135,11 +219,16 @@ def test_bad_method_configs_are_refused_before_any_run(content, expected, genera
     [
         (["--method-config", "Dfm"], "expected NAME=FILE"),
         (["--method-config", "PatchCore=x.yaml"], "the name PatchCore is taken"),
-        (["--method-config", "Mine=/no/such/file.yaml"], "--method-config Mine=/no/such/file.yaml: cannot read the file"),
+        (
+            ["--method-config", "Mine=/no/such/file.yaml"],
+            "--method-config Mine=/no/such/file.yaml: cannot read the file",
+        ),
         (["--methods", "Dfm"], "--methods: unknown Dfm"),
         (["--ray-address", "auto"], "--ray-address joins a Ray cluster: give --executor ray as well"),
-        (["--backbone", "resnet18", "--model-args", '{"layers": [2, 9]}', "--methods", "PatchCore"],
-         "layer 9 is not a feature depth of resnet18"),
+        (
+            ["--backbone", "resnet18", "--model-args", '{"layers": [2, 9]}', "--methods", "PatchCore"],
+            "layer 9 is not a feature depth of resnet18",
+        ),
     ],
 )
 def test_method_options_are_checked_before_any_run(argv, expected, tmp_path, capsys):
@@ -158,17 +247,32 @@ def test_a_failed_run_is_recorded_and_the_sweep_goes_on(generated_root, tmp_path
 
     sets = {"broken/set": broken, "generated/toy": lambda: folder_datamodule(generated_root, val_split_mode="none")}
     printed = []
-    rows = run_benchmark(sets, k_shots=[2], seeds=[0], methods=["PatchCore"], output=tmp_path, image_size=64,
-                         time_inference=False, progress=printed.append)  # fmt: skip
+    rows = run_benchmark(
+        sets,
+        k_shots=[2],
+        seeds=[0],
+        methods=["PatchCore"],
+        output=tmp_path,
+        image_size=64,
+        time_inference=False,
+        progress=printed.append,
+    )
     assert rows[0]["error"] == "OSError: the data folder went away" and "Traceback" in rows[0]["traceback"]
     assert "error" not in rows[1] and rows[1]["image_AUROC"] > 0.9
     assert printed[0] == "[1/2] broken/set K=2 seed=0 PatchCore"
     assert printed[1].startswith("    FAILED, OSError: the data folder went away  (1/2 done in ")
     # a resumed sweep runs the failed run again, and only that one
     printed.clear()
-    run_benchmark({"broken/set": broken, **{k: v for k, v in sets.items() if k != "broken/set"}}, k_shots=[2],
-                  seeds=[0], methods=["PatchCore"], output=tmp_path, image_size=64, time_inference=False,
-                  progress=printed.append)  # fmt: skip
+    run_benchmark(
+        {"broken/set": broken, **{k: v for k, v in sets.items() if k != "broken/set"}},
+        k_shots=[2],
+        seeds=[0],
+        methods=["PatchCore"],
+        output=tmp_path,
+        image_size=64,
+        time_inference=False,
+        progress=printed.append,
+    )
     assert printed[0] == f"1 of 2 runs are already in {tmp_path / 'runs.jsonl'}; 1 to run"
 
 
@@ -176,8 +280,26 @@ def test_a_killed_sweep_resumes(generated_root, tmp_path):
     """SIGKILL mid-sweep (Lightning catches SIGTERM), even mid-line: the same command finishes the rest."""
     config = _data_config(tmp_path / "toy.yaml", generated_root)
     out = tmp_path / "bench"
-    argv = [sys.executable, "-m", "fsad_anomalib.benchmark", "--data", config, "--k", "1", "2", "--seeds", "0", "1",
-            "--methods", "PatchCore", "--image-size", "64", "--no-timing", "--output", str(out)]  # fmt: skip
+    argv = [
+        sys.executable,
+        "-m",
+        "fsad_anomalib.benchmark",
+        "--data",
+        config,
+        "--k",
+        "1",
+        "2",
+        "--seeds",
+        "0",
+        "1",
+        "--methods",
+        "PatchCore",
+        "--image-size",
+        "64",
+        "--no-timing",
+        "--output",
+        str(out),
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     process = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     runs = out / "runs.jsonl"
@@ -203,8 +325,17 @@ def test_a_ray_sweep_equals_the_serial_one(generated_root, tmp_path):
     4 more runs, of a set that cannot be built, are recorded as failed and the sweep goes on.
     """
     sets = {"generated/toy": lambda: folder_datamodule(generated_root, val_split_mode="none")}
-    common = {"k_shots": [1, 2], "seeds": [0, 1], "methods": ["PatchCore"], "image_size": 64, "time_inference": False,
-              "backbone": "resnet18", "pre_trained": False, "cpus_per_run": 1, "progress": lambda line: None}
+    common = {
+        "k_shots": [1, 2],
+        "seeds": [0, 1],
+        "methods": ["PatchCore"],
+        "image_size": 64,
+        "time_inference": False,
+        "backbone": "resnet18",
+        "pre_trained": False,
+        "cpus_per_run": 1,
+        "progress": lambda _line: None,
+    }
     serial = run_benchmark(sets, output=tmp_path / "serial", **common)
 
     def broken():
@@ -212,8 +343,12 @@ def test_a_ray_sweep_equals_the_serial_one(generated_root, tmp_path):
         raise OSError(msg)
 
     printed = []
-    ray_rows = run_benchmark({**sets, "broken/set": broken}, output=tmp_path / "ray", executor="ray",
-                             **{**common, "progress": printed.append})  # fmt: skip
+    ray_rows = run_benchmark(
+        {**sets, "broken/set": broken},
+        output=tmp_path / "ray",
+        executor="ray",
+        **{**common, "progress": printed.append},
+    )
     assert printed[0] == "8 runs as Ray tasks on a local Ray cluster"
     assert any("(8/8 done in " in line for line in printed) and any(" left)" in line for line in printed)
     failed = [r for r in ray_rows if "error" in r]

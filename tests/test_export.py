@@ -54,9 +54,17 @@ def test_onnx_runtime_matches_eager(trained):
     names = [o.name for o in session.get_outputs()]
     eager = trained["eager"]
     for index in range(trained["images"].shape[0]):  # batch 1, as deployed
-        out = dict(zip(names, session.run(None, {session.get_inputs()[0].name: trained["images"][index : index + 1].numpy()})))
+        out = dict(
+            zip(
+                names,
+                session.run(None, {session.get_inputs()[0].name: trained["images"][index : index + 1].numpy()}),
+                strict=True,
+            )
+        )
         np.testing.assert_allclose(out["pred_score"], eager.pred_score[index : index + 1].numpy(), rtol=1e-4, atol=1e-6)
-        np.testing.assert_allclose(out["anomaly_map"], eager.anomaly_map[index : index + 1].numpy(), rtol=1e-3, atol=1e-4)
+        np.testing.assert_allclose(
+            out["anomaly_map"], eager.anomaly_map[index : index + 1].numpy(), rtol=1e-3, atol=1e-4
+        )
         if abs(eager.pred_score[index].item() - 0.5) > 1e-4:  # a score on the threshold may flip within tolerance
             assert bool(out["pred_label"].item()) == bool(eager.pred_label[index].item())
 
@@ -71,13 +79,23 @@ def test_openvino_matches_eager(trained, tmp_path, monkeypatch):
     eager = trained["eager"]
     for index in range(1, 4):
         result = inferencer.predict(trained["images"][index])
-        np.testing.assert_allclose(np.asarray(result.pred_score).ravel(), eager.pred_score[index : index + 1].numpy(), rtol=1e-4, atol=1e-6)
-        np.testing.assert_allclose(np.asarray(result.anomaly_map).reshape(-1), eager.anomaly_map[index].numpy().reshape(-1), rtol=1e-3, atol=1e-4)
+        np.testing.assert_allclose(
+            np.asarray(result.pred_score).ravel(), eager.pred_score[index : index + 1].numpy(), rtol=1e-4, atol=1e-6
+        )
+        np.testing.assert_allclose(
+            np.asarray(result.anomaly_map).reshape(-1),
+            eager.anomaly_map[index].numpy().reshape(-1),
+            rtol=1e-3,
+            atol=1e-4,
+        )
         if abs(eager.pred_score[index].item() - 0.5) > 1e-4:
             assert bool(np.asarray(result.pred_label).item()) == bool(eager.pred_label[index].item())
     labels = [bool(np.asarray(inferencer.predict(image).pred_label).item()) for image in trained["images"]]
-    agree = [a == bool(b) for a, b, s in zip(labels, eager.pred_label.flatten(), eager.pred_score.flatten(), strict=True)
-             if abs(s.item() - 0.5) > 1e-4]  # fmt: skip
+    agree = [
+        a == bool(b)
+        for a, b, s in zip(labels, eager.pred_label.flatten(), eager.pred_score.flatten(), strict=True)
+        if abs(s.item() - 0.5) > 1e-4
+    ]
     assert all(agree) and len(agree) >= len(labels) - 1
 
 
@@ -86,7 +104,9 @@ def test_onnx_accepts_other_image_sizes(trained):
 
     path = trained["root"] / "onnx" / "weights" / "onnx" / "model.onnx"
     if not path.exists():
-        path = trained["engine"].export(model=trained["model"], export_type="onnx", export_root=trained["root"] / "onnx")
+        path = trained["engine"].export(
+            model=trained["model"], export_type="onnx", export_root=trained["root"] / "onnx"
+        )
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     for size in ((64, 80), (200, 150)):
         image = torch.rand(2, 3, *size).numpy()

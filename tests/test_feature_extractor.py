@@ -27,8 +27,9 @@ def _count_calls(module: torch.nn.Module) -> list[int]:
     ],
 )
 def test_same_features_without_the_deeper_blocks(backbone: str, layers: list, skipped: str) -> None:
-    extractor = TimmFeatureExtractor(resolve_backbone(backbone), layers=layers, pre_trained=False,
-                                     requires_grad=True).eval()
+    extractor = TimmFeatureExtractor(
+        resolve_backbone(backbone), layers=layers, pre_trained=False, requires_grad=True
+    ).eval()
     images = torch.rand(2, 3, 96, 96)
     with torch.no_grad():
         full = extractor(images)
@@ -44,8 +45,9 @@ def test_same_features_without_the_deeper_blocks(backbone: str, layers: list, sk
 
 
 def test_unknown_layer_is_named() -> None:
-    extractor = TimmFeatureExtractor(resolve_backbone("offline:tf_efficientnet_lite0"), layers=[2, 3],
-                                     pre_trained=False)
+    extractor = TimmFeatureExtractor(
+        resolve_backbone("offline:tf_efficientnet_lite0"), layers=[2, 3], pre_trained=False
+    )
     with pytest.raises(ValueError, match=r"layers \[4\] are not among"):
         features_until(extractor, torch.rand(1, 3, 64, 64), [4])
 

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
+import torch.nn.functional as F  # noqa: N812 - the name torch itself uses
 
 from fsad_anomalib.fine_tuning.loss import (
     CrossInstancePositiveLoss,
@@ -50,7 +50,7 @@ def test_ntxent_is_zero_without_negatives_and_rejects_bad_temperature():
 
 
 def test_ntxent_gradient_pulls_views_together():
-    z1 = unit([1.0, 0.0], [0.0, 1.0]).requires_grad_(True)
+    z1 = unit([1.0, 0.0], [0.0, 1.0]).requires_grad_(requires_grad=True)
     z2 = unit([0.6, 0.8], [0.8, -0.6])
     NTXentLoss(0.5)(z1, z2).backward()
     # descending the gradient moves z1[0] towards its positive z2[0]
@@ -66,7 +66,7 @@ def test_cross_instance_positive_by_hand():
 
 
 def test_cross_instance_gradient_pulls_instances_together():
-    z = unit([1.0, 0.0], [0.0, 1.0]).requires_grad_(True)
+    z = unit([1.0, 0.0], [0.0, 1.0]).requires_grad_(requires_grad=True)
     CrossInstancePositiveLoss()(z, torch.tensor([0, 1])).backward()
     assert (-z.grad[0] @ z[1].detach()).item() > 0
 
@@ -84,7 +84,7 @@ def test_synthesized_negative_by_hand():
 def test_synthesized_negative_gradient_pushes_anomalies_away():
     z1 = unit([1.0, 0.0])
     z2 = unit([0.9, 0.1])
-    a = unit([0.8, 0.6]).requires_grad_(True)
+    a = unit([0.8, 0.6]).requires_grad_(requires_grad=True)
     SynthesizedNegativeLoss(0.5)(z1, z2, a).backward()
     assert (-a.grad[0] @ z1[0]).item() < 0  # a step moves the anomaly away from the normal
 
@@ -109,7 +109,7 @@ def test_dense_negative_by_hand_and_gradient():
     tau = 1.0
     # one image, 1x2 feature map: location 0 unchanged, location 1 inside the defect mask
     normal = unit([1.0, 0.0], [0.0, 1.0]).T.reshape(1, 2, 1, 2)
-    anomalous = unit([1.0, 0.0], [-1.0, 0.0]).T.reshape(1, 2, 1, 2).clone().requires_grad_(True)
+    anomalous = unit([1.0, 0.0], [-1.0, 0.0]).T.reshape(1, 2, 1, 2).clone().requires_grad_(requires_grad=True)
     mask = torch.tensor([[[[0.0, 1.0]]]])
     loss = DenseSynthesizedNegativeLoss(tau)(normal, anomalous, mask)
     # anchor u_0 = (1, 0): positive u'_0 = (1, 0) (cos 1), negative u'_1 = (-1, 0) (cos -1)

@@ -9,8 +9,8 @@ import torch
 from lightning.pytorch import seed_everything
 
 from fsad_anomalib.data import FewShot
-from fsad_anomalib.fine_tuning import ContrastiveFineTuning
 from fsad_anomalib.data.views import Symmetries, Views
+from fsad_anomalib.fine_tuning import ContrastiveFineTuning
 from fsad_anomalib.models import FewShotContrastive, FewShotContrastiveModel, NotFittedError
 from fsad_anomalib.models.components import mahalanobis
 from fsad_anomalib.models.components.held_out import local_map, topk_mean
@@ -24,7 +24,6 @@ def make_model(**kwargs) -> FewShotContrastive:
     args = {"image_size": IMAGE_SIZE, "fine_tuning": ContrastiveFineTuning(steps=4), "n_views": 4}
     args.update(kwargs)
     return FewShotContrastive(**args)
-
 
 
 @torch.no_grad()
@@ -130,7 +129,7 @@ def test_anomalib_lifecycle_validate_predict_export(trained, tmp_path, monkeypat
     assert torch.equal(torch.as_tensor(result.anomaly_map).reshape(-1), eager.anomaly_map.reshape(-1).cpu())
 
 
-def test_supported_backbones_and_errors(tmp_path):
+def test_supported_backbones_and_errors():
     model = FewShotContrastive(backbone="resnet18", pre_trained=False, image_size=64)
     assert model.model.global_dim == 512
     with pytest.raises(ValueError, match="not a timm model"):
@@ -176,7 +175,7 @@ def test_predict_on_a_folder_writes_one_overlay_per_image(trained, generated_roo
     predictions = eng.predict(model=model, data_path=folder)
     n_images = len(list(folder.glob("*.png")))
     assert sum(len(p.pred_score) for p in predictions) == n_images
-    overlays = [p for p in tmp_path.rglob("*.png")]
+    overlays = list(tmp_path.rglob("*.png"))
     assert len(overlays) == n_images
 
 
@@ -212,8 +211,14 @@ def test_knn_score_mode_coreset_checkpoint_and_onnx(tmp_path):
             return out.pred_score, out.anomaly_map
 
     path = tmp_path / "knn.onnx"
-    torch.onnx.export(Scores(model), (normals[:1],), str(path), input_names=["image"], dynamo=False,
-                      dynamic_axes={"image": {0: "batch"}})  # fmt: skip
+    torch.onnx.export(
+        Scores(model),
+        (normals[:1],),
+        str(path),
+        input_names=["image"],
+        dynamo=False,
+        dynamic_axes={"image": {0: "batch"}},
+    )
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     onnx_scores = session.run(None, {"image": defects.numpy()})[0]
     torch.testing.assert_close(torch.from_numpy(onnx_scores), defect_scores, rtol=1e-4, atol=1e-4)
@@ -231,8 +236,10 @@ def test_knn_patch_score_is_the_geometric_mean_of_both_patch_distances():
     defects[:, :, 20:36, 20:36] = 1.0
     with torch.no_grad():
         patch, _ = model.features(defects)
-        maps = {mode: local_map(patch, mode, model.patch_mean, model.patch_precision, model.memory_bank)
-                for mode in ("knn", "patch", "knn_patch")}
+        maps = {
+            mode: local_map(patch, mode, model.patch_mean, model.patch_precision, model.memory_bank)
+            for mode in ("knn", "patch", "knn_patch")
+        }
         combined, normal_scores = model(defects), model(normals).pred_score
     torch.testing.assert_close(maps["knn_patch"], (maps["knn"] * maps["patch"]).sqrt())
     assert (maps["knn"] > 0).any() and not torch.allclose(maps["knn_patch"], maps["knn"])
@@ -282,7 +289,7 @@ def test_fused_parts_are_standardised_on_held_out_normals():
         other = FewShotContrastiveModel(score_mode="patch", layers=model.layers).eval()
         other.fit(torch.cat([images[:i], images[i + 1 :]]))
         with torch.no_grad():
-            patch, emb = other.features(images[i : i + 1])
+            _patch, emb = other.features(images[i : i + 1])
             global_held.append(mahalanobis(emb, other.global_mean, other.global_precision))
             patch_held.append(other(images[i : i + 1]).pred_score)  # the patch score alone
     held = [torch.cat(global_held), torch.cat(patch_held)]
@@ -348,7 +355,11 @@ def test_anomalib_builds_the_model_every_way_its_pipelines_do() -> None:
     from anomalib.models import get_model
 
     assert isinstance(get_model("FewShotContrastive", pre_trained=False), FewShotContrastive)
-    for class_path in ("FewShotContrastive", "anomalib.models.FewShotContrastive", "fsad_anomalib.models.FewShotContrastive"):
+    for class_path in (
+        "FewShotContrastive",
+        "anomalib.models.FewShotContrastive",
+        "fsad_anomalib.models.FewShotContrastive",
+    ):
         model = get_model({"class_path": class_path, "init_args": {"pre_trained": False, "image_size": 64}})
         assert isinstance(model, FewShotContrastive) and model.image_size == 64
 
@@ -365,8 +376,12 @@ def test_a_plain_datamodule_without_validation_trains_to_a_fitted_checkpoint(nam
     from fsad_anomalib.post_processing import NormalThresholdPostProcessor
 
     if name == "Padim":
-        model = Padim(backbone=offline_backbone(), layers=["blocks.1", "blocks.2"], n_features=40,
-                      post_processor=NormalThresholdPostProcessor())  # fmt: skip
+        model = Padim(
+            backbone=offline_backbone(),
+            layers=["blocks.1", "blocks.2"],
+            n_features=40,
+            post_processor=NormalThresholdPostProcessor(),
+        )
     else:
         model = FewShotContrastive(image_size=64, fine_tuning=False)
     datamodule = folder_datamodule(generated_root, val_split_mode="none", train_batch_size=4)

@@ -68,12 +68,25 @@ def line(tmp_path_factory: pytest.TempPathFactory) -> dict:
             lines.append(f"cp results/FewShotContrastive/latest/predictions.csv predictions_{predicted}.csv")
     script = "\n".join(lines)
     bin_dir = Path(sys.executable).parent
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1",
-           "OPENVINO_TELEMETRY_DISABLED": "1", "TRUST_REMOTE_CODE": "1"}  # fmt: skip
-    done = subprocess.run(["bash", "-e", "-x", "-c", script], cwd=work, env=env, capture_output=True, text=True,
-                          timeout=900, check=False)  # fmt: skip
-    return {"work": work, "product": product, "good_parts": good_parts, "section": section, "places": places,
-            "run": done, "log": done.stdout[-6000:] + done.stderr[-6000:]}  # fmt: skip
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "HF_HUB_OFFLINE": "1",
+        "OPENVINO_TELEMETRY_DISABLED": "1",
+        "TRUST_REMOTE_CODE": "1",
+    }
+    done = subprocess.run(
+        ["bash", "-e", "-x", "-c", script], cwd=work, env=env, capture_output=True, text=True, timeout=900, check=False
+    )
+    return {
+        "work": work,
+        "product": product,
+        "good_parts": good_parts,
+        "section": section,
+        "places": places,
+        "run": done,
+        "log": done.stdout[-6000:] + done.stderr[-6000:],
+    }
 
 
 def _predictions(work: Path) -> list[dict[str, str]]:
@@ -143,8 +156,9 @@ def test_exported_models_score_as_eager_with_openvino_defaults_and_no_gradient(l
         a, b = torch_model.predict(path), openvino.predict(path)
         assert not a.pred_score.requires_grad and not a.anomaly_map.requires_grad
         np.testing.assert_allclose(np.asarray(b.pred_score).ravel(), a.pred_score.numpy().ravel(), rtol=1e-4, atol=1e-6)
-        np.testing.assert_allclose(np.asarray(b.anomaly_map).ravel(), a.anomaly_map.numpy().ravel(), rtol=1e-3,
-                                   atol=1e-4)  # fmt: skip
+        np.testing.assert_allclose(
+            np.asarray(b.anomaly_map).ravel(), a.anomaly_map.numpy().ravel(), rtol=1e-3, atol=1e-4
+        )
 
 
 def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -173,15 +187,25 @@ def _in_process(args: list[str], capsys: pytest.CaptureFixture) -> tuple[object,
     return outcome, printed.out + printed.err
 
 
-def test_anomalib_test_on_the_trained_checkpoint(line: dict, monkeypatch, capsys) -> None:
+def test_anomalib_test_on_the_trained_checkpoint(line: dict, monkeypatch) -> None:
     """``anomalib test`` with the config and the checkpoint training wrote: the threshold set on the normals labels."""
     from anomalib.cli import AnomalibCLI
 
     monkeypatch.chdir(line["work"])
     ckpt = line["work"] / "results/FewShotContrastive/my_product/latest/weights/lightning/model.ckpt"
-    cli = AnomalibCLI(["test", "--config", str(REPO / "configs/few_shot_contrastive_folder.yaml"),
-                       "--data.datamodule.root", str(line["product"]), "--model.image_size", "64",
-                       "--trainer.enable_progress_bar", "false", "--ckpt_path", str(ckpt)])  # fmt: skip
+    cli = AnomalibCLI([
+        "test",
+        "--config",
+        str(REPO / "configs/few_shot_contrastive_folder.yaml"),
+        "--data.datamodule.root",
+        str(line["product"]),
+        "--model.image_size",
+        "64",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--ckpt_path",
+        str(ckpt),
+    ])
     metrics = cli.engine.trainer.callback_metrics
     assert float(metrics["image_F1Score"]) == 1.0 and float(metrics["image_AUROC"]) == 1.0
 
@@ -191,24 +215,46 @@ def test_an_unfitted_checkpoint_is_refused_by_name_everywhere(line: dict, tmp_pa
     from fsad_anomalib.models import NotFittedError
 
     work = line["work"]
-    source = torch.load(work / "results/FewShotContrastive/my_product/latest/weights/lightning/model.ckpt",
-                        map_location="cpu", weights_only=False)  # fmt: skip
+    source = torch.load(
+        work / "results/FewShotContrastive/my_product/latest/weights/lightning/model.ckpt",
+        map_location="cpu",
+        weights_only=False,
+    )
     source["state_dict"]["model.is_fitted"] = torch.tensor(False)
     unfitted = tmp_path / "unfitted.ckpt"
     torch.save(source, unfitted)
     said = f"the checkpoint {unfitted} holds a model that was never fitted"
     # as a user sees it: the reason ends what `anomalib predict` prints
-    result = _cli(["predict", "--model", "FewShotContrastive", "--ckpt_path", str(unfitted), "--data",
-                   str(line["product"] / "test" / "bad")], tmp_path)  # fmt: skip
+    result = _cli(
+        [
+            "predict",
+            "--model",
+            "FewShotContrastive",
+            "--ckpt_path",
+            str(unfitted),
+            "--data",
+            str(line["product"] / "test" / "bad"),
+        ],
+        tmp_path,
+    )
     assert result.returncode != 0
     assert "".join(said.split()) in _tail(result)
     monkeypatch.chdir(tmp_path)
-    outcome, _ = _in_process(["export", "--model", "FewShotContrastive", "--ckpt_path", str(unfitted),
-                              "--export_type", "onnx"], capsys)  # fmt: skip
+    outcome, _ = _in_process(
+        ["export", "--model", "FewShotContrastive", "--ckpt_path", str(unfitted), "--export_type", "onnx"], capsys
+    )
     assert isinstance(outcome, NotFittedError) and said in str(outcome)
     with pytest.raises(SystemExit) as stop:
-        confirm(["--model", "FewShotContrastive", "--ckpt", str(unfitted), "--images", str(line["good_parts"]),
-                 "--output", str(tmp_path / "no.ckpt")])  # fmt: skip
+        confirm([
+            "--model",
+            "FewShotContrastive",
+            "--ckpt",
+            str(unfitted),
+            "--images",
+            str(line["good_parts"]),
+            "--output",
+            str(tmp_path / "no.ckpt"),
+        ])
     assert stop.value.code == 2
     assert said in capsys.readouterr().err.strip().splitlines()[-1]
     assert not (tmp_path / "no.ckpt").exists()
@@ -223,8 +269,10 @@ def test_a_bad_cli_value_ends_with_its_reason(line: dict, monkeypatch, capsys) -
     last = (result.stdout + result.stderr).strip().splitlines()[-1]
     assert last.startswith("error: --data.k_shot: Not of type PositiveInt"), last
     monkeypatch.chdir(line["work"])
-    refusals = ((["--model.score_mode", "nonsense"], "score_mode must be one of"),
-                (["--model.layers", "[9, 10]"], "has no such feature layer; it has 0 (blocks.0, stride 2)"))
+    refusals = (
+        (["--model.score_mode", "nonsense"], "score_mode must be one of"),
+        (["--model.layers", "[9, 10]"], "has no such feature layer; it has 0 (blocks.0, stride 2)"),
+    )
     for argument, reason in refusals:
         outcome, printed = _in_process([*train, *argument], capsys)
         assert outcome == 2, (outcome, printed[-2000:])
@@ -238,7 +286,17 @@ def test_images_of_any_readable_kind_are_checked_at_set_up(tmp_path: Path, monke
     (root / "train/good/notes.png").write_text("not an image")
     cv2.imwrite(str(root / "train/good/extra.png"), np.zeros((64, 64, 3), np.uint8))
     monkeypatch.chdir(tmp_path)
-    outcome, _ = _in_process(["train", "--config", str(REPO / "configs/few_shot_contrastive_folder.yaml"),
-                              "--data.datamodule.root", str(root), "--model.image_size", "64"], capsys)  # fmt: skip
+    outcome, _ = _in_process(
+        [
+            "train",
+            "--config",
+            str(REPO / "configs/few_shot_contrastive_folder.yaml"),
+            "--data.datamodule.root",
+            str(root),
+            "--model.image_size",
+            "64",
+        ],
+        capsys,
+    )
     assert isinstance(outcome, ValueError)
     assert f"{root / 'train/good/notes.png'}: not a readable image" in str(outcome)

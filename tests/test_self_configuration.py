@@ -63,7 +63,7 @@ def test_default_catches_a_local_defect_and_a_whole_image_shift(default_run):
 
 
 def test_auto_writes_its_choice_and_evidence_and_keeps_them_in_the_checkpoint(default_run, tmp_path):
-    model, root = default_run["model"], default_run["root"]
+    model, _root = default_run["model"], default_run["root"]
     record = json.loads((Path(default_run["engine"].trainer.default_root_dir) / "self_configuration.json").read_text())
     assert record["k_shot"] == 4 and record["seed"] == 0
     table = record["selection"]["table"]

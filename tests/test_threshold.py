@@ -23,11 +23,16 @@ from .conftest import cpu_engine, folder_datamodule, make_dataset
 SIZE = 64
 
 
-
 def _patchcore(rate: float = 0.05) -> Patchcore:
-    return Patchcore(backbone="resnet18", pre_trained=False, layers=["layer2", "layer3"], coreset_sampling_ratio=0.1,
-                     pre_processor=Patchcore.configure_pre_processor(image_size=(SIZE, SIZE)), visualizer=False,
-                     post_processor=NormalThresholdPostProcessor(false_reject_rate=rate))
+    return Patchcore(
+        backbone="resnet18",
+        pre_trained=False,
+        layers=["layer2", "layer3"],
+        coreset_sampling_ratio=0.1,
+        pre_processor=Patchcore.configure_pre_processor(image_size=(SIZE, SIZE)),
+        visualizer=False,
+        post_processor=NormalThresholdPostProcessor(false_reject_rate=rate),
+    )
 
 
 @pytest.mark.parametrize(("n", "rate"), [(4, 0.05), (8, 0.05), (8, 0.01)])
@@ -62,7 +67,7 @@ def test_a_model_it_cannot_refit_is_refused_before_training():
     class Trainable(torch.nn.Module):  # no fit(), no refit(): a model trained by gradient descent
         pass
 
-    with pytest.raises(TypeError, match="Trainable.*validation set"):
+    with pytest.raises(TypeError, match=r"Trainable.*validation set"):
         NormalThresholdPostProcessor().on_fit_start(None, Trainable())
 
 
@@ -73,11 +78,17 @@ def test_false_reject_rate_on_real_fresh_normals_is_near_its_target(tmp_path):
     from fsad_anomalib.benchmark.runner import run_benchmark
     from fsad_anomalib.data import ELPV
 
-    rows = run_benchmark({"ELPV/mono": lambda: ELPV("mono", evaluation="dev", val_split_mode="none", eval_batch_size=32)},
-                         k_shots=[4], seeds=range(10), methods=["PatchCore"], output=tmp_path, time_inference=False,
-                         progress=lambda line: None)  # fmt: skip
+    rows = run_benchmark(
+        {"ELPV/mono": lambda: ELPV("mono", evaluation="dev", val_split_mode="none", eval_batch_size=32)},
+        k_shots=[4],
+        seeds=range(10),
+        methods=["PatchCore"],
+        output=tmp_path,
+        time_inference=False,
+        progress=lambda _line: None,
+    )
     rates = [row["threshold"]["false_reject_rate"] for row in rows]
-    assert len(rates) == 10 and len(set(row["threshold"]["threshold"] for row in rows)) == 10
+    assert len(rates) == 10 and len({row["threshold"]["threshold"] for row in rows}) == 10
     # single support sets scatter widely (a few images need not show how much normals vary); their mean does not
     assert 0.025 <= sum(rates) / len(rates) <= 0.10, rates
     detected = [row["threshold"]["detection_rate"] for row in rows]
@@ -188,16 +199,22 @@ def test_padim_gets_a_threshold_and_its_checkpoint_loads_into_the_stock_post_pro
     """Any memory-bank model: PaDiM refitted leave-one-out; its checkpoint's threshold reaches a stock PaDiM."""
     seed_everything(0)
     datamodule = FewShot(folder_datamodule(generated_root, val_split_mode="none"), k_shot=4, seed=0)
-    model = Padim(backbone="resnet18", pre_trained=False, layers=["layer1", "layer2"], visualizer=False,
-                  pre_processor=Padim.configure_pre_processor(image_size=(SIZE, SIZE)),
-                  post_processor=NormalThresholdPostProcessor())
+    model = Padim(
+        backbone="resnet18",
+        pre_trained=False,
+        layers=["layer1", "layer2"],
+        visualizer=False,
+        pre_processor=Padim.configure_pre_processor(image_size=(SIZE, SIZE)),
+        post_processor=NormalThresholdPostProcessor(),
+    )
     engine = cpu_engine(tmp_path)
     engine.fit(model=model, datamodule=datamodule)
     threshold = model.post_processor.image_threshold
     assert torch.isfinite(threshold) and len(model.post_processor.calibration["held_out_scores"]) == 4
     engine.trainer.save_checkpoint(tmp_path / "padim.ckpt")
-    stock = Padim.load_from_checkpoint(tmp_path / "padim.ckpt", backbone="resnet18", pre_trained=False,
-                                       layers=["layer1", "layer2"])  # fmt: skip
+    stock = Padim.load_from_checkpoint(
+        tmp_path / "padim.ckpt", backbone="resnet18", pre_trained=False, layers=["layer1", "layer2"]
+    )
     assert torch.equal(stock.post_processor.image_threshold, threshold)
 
 
@@ -240,9 +257,14 @@ def test_a_model_whose_refit_fails_on_k_minus_1_images_trains_on_unlabelled(gene
 
     seed_everything(0)
     datamodule = FewShot(folder_datamodule(generated_root, val_split_mode="none"), k_shot=2, seed=0)
-    model = Dfm(backbone="resnet18", layer="layer3", pre_trained=False, visualizer=False,
-                pre_processor=Dfm.configure_pre_processor(image_size=(SIZE, SIZE)),
-                post_processor=NormalThresholdPostProcessor())  # fmt: skip
+    model = Dfm(
+        backbone="resnet18",
+        layer="layer3",
+        pre_trained=False,
+        visualizer=False,
+        pre_processor=Dfm.configure_pre_processor(image_size=(SIZE, SIZE)),
+        post_processor=NormalThresholdPostProcessor(),
+    )
     engine = cpu_engine(tmp_path)
     with caplog.at_level(logging.WARNING):
         engine.fit(model=model, datamodule=datamodule)
@@ -269,17 +291,29 @@ def test_conformal_bound_rejects_at_most_the_target_share_whatever_the_distribut
 
 
 def test_confirm_on_good_parts_resets_the_thresholds_and_the_checkpoint_carries_them(
-    default_without_validation, generated_root, tmp_path, caplog,
+    default_without_validation, tmp_path, caplog
 ):
     """After training on K = 4, 24 further good parts set a conformal threshold (for 5 %: the highest of their 24
     scores), labels follow it, another rate moves on the same scores, a checkpoint reloads it, bad input is refused.
     """
     run = default_without_validation
     model, post = run["model"], run["model"].post_processor
-    saved = (copy.deepcopy(post.calibration), post.image_threshold.clone(), post.image_min.clone(),
-             post.image_max.clone(), post.pixel_threshold.clone(), post.pixel_min.clone(), post.pixel_max.clone())  # fmt: skip
-    good = FewShot(folder_datamodule(make_dataset(tmp_path / "more", n_train=24, n_test=2, size=SIZE, seed=7),
-                                     val_split_mode="none"), k_shot=24, seed=0)  # fmt: skip
+    saved = (
+        copy.deepcopy(post.calibration),
+        post.image_threshold.clone(),
+        post.image_min.clone(),
+        post.image_max.clone(),
+        post.pixel_threshold.clone(),
+        post.pixel_min.clone(),
+        post.pixel_max.clone(),
+    )
+    good = FewShot(
+        folder_datamodule(
+            make_dataset(tmp_path / "more", n_train=24, n_test=2, size=SIZE, seed=7), val_split_mode="none"
+        ),
+        k_shot=24,
+        seed=0,
+    )
     good.setup()
     try:
         record = confirm(model, good.train_dataloader())
@@ -326,7 +360,9 @@ def test_confirm_command_writes_a_checkpoint_with_the_confirmed_threshold(defaul
     run["engine"].trainer.save_checkpoint(ckpt)
     good = make_dataset(tmp_path / "line", n_train=20, n_test=1, size=SIZE, seed=11) / "train/good"
     out = tmp_path / "confirmed.ckpt"
-    assert main(["--model", "FewShotContrastive", "--ckpt", str(ckpt), "--images", str(good), "--output", str(out)]) == 0
+    assert (
+        main(["--model", "FewShotContrastive", "--ckpt", str(ckpt), "--images", str(good), "--output", str(out)]) == 0
+    )
     assert "from 20 good parts (split-conformal order statistic)" in capsys.readouterr().out
     confirmed = FewShotContrastive.load_from_checkpoint(out)
     trained = FewShotContrastive.load_from_checkpoint(ckpt)
@@ -338,7 +374,9 @@ def test_confirm_command_writes_a_checkpoint_with_the_confirmed_threshold(defaul
 
     confirmed.eval()
     with torch.no_grad():  # one at a time, as the command scored them (a batch of 20 may differ in the last bits)
-        labels = [bool(confirmed(read_image(path, as_tensor=True)[None]).pred_label) for path in sorted(good.glob("*.png"))]
+        labels = [
+            bool(confirmed(read_image(path, as_tensor=True)[None]).pred_label) for path in sorted(good.glob("*.png"))
+        ]
     assert len(labels) == 20 and not any(labels)
     for argv, expected in (
         (["--images", str(tmp_path / "nowhere")], "not a folder"),
@@ -347,7 +385,7 @@ def test_confirm_command_writes_a_checkpoint_with_the_confirmed_threshold(defaul
         (["--output", str(ckpt)], "would overwrite --ckpt"),
     ):
         base = {"--model": "FewShotContrastive", "--ckpt": str(ckpt), "--images": str(good), "--output": str(out)}
-        base.update(dict(zip(argv[::2], argv[1::2])))
+        base.update(dict(zip(argv[::2], argv[1::2], strict=True)))
         with pytest.raises(SystemExit):
             main([item for pair in base.items() for item in pair])
         assert expected in capsys.readouterr().err
@@ -367,8 +405,21 @@ def test_confirm_command_takes_a_stock_patchcore_checkpoint(generated_root, tmp_
     ckpt, out = tmp_path / "patchcore.ckpt", tmp_path / "confirmed.ckpt"
     engine.trainer.save_checkpoint(ckpt)
     good = make_dataset(tmp_path / "line", n_train=19, n_test=1, size=SIZE, seed=12) / "train/good"
-    assert main(["--model", "Patchcore", "--ckpt", str(ckpt), "--images", str(good), "--output", str(out),
-                 "--false-reject-rate", "0.05"]) == 0  # fmt: skip
+    assert (
+        main([
+            "--model",
+            "Patchcore",
+            "--ckpt",
+            str(ckpt),
+            "--images",
+            str(good),
+            "--output",
+            str(out),
+            "--false-reject-rate",
+            "0.05",
+        ])
+        == 0
+    )
     assert "from 19 good parts (split-conformal order statistic)" in capsys.readouterr().out
     confirmed = Patchcore.load_from_checkpoint(out, post_processor=NormalThresholdPostProcessor())
     assert confirmed.post_processor.calibration["confirmed_on"] == 19

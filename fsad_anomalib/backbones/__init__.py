@@ -1,7 +1,28 @@
 """Backbones, pretrained weights that work without network access, and the features taken from them."""
 
-from . import offline
 from .features import patch_and_global, patch_features
-from .offline import *  # noqa: F403
+from .offline import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    OFFLINE_PREFIX,
+    OfflineWeightsError,
+    backbone_normalization,
+    cache_dir,
+    load_features_weights,
+    offline_backbone,
+    resolve_backbone,
+)
 
-__all__ = [*offline.__all__, "patch_and_global", "patch_features"]
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "OFFLINE_PREFIX",
+    "OfflineWeightsError",
+    "backbone_normalization",
+    "cache_dir",
+    "load_features_weights",
+    "offline_backbone",
+    "patch_and_global",
+    "patch_features",
+    "resolve_backbone",
+]

@@ -3,8 +3,7 @@
 Examples:
     python -m fsad_anomalib.benchmark --sets ELPV/mono ELPV/poly Textile/local --k 1 2 4 8 16 --seeds 0 1 2
     python -m fsad_anomalib.benchmark --sets ELPV/mono --k 4 --evaluation dev --methods frozen FewShotContrastive
-    python -m fsad_anomalib.benchmark --sets MVTecAD/bottle --mvtec-root ./datasets/MVTecAD
-    python -m fsad_anomalib.benchmark --data my_product.yaml --k 1 2 4 8 --methods frozen FewShotContrastive PatchCore PaDiM
+    python -m fsad_anomalib.benchmark --data my_product.yaml --k 1 2 4 8 --methods FewShotContrastive PatchCore PaDiM
     python -m fsad_anomalib.benchmark --report-only --compare FewShotContrastive PatchCore --output benchmark_results
     python -m fsad_anomalib.benchmark --backbone resnet18 --method-config Dfm=configs/dfm_elpv.yaml --methods PatchCore
     python -m fsad_anomalib.benchmark --executor ray --ray-address auto --sets MVTecAD/bottle MVTecAD/cable
@@ -23,8 +22,8 @@ from fsad_anomalib.benchmark.cli import int_at_least, json_object, parse_json_ob
 from fsad_anomalib.benchmark.executors import EXECUTORS
 from fsad_anomalib.benchmark.method_config import MethodConfig
 from fsad_anomalib.benchmark.methods import FSC_VARIANTS, METHODS, build_method, few_shot_contrastive_args, stock_layers
-from fsad_anomalib.benchmark.report import paired_table, write_plots, write_table
-from fsad_anomalib.benchmark.runner import load_runs, merge_runs, run_benchmark
+from fsad_anomalib.benchmark.report import failed_table, paired_table, write_plots, write_table
+from fsad_anomalib.benchmark.runner import load_runs, merge_runs, run_benchmark, run_key
 from fsad_anomalib.benchmark.sets import SETS_HELP, DataConfig, builtin_datamodule
 
 
@@ -33,12 +32,14 @@ def _sets_and_data(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
     if args.sets is None:
         args.sets = [] if args.data else ["ELPV/mono", "ELPV/poly", "Textile/local"]
     if args.data and args.evaluation != "test":
-        parser.error(f"--evaluation {args.evaluation} applies to the offline --sets; a --data datamodule is scored on "
-                     "its own test set (ELPV and Textile take 'evaluation: dev' in their init_args).")
+        parser.error(
+            f"--evaluation {args.evaluation} applies to the offline --sets; a --data datamodule is scored on "
+            "its own test set (ELPV and Textile take 'evaluation: dev' in their init_args)."
+        )
     for label in [] if args.report_only else args.sets:  # --report-only: labels only filter the runs
         try:
             builtin_datamodule(label, args)
-        except ValueError as exc:
+        except ValueError as exc:  # noqa: PERF203 - the first bad set ends the command, by name
             parser.error(f"--sets {label}: {exc}" if not str(exc).startswith("--") else str(exc))
     data_configs = []
     for path in args.data:
@@ -47,21 +48,26 @@ def _sets_and_data(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         except ValueError as exc:
             parser.error(str(exc))
         if max(args.k) > data_configs[-1].pool:
-            parser.error(f"--data {path}: --k {max(args.k)} needs {max(args.k)} normal training images, and the "
-                         f"datamodule's training split holds {data_configs[-1].pool}.")
+            parser.error(
+                f"--data {path}: --k {max(args.k)} needs {max(args.k)} normal training images, and the "
+                f"datamodule's training split holds {data_configs[-1].pool}."
+            )
     labels = [*args.sets, *(config.label for config in data_configs)]
     repeated = sorted({label for label in labels if labels.count(label) > 1})
     if repeated:
-        parser.error(f"--sets/--data: the set {', '.join(repeated)} is given more than once (a --data set is named "
-                     "<class>/<category or name>).")
+        parser.error(
+            f"--sets/--data: the set {', '.join(repeated)} is given more than once (a --data set is named "
+            "<class>/<category or name>)."
+        )
     for config in data_configs:
         for note in config.notes:
             print(f"--data {config.path} ({config.label}): {note}.", flush=True)
     return labels, data_configs
 
 
-def _check_model_args(parser: argparse.ArgumentParser, args: argparse.Namespace, labels: list[str],
-                      set_args: dict[str, dict]) -> None:
+def _check_model_args(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, labels: list[str], set_args: dict[str, dict]
+) -> None:
     """Build FewShotContrastive once per set, so that a wrong argument stops the command before the first run."""
     fsc_methods = [method for method in args.methods if method in FSC_VARIANTS]
     checked: list[dict] = []  # sets without --set-model-args share one check
@@ -76,11 +82,11 @@ def _check_model_args(parser: argparse.ArgumentParser, args: argparse.Namespace,
                 few_shot_contrastive_args(method, model_args)
         except (TypeError, ValueError, RuntimeError) as exc:
             parser.error(f"FewShotContrastive on {label} (--model-args, --set-model-args, --backbone): {exc}")
-    stock = [method for method in args.methods if method.removesuffix("+fine-tuning") in ("PatchCore", "PaDiM")]
+    stock = [method for method in args.methods if method.removesuffix("+fine-tuning") in {"PatchCore", "PaDiM"}]
     for label in labels if stock else []:
         try:  # PatchCore and PaDiM read FewShotContrastive's feature depths of this backbone
             stock_layers(args.backbone, {**args.model_args, **set_args.get(label, {})}.get("layers"))
-        except ValueError as exc:
+        except ValueError as exc:  # noqa: PERF203 - the first bad set ends the command, by name
             parser.error(f"{', '.join(stock)} on {label} (--backbone, the layers of --model-args): {exc}")
 
 
@@ -92,8 +98,11 @@ def _method_configs(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         if not sep or not name or not path:
             parser.error(f"--method-config '{item}': expected NAME=FILE, e.g. Dfm=configs/dfm_elpv.yaml.")
         if name in METHODS or name in configs:
-            parser.error(f"--method-config '{item}': the name {name} is taken (built-in methods: {', '.join(METHODS)}); "
-                         "choose another.")
+            parser.error(
+                f"--method-config '{item}': the name {name} is taken (built-in methods: "
+                f"{', '.join(METHODS)}); "
+                "choose another."
+            )
         try:
             configs[name] = MethodConfig(name, path)
         except ValueError as exc:
@@ -101,10 +110,6 @@ def _method_configs(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         for note in configs[name].notes:
             print(f"--method-config {item}: {note}.", flush=True)
     return configs
-
-
-def _run_key(row: dict) -> tuple:
-    return (row["dataset"], row["category"], row["k_shot"], row["seed"], row["method"])
 
 
 def _rate(text: str) -> float:
@@ -118,83 +123,163 @@ def _rate(text: str) -> float:
     return value
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the benchmark and write runs.jsonl, results.md and PNG plots."""
-    parser = argparse.ArgumentParser(prog="python -m fsad_anomalib.benchmark", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sets", nargs="+", default=None,
-                        help=f"named sets: {SETS_HELP} (default: the three offline sets, unless --data is given)")
-    parser.add_argument("--data", nargs="+", default=[], metavar="FILE",
-                        help="anomalib datamodule configs, each a set of its own: the 'data:' section of a file "
-                        "`anomalib train --config` reads (class_path and init_args; a FewShot wrapper is unwrapped, "
-                        "--k and --seeds draw the support sets), or class_path and init_args alone. Other sections "
-                        "are ignored: FewShotContrastive's arguments come from --model-args")
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m fsad_anomalib.benchmark",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--sets",
+        nargs="+",
+        default=None,
+        help=f"named sets: {SETS_HELP} (default: the three offline sets, unless --data is given)",
+    )
+    parser.add_argument(
+        "--data",
+        nargs="+",
+        default=[],
+        metavar="FILE",
+        help="anomalib datamodule configs, each a set of its own: the 'data:' section of a file "
+        "`anomalib train --config` reads (class_path and init_args; a FewShot wrapper is unwrapped, "
+        "--k and --seeds draw the support sets), or class_path and init_args alone. Other sections "
+        "are ignored: FewShotContrastive's arguments come from --model-args",
+    )
     parser.add_argument("--k", nargs="+", type=int_at_least(1), default=[1, 2, 4, 8, 16])
     parser.add_argument("--seeds", nargs="+", type=int_at_least(0), default=[0, 1, 2])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), metavar="METHOD",
-                        help=f"built-in methods ({', '.join(METHODS)}) and --method-config names (default: every "
-                        "built-in one; each --method-config method runs whether listed or not)")
-    parser.add_argument("--method-config", nargs="+", default=[], metavar="NAME=FILE",
-                        help="any anomalib model as a method named NAME: the 'model:' section of a file `anomalib "
-                        "train --config` reads (class_path and init_args), or those two keys alone; trained and "
-                        "tested on the same support sets, post-processing and metrics as the built-in methods")
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=list(METHODS),
+        metavar="METHOD",
+        help=f"built-in methods ({', '.join(METHODS)}) and --method-config names (default: every "
+        "built-in one; each --method-config method runs whether listed or not)",
+    )
+    parser.add_argument(
+        "--method-config",
+        nargs="+",
+        default=[],
+        metavar="NAME=FILE",
+        help="any anomalib model as a method named NAME: the 'model:' section of a file `anomalib "
+        "train --config` reads (class_path and init_args), or those two keys alone; trained and "
+        "tested on the same support sets, post-processing and metrics as the built-in methods",
+    )
     parser.add_argument("--output", default="benchmark_results")
-    parser.add_argument("--backbone", default="offline:tf_efficientnet_lite0",
-                        help="any timm CNN (resnet18, wide_resnet50_2, ...) or offline:<arch>; PatchCore and PaDiM "
-                        "read the feature depths FewShotContrastive reads, by name through timm's feature_info")
-    parser.add_argument("--no-pretrained", dest="pretrained", action="store_false",
-                        help="random backbone weights for every built-in method (no download: tests, smoke runs)")
+    parser.add_argument(
+        "--backbone",
+        default="offline:tf_efficientnet_lite0",
+        help="any timm CNN (resnet18, wide_resnet50_2, ...) or offline:<arch>; PatchCore and PaDiM "
+        "read the feature depths FewShotContrastive reads, by name through timm's feature_info",
+    )
+    parser.add_argument(
+        "--no-pretrained",
+        dest="pretrained",
+        action="store_false",
+        help="random backbone weights for every built-in method (no download: tests, smoke runs)",
+    )
     parser.add_argument("--image-size", type=int_at_least(32), default=256)
-    parser.add_argument("--model-args", type=json_object, default="{}",
-                        help="JSON dict of FewShotContrastive arguments")
-    parser.add_argument("--set-model-args", nargs="+", default=[], metavar="SET=JSON",
-                        help="FewShotContrastive arguments for one set only, over --model-args, "
-                        "e.g. 'Textile/local={\"layers\": [1, 2]}'")
+    parser.add_argument(
+        "--model-args", type=json_object, default="{}", help="JSON dict of FewShotContrastive arguments"
+    )
+    parser.add_argument(
+        "--set-model-args",
+        nargs="+",
+        default=[],
+        metavar="SET=JSON",
+        help="FewShotContrastive arguments for one set only, over --model-args, "
+        "e.g. 'Textile/local={\"layers\": [1, 2]}'",
+    )
     parser.add_argument("--no-timing", action="store_true", help="skip inference timing per run")
-    parser.add_argument("--evaluation", choices=["test", "dev"], default="test",
-                        help="offline sets: score on the test set, on the development set (images the test set "
-                        "never uses) to choose settings, or on whole-image shifts of pool normals (shift)")
-    parser.add_argument("--false-reject-rate", type=_rate, default=0.05,
-                        help="each method's OK/NG threshold is set from its K normals for this target share of good "
-                        "parts rejected; results.md tables the rates it gives on the test set (default 0.05)")
-    parser.add_argument("--confirm", type=int_at_least(2), default=0, metavar="N",
-                        help="also confirm each run's threshold on N further normals of the training pool (neither "
-                        "support nor test images), as a line would on its first good parts; results.md tables both")
+    parser.add_argument(
+        "--evaluation",
+        choices=["test", "dev"],
+        default="test",
+        help="offline sets: score on the test set, on the development set (images the test set "
+        "never uses) to choose settings",
+    )
+    parser.add_argument(
+        "--false-reject-rate",
+        type=_rate,
+        default=0.05,
+        help="each method's OK/NG threshold is set from its K normals for this target share of good "
+        "parts rejected; results.md tables the rates it gives on the test set (default 0.05)",
+    )
+    parser.add_argument(
+        "--confirm",
+        type=int_at_least(2),
+        default=0,
+        metavar="N",
+        help="also confirm each run's threshold on N further normals of the training pool (neither "
+        "support nor test images), as a line would on its first good parts; results.md tables both",
+    )
     parser.add_argument("--eval-batch-size", type=int_at_least(1), default=32)
-    parser.add_argument("--accelerator", default="auto",
-                        help="Lightning accelerator of every run (auto, cpu, gpu, ...); one device per run")
-    parser.add_argument("--executor", choices=EXECUTORS, default="serial",
-                        help="serial: one run after another, each in a process of its own; ray: every run a Ray "
-                        "task (one GPU each where the cluster has GPUs, else --cpus-per-run CPUs; needs the "
-                        "'distributed' extra)")
-    parser.add_argument("--ray-address", default=None,
-                        help="--executor ray: the cluster to join ('auto' for the one `ray start` set up on this "
-                        "node, or host:port); without it a local cluster starts on this machine")
-    parser.add_argument("--cpus-per-run", type=int_at_least(1), default=None,
-                        help="torch threads of each run, and the CPUs a Ray task asks for (default: torch's own "
-                        "thread count; on Ray, 1). Rows are the same on both executors for the same value")
-    parser.add_argument("--report-only", action="store_true",
-                        help="run nothing: write results.md and the plots from the runs already in --output (and "
-                        "--include-runs; with --include-runs, --output may hold no runs: a summary folder)")
-    parser.add_argument("--include-runs", nargs="+", default=[], metavar="DIR",
-                        help="also put the runs of these earlier output folders in the table and plots, where --output "
-                        "has no run of the same set, K, seed and method (e.g. stock PatchCore/PaDiM rows, which no "
-                        "FewShotContrastive argument changes); nothing is copied into --output's runs.jsonl")
-    parser.add_argument("--compare", nargs=2, action="append", default=[], metavar=("METHOD", "OTHER"),
-                        help="also table METHOD against OTHER run by run on the same support sets (mean difference, "
-                        "in how many pairs METHOD is ahead, level or behind, and the p-value of a two-sided "
-                        "sign-flip test); may be given more than once")
+    parser.add_argument(
+        "--accelerator",
+        default="auto",
+        help="Lightning accelerator of every run (auto, cpu, gpu, ...); one device per run",
+    )
+    parser.add_argument(
+        "--executor",
+        choices=EXECUTORS,
+        default="serial",
+        help="serial: one run after another, each in a process of its own; ray: every run a Ray "
+        "task (one GPU each where the cluster has GPUs, else --cpus-per-run CPUs; needs the "
+        "'distributed' extra)",
+    )
+    parser.add_argument(
+        "--ray-address",
+        default=None,
+        help="--executor ray: the cluster to join ('auto' for the one `ray start` set up on this "
+        "node, or host:port); without it a local cluster starts on this machine",
+    )
+    parser.add_argument(
+        "--cpus-per-run",
+        type=int_at_least(1),
+        default=None,
+        help="torch threads of each run, and the CPUs a Ray task asks for (default: torch's own "
+        "thread count; on Ray, 1). Rows are the same on both executors for the same value",
+    )
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="run nothing: write results.md and the plots from the runs already in --output (and "
+        "--include-runs; with --include-runs, --output may hold no runs: a summary folder)",
+    )
+    parser.add_argument(
+        "--include-runs",
+        nargs="+",
+        default=[],
+        metavar="DIR",
+        help="also put the runs of these earlier output folders in the table and plots, where --output "
+        "has no run of the same set, K, seed and method (e.g. stock PatchCore/PaDiM rows, which no "
+        "FewShotContrastive argument changes); nothing is copied into --output's runs.jsonl",
+    )
+    parser.add_argument(
+        "--compare",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("METHOD", "OTHER"),
+        help="also table METHOD against OTHER run by run on the same support sets (mean difference, "
+        "in how many pairs METHOD is ahead, level or behind, and the p-value of a two-sided "
+        "sign-flip test); may be given more than once",
+    )
     parser.add_argument("--mvtec-root", default="./datasets/MVTecAD")
     parser.add_argument("--visa-root", default="./datasets/visa")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _checked(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple:
+    """Every option checked before any run: the sets' labels, ``--data`` configs, method configs, per-set args."""
     if args.ray_address and args.executor != "ray":
         parser.error("--ray-address joins a Ray cluster: give --executor ray as well.")
     method_configs = {} if args.report_only else _method_configs(parser, args)
     names = [item.partition("=")[0] for item in args.method_config]
     unknown = [method for method in args.methods if method not in METHODS and method not in names]
     if unknown:
-        parser.error(f"--methods: unknown {', '.join(unknown)} (built-in: {', '.join(METHODS)}; or a --method-config "
-                     "NAME).")
+        parser.error(
+            f"--methods: unknown {', '.join(unknown)} (built-in: {', '.join(METHODS)}; or a --method-config NAME)."
+        )
     args.methods = list(dict.fromkeys([*args.methods, *names]))
     labels, data_configs = _sets_and_data(parser, args)
     logging.basicConfig(level=logging.ERROR)
@@ -202,10 +287,11 @@ def main(argv: list[str] | None = None) -> int:
     for pair in args.compare:
         unknown = [name for name in pair if name not in args.methods]
         if unknown:
-            parser.error(f"--compare {' '.join(pair)}: {', '.join(unknown)} is not among --methods ({' '.join(args.methods)}).")
+            parser.error(
+                f"--compare {' '.join(pair)}: {', '.join(unknown)} is not among --methods ({' '.join(args.methods)})."
+            )
         if pair[0] == pair[1]:
             parser.error(f"--compare {' '.join(pair)}: name two different methods.")
-    fsc_args = args.model_args
     set_args: dict[str, dict] = {}
     for item in args.set_model_args:
         label, sep, text = item.partition("=")
@@ -218,6 +304,13 @@ def main(argv: list[str] | None = None) -> int:
     if not args.report_only:
         _check_model_args(parser, args, labels, set_args)
 
+    return labels, data_configs, method_configs, set_args
+
+
+def _rows(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, data_configs: list, method_configs: dict, set_args: dict
+) -> list[dict]:
+    """The runs: those already in --output (--report-only), or the benchmark's."""
     builders: dict[str, Any] = {label: partial(builtin_datamodule, label, args) for label in args.sets}
     builders.update({config.label: config for config in data_configs})
     for folder in args.include_runs:
@@ -226,51 +319,79 @@ def main(argv: list[str] | None = None) -> int:
     if args.report_only:
         runs_file = Path(args.output) / "runs.jsonl"
         if runs_file.exists():
-            rows = load_runs(args.output)
-        elif args.include_runs:  # a summary of other folders' runs (for example more seeds than their tables)
-            Path(args.output).mkdir(parents=True, exist_ok=True)
-            rows = []
-        else:
+            return load_runs(args.output)
+        if not args.include_runs:
             parser.error(f"--report-only: {runs_file} does not exist; run the benchmark first.")
-    else:
-        rows = run_benchmark(
-        builders, k_shots=args.k, seeds=args.seeds, methods=args.methods, output=args.output,
-            backbone=args.backbone, image_size=args.image_size, fsc_args=fsc_args, set_fsc_args=set_args,
-            time_inference=not args.no_timing, accelerator=args.accelerator, false_reject_rate=args.false_reject_rate,
-            progress=lambda line: print(line, flush=True), pre_trained=args.pretrained, method_configs=method_configs,
-            executor=args.executor, ray_address=args.ray_address, cpus_per_run=args.cpus_per_run, confirm=args.confirm,
-        )  # fmt: skip
+        Path(args.output).mkdir(parents=True, exist_ok=True)  # a summary of other folders' runs
+        return []
+    return run_benchmark(
+        builders,
+        k_shots=args.k,
+        seeds=args.seeds,
+        methods=args.methods,
+        output=args.output,
+        backbone=args.backbone,
+        image_size=args.image_size,
+        fsc_args=args.model_args,
+        set_fsc_args=set_args,
+        time_inference=not args.no_timing,
+        accelerator=args.accelerator,
+        false_reject_rate=args.false_reject_rate,
+        progress=lambda line: print(line, flush=True),
+        pre_trained=args.pretrained,
+        method_configs=method_configs,
+        executor=args.executor,
+        ray_address=args.ray_address,
+        cpus_per_run=args.cpus_per_run,
+        confirm=args.confirm,
+    )
+
+
+def _report(args: argparse.Namespace, rows: list[dict], labels: list[str]) -> str:
+    """results.md (the table, where the runs come from, the paired comparisons, failed runs) and the plots."""
     wanted = {tuple(label.partition("/")[::2]) for label in labels}
 
     def requested(row: dict) -> bool:
-        return ((row["dataset"], row["category"]) in wanted and row["k_shot"] in args.k and row["seed"] in args.seeds
-                and row["method"] in args.methods)  # fmt: skip
+        return (
+            (row["dataset"], row["category"]) in wanted
+            and row["k_shot"] in args.k
+            and row["seed"] in args.seeds
+            and row["method"] in args.methods
+        )
 
     # --report-only tables the requested runs; a run tables all of --output, plus the requested included runs
     own = [r for r in rows if requested(r) or not args.report_only]
     failed = [r for r in own if "error" in r]
     own = [r for r in own if "error" not in r]
-    failed = [r for r in failed if _run_key(r) not in {_run_key(row) for row in own}]  # not run again since
-    rows = merge_runs(own, *([r for r in load_runs(folder) if requested(r) and "error" not in r]
-                             for folder in args.include_runs))  # fmt: skip
+    failed = [r for r in failed if run_key(r) not in {run_key(row) for row in own}]  # not run again since
+    rows = merge_runs(
+        own, *([r for r in load_runs(folder) if requested(r) and "error" not in r] for folder in args.include_runs)
+    )
     table = write_table(rows, f"{args.output}/results.md", methods=args.methods)
     sections = []  # below the table: where the runs come from, then the paired comparisons
     if len(rows) > len(own):
-        sections.append(f"\n{len(rows) - len(own)} of these {len(rows)} runs come from --include-runs "
-                        f"{' '.join(args.include_runs)} (runs {args.output} does not hold).\n")
+        sections.append(
+            f"\n{len(rows) - len(own)} of these {len(rows)} runs come from --include-runs "
+            f"{' '.join(args.include_runs)} (runs {args.output} does not hold).\n"
+        )
     sections += ["\n" + paired_table(rows, method, other) for method, other in args.compare]
     if failed:
-        lines = [f"\n{len(failed)} runs failed (run the same command again to retry them):\n",
-                 "| set | K | seed | method | error |", "|---|---|---|---|---|"]
-        lines += [f"| {r['dataset']} {r['category']} | {r['k_shot']} | {r['seed']} | {r['method']} | "
-                  f"{' '.join(r['error'].split())[:200].replace('|', '/')} |" for r in failed]
-        sections.append("\n".join(lines) + "\n")
+        sections.append(failed_table(failed))
     if sections:
-        with Path(f"{args.output}/results.md").open("a") as handle:
+        with Path(f"{args.output}/results.md").open("a", encoding="utf-8") as handle:
             handle.write("".join(sections))
         table += "".join(sections)
     write_plots(rows, args.output)
-    print(table)
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark and write runs.jsonl, results.md and PNG plots: parser, checks, run and report."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    labels, data_configs, method_configs, set_args = _checked(parser, args)
+    rows = _rows(parser, args, data_configs, method_configs, set_args)
+    print(_report(args, rows, labels))
     return 0
 
 

@@ -16,7 +16,7 @@ def read_yaml(path: Path, error: Callable[[str], Exception]) -> Any:  # noqa: AN
     import yaml
 
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         msg = f"cannot read the file ({exc})."
         raise error(msg) from exc
@@ -37,7 +37,7 @@ def parse_json_object(text: str, option: str = "") -> dict[str, Any]:
         raise ValueError(msg) from exc
     if not isinstance(value, dict):
         msg = f"{prefix}'{text}' is not a JSON object of FewShotContrastive arguments"
-        raise ValueError(msg)
+        raise ValueError(msg)  # noqa: TRY004 - argparse reports a ValueError as the option's error
     return value
 
 
@@ -66,7 +66,9 @@ def int_at_least(minimum: int):  # noqa: ANN201
 
 
 def build_from_spec(base: type, spec: dict[str, Any], what: str, error: Callable[[str], Exception]) -> Any:  # noqa: ANN401
-    """An instance of a ``base`` subclass from ``class_path`` + ``init_args``, parsed by jsonargparse as anomalib's CLI
+    """An instance of a ``base`` subclass built from a ``class_path`` / ``init_args`` spec.
+
+    Parsed by jsonargparse as anomalib's CLI
     parses them (short class names included); any failure raises ``error("its <what> (<class>) could not be built:
     ...")``.
     """

@@ -1,7 +1,8 @@
 """Where the benchmark's runs execute: each in a process of its own, here (serial) or as Ray tasks (ray).
 
 A run is a picklable :class:`Task`: the set's datamodule builder, K, seed, method and the settings every run
-shares. :func:`execute` trains and tests it with the runner's function and returns its row; an exception becomes an error row (the run's
+shares. :func:`execute` trains and tests it with the runner's function and returns its row; an exception becomes an
+error row (the run's
 key, ``error`` and the end of the traceback), so a failed run never stops a sweep.
 
 - ``serial``: one run after another in this process. PatchCore's coreset fragments glibc's heap: after each run
@@ -15,6 +16,7 @@ same on either executor, timings aside.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import logging
@@ -68,17 +70,22 @@ def error_row(task: Task, error: BaseException | str) -> dict[str, Any]:
         trace = "".join(traceback.format_exception(error))[-2000:]
     else:
         text, trace = str(error), ""
-    return {"dataset": dataset, "category": category, "k_shot": k_shot, "seed": seed, "method": method,
-            "error": text, "traceback": trace}  # fmt: skip
+    return {
+        "dataset": dataset,
+        "category": category,
+        "k_shot": k_shot,
+        "seed": seed,
+        "method": method,
+        "error": text,
+        "traceback": trace,
+    }
 
 
 def trim_heap() -> None:
     """Give freed heap back to the OS (anomalib's k-center-greedy coreset in PatchCore fragments glibc's heap)."""
     gc.collect()
-    try:
+    with contextlib.suppress(OSError):  # not glibc
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:  # not glibc
-        pass
 
 
 def execute(task: Task, run: Callable[[Task], dict[str, Any]]) -> dict[str, Any]:
@@ -93,7 +100,7 @@ def execute(task: Task, run: Callable[[Task], dict[str, Any]]) -> dict[str, Any]
 
 
 def serial_executor(
-    tasks: Iterable[Task], run: Callable[[Task], dict[str, Any]],
+    tasks: Iterable[Task], run: Callable[[Task], dict[str, Any]]
 ) -> Iterator[tuple[Task, dict[str, Any]]]:
     """Run ``tasks`` one after another in this process; yield each with its row as it ends.
 
@@ -107,10 +114,11 @@ def serial_executor(
 
 
 def ray_executor(
-    tasks: Iterable[Task], run: Callable[[Task], dict[str, Any]], address: str | None = None, cpus_per_run: int = 1,
+    tasks: Iterable[Task], run: Callable[[Task], dict[str, Any]], address: str | None = None, cpus_per_run: int = 1
 ) -> Iterator[tuple[Task, dict[str, Any]]]:
-    """Run ``tasks`` as Ray tasks on the cluster at ``address`` (a new local one without it); yield each with its
-    row as it ends, in the order they end.
+    """Run ``tasks`` as Ray tasks; yield each with its row as it ends.
+
+    On the cluster at ``address`` (a new local one without it), in the order they end.
 
     Each task asks for one GPU where the cluster has GPUs, else ``cpus_per_run`` CPUs, and runs in a worker
     process of its own (``max_calls=1``). A task whose worker dies is recorded as failed (no retry).
@@ -122,8 +130,13 @@ def ray_executor(
         raise RuntimeError(msg) from exc
     started = not ray.is_initialized()
     if started:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR,
-                 num_cpus=None if address else max(cpus_per_run, os.cpu_count() or 1))  # fmt: skip
+        ray.init(
+            address=address,
+            include_dashboard=False,
+            log_to_driver=False,
+            logging_level=logging.ERROR,
+            num_cpus=None if address else max(cpus_per_run, os.cpu_count() or 1),
+        )
     try:
         gpus = ray.cluster_resources().get("GPU", 0)
         options = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": cpus_per_run}

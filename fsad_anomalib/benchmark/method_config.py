@@ -20,7 +20,7 @@ from lightning import LightningModule, Trainer
 from fsad_anomalib.benchmark.cli import build_from_spec, read_yaml
 from fsad_anomalib.benchmark.methods import OrderPreservingPostProcessor, ranking_components
 from fsad_anomalib.models import FewShotContrastive  # noqa: F401 - registers the short name with anomalib's parser
-from fsad_anomalib.post_processing.normal_threshold import can_refit
+from fsad_anomalib.post_processing.evidence import can_refit
 
 __all__ = ["TRAINER_KEYS", "MethodConfig", "RankingOnlyPostProcessor"]
 
@@ -69,8 +69,10 @@ class MethodConfig:
         self.spec, self.notes = self._read_spec()
         model = self.build()  # checks the class and its arguments now, not mid-benchmark
         if not can_refit(model):
-            self.notes.append(f"{type(model).__name__} is trained by an optimiser and cannot be refitted on K - 1 "
-                              "images: no normal-only threshold, AUROC only")  # fmt: skip
+            self.notes.append(
+                f"{type(model).__name__} is trained by an optimiser and cannot be refitted on K - 1 "
+                "images: no normal-only threshold, AUROC only"
+            )
 
     def _error(self, what: str) -> ValueError:
         return ValueError(f"--method-config {self.name}={self.path}: {what}")
@@ -88,15 +90,20 @@ class MethodConfig:
                         msg = f"trainer.{key} must be a whole number of at least 1, got {value!r}."
                         raise self._error(msg)
                     self.trainer_args[key] = value
-            ignored = sorted(key for key in spec if key not in ("model", "trainer"))
+            ignored = sorted(key for key in spec if key not in {"model", "trainer"})
             ignored += sorted(f"trainer.{key}" for key in trainer if key not in TRAINER_KEYS)
             if ignored:
-                notes.append(f"only its model section and trainer.{'/'.join(TRAINER_KEYS)} are read ({', '.join(ignored)} "
-                             "ignored: the benchmark gives the data, the devices and the post-processing)")  # fmt: skip
+                notes.append(
+                    f"only its model section and trainer.{'/'.join(TRAINER_KEYS)} are read "
+                    f"({', '.join(ignored)} "
+                    "ignored: the benchmark gives the data, the devices and the post-processing)"
+                )
             spec = spec["model"]
         if not isinstance(spec, dict) or "class_path" not in spec:
-            msg = ("expected an anomalib model: a 'model:' section with 'class_path' and 'init_args', as "
-                   "`anomalib train --config` reads it, or those two keys at the top of the file.")
+            msg = (
+                "expected an anomalib model: a 'model:' section with 'class_path' and 'init_args', as "
+                "`anomalib train --config` reads it, or those two keys at the top of the file."
+            )
             raise self._error(msg)
         spec = {"class_path": spec["class_path"], "init_args": dict(spec.get("init_args") or {})}
         replaced = sorted(key for key in ("post_processor", "evaluator", "visualizer") if key in spec["init_args"])

@@ -19,8 +19,17 @@ from fsad_anomalib.fine_tuning import ContrastiveFineTuning
 from fsad_anomalib.models import FewShotContrastive
 from fsad_anomalib.post_processing import NormalThresholdPostProcessor
 
-__all__ = ["FSC_VARIANTS", "METHODS", "OrderPreservingPostProcessor", "build_method", "few_shot_contrastive_args",
-           "feature_layer_names", "method_callbacks", "ranking_components", "stock_layers"]
+__all__ = [
+    "FSC_VARIANTS",
+    "METHODS",
+    "OrderPreservingPostProcessor",
+    "build_method",
+    "few_shot_contrastive_args",
+    "feature_layer_names",
+    "method_callbacks",
+    "ranking_components",
+    "stock_layers",
+]
 
 
 class OrderPreservingPostProcessor(NormalThresholdPostProcessor):
@@ -65,7 +74,7 @@ def ranking_components(false_reject_rate: float = 0.05) -> dict[str, Any]:
             test_metrics=[
                 AUROC(fields=["pred_score", "gt_label"], prefix="image_"),
                 AUROC(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False),
-            ],
+            ]
         ),
     }
 
@@ -114,8 +123,10 @@ def few_shot_contrastive_args(name: str, fsc_args: dict[str, Any] | None = None)
             return args
         settings = True  # an ablation fine-tunes in its own way
     if settings is not True and not isinstance(settings, dict):
-        msg = (f"fine_tuning must be \"auto\", true, false or an object of ContrastiveFineTuning arguments, got "
-               f"{settings!r}.")
+        msg = (
+            f'fine_tuning must be "auto", true, false or an object of ContrastiveFineTuning arguments, got '
+            f"{settings!r}."
+        )
         raise ValueError(msg)
     # FewShotContrastive builds the callback from the merged arguments (as from a checkpoint's)
     args["fine_tuning"] = {**(settings if isinstance(settings, dict) else {}), **variant}
@@ -170,8 +181,10 @@ def stock_layers(backbone: str, layers: Sequence[int | str] | str | None = None)
         elif isinstance(layer, str) and layer in names:
             depths.append(names.index(layer))
         else:
-            msg = (f"layer {layer!r} is not a feature depth of {backbone}: it has depths 0-{len(names) - 1} "
-                   f"({', '.join(names)}).")
+            msg = (
+                f"layer {layer!r} is not a feature depth of {backbone}: it has depths 0-{len(names) - 1} "
+                f"({', '.join(names)})."
+            )
             raise ValueError(msg)
     depths = sorted(set(depths))
     padim = sorted({max(depths[0] - 1, 0), *depths})
@@ -186,7 +199,9 @@ def build_method(  # noqa: ANN201
     false_reject_rate: float = 0.05,
     pre_trained: bool = True,
 ):
-    """Instantiate method ``name``; PatchCore and PaDiM get the backbone's normalisation and image size, and
+    """Instantiate method ``name`` of the benchmark.
+
+    PatchCore and PaDiM get the backbone's normalisation and image size, and
     FewShotContrastive's feature depths (:func:`stock_layers`).
 
     Every method's threshold comes from its K normals at ``false_reject_rate``. ``pre_trained=False``: random
@@ -197,7 +212,7 @@ def build_method(  # noqa: ANN201
         args = {"visualizer": False, **components, **few_shot_contrastive_args(name, fsc_args)}
         return FewShotContrastive(backbone=backbone, image_size=image_size, pre_trained=pre_trained, **args)
     name = name.removesuffix("+fine-tuning")
-    if name not in ("PatchCore", "PaDiM"):
+    if name not in {"PatchCore", "PaDiM"}:
         msg = f"Unknown method '{name}'. Known: {METHODS}."
         raise ValueError(msg)
     timm_name = resolve_backbone(backbone)
@@ -205,14 +220,30 @@ def build_method(  # noqa: ANN201
     pre = PreProcessor(transform=Compose([Resize((image_size, image_size), antialias=True), Normalize(mean, std)]))
     layers = stock_layers(backbone, (fsc_args or {}).get("layers"))[name]
     if name == "PatchCore":
-        return Patchcore(backbone=timm_name, layers=layers, pre_trained=pre_trained, pre_processor=pre,
-                         visualizer=False, **components)
-    return Padim(backbone=timm_name, layers=layers, pre_trained=pre_trained, n_features=_padim_features(backbone, layers),
-                 pre_processor=pre, visualizer=False, **components)
+        return Patchcore(
+            backbone=timm_name,
+            layers=layers,
+            pre_trained=pre_trained,
+            pre_processor=pre,
+            visualizer=False,
+            **components,
+        )
+    n_features = _padim_features(backbone, layers)
+    return Padim(
+        backbone=timm_name,
+        layers=layers,
+        pre_trained=pre_trained,
+        n_features=n_features,
+        pre_processor=pre,
+        visualizer=False,
+        **components,
+    )
 
 
 def _padim_features(backbone: str, layers: list[str]) -> int:
-    """PaDiM's ``n_features``: anomalib's own choice for its backbones (100 on resnet18, 550 on wide_resnet50_2),
+    """PaDiM's ``n_features`` on ``layers`` of ``backbone``.
+
+    Anomalib's own choice for its backbones (100 on resnet18, 550 on wide_resnet50_2),
     else 100, and never more than the layers' channels hold together.
     """
     names, channels = _feature_info(backbone)

@@ -12,7 +12,16 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-__all__ = ["paired_table", "sign_flip_p", "summarise", "threshold_table", "write_plots", "write_table", "write_time_plot"]
+__all__ = [
+    "failed_table",
+    "paired_table",
+    "sign_flip_p",
+    "summarise",
+    "threshold_table",
+    "write_plots",
+    "write_table",
+    "write_time_plot",
+]
 
 
 def _has_value(value: float | None) -> bool:
@@ -31,7 +40,9 @@ METRICS = {"auroc": "image_AUROC", "pixel_auroc": "pixel_AUROC"}  # summary entr
 
 
 def summarise(rows: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
-    """Mean/std over seeds per (dataset, category, K, method) of each metric, and ``<metric>_nan_runs``: how many runs
+    """Mean and standard deviation over seeds of each metric.
+
+    Per (dataset, category, K, method), and ``<metric>_nan_runs``: how many runs
     lack its value (missing or NaN).
     """
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
@@ -42,7 +53,10 @@ def summarise(rows: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
         out[key] = {
             "n": len(group),
             **{entry: _mean_std([r.get(field) for r in group]) for entry, field in METRICS.items()},
-            **{f"{entry}_nan_runs": sum(not _has_value(r.get(field)) for r in group) for entry, field in METRICS.items()},
+            **{
+                f"{entry}_nan_runs": sum(not _has_value(r.get(field)) for r in group)
+                for entry, field in METRICS.items()
+            },
             "train_s": _mean_std([r["train_s"] for r in group]),
             "ms_b1": _mean_std([r.get("ms_b1", float("nan")) for r in group]),
         }
@@ -73,7 +87,9 @@ def _metric_table(summary: dict[tuple, dict[str, Any]], methods: list[str], entr
 
 
 def threshold_table(rows: list[dict[str, Any]], methods: list[str] | None = None) -> list[str]:
-    """Per set, K and method: the normal-only threshold's false-reject rate on the test normals and detection rate
+    """Markdown rows of the OK/NG decision per set, K and method.
+
+    The normal-only threshold's false-reject rate on the test normals and detection rate
     on the test anomalies (means over seeds), beside the same rates at anomalib's oracle F1 threshold, learned on the
     test set itself. Runs without a threshold record (older runs.jsonl lines) are left out. Runs made with
     ``--confirm N`` add a row "METHOD, confirmed on N": the same runs, their threshold confirmed on N further normals.
@@ -84,14 +100,20 @@ def threshold_table(rows: list[dict[str, Any]], methods: list[str] | None = None
             record = row["threshold"]
             targets = record.get("at") or {f"{record['target_false_reject_rate']:g}": record}
             for target, at in targets.items():
-                groups[row["dataset"], row["category"], row["k_shot"], float(target), row["method"]].append(
-                    {**record, "false_reject_rate": at["false_reject_rate"], "detection_rate": at["detection_rate"]})
+                groups[row["dataset"], row["category"], row["k_shot"], float(target), row["method"]].append({
+                    **record,
+                    "false_reject_rate": at["false_reject_rate"],
+                    "detection_rate": at["detection_rate"],
+                })
             confirmed = row.get("confirmed")
             if isinstance(confirmed, dict) and "at" in confirmed:  # the same run, its threshold confirmed on N normals
                 name = f"{row['method']}, confirmed on {confirmed['n']}"
                 for target, at in confirmed["at"].items():
-                    groups[row["dataset"], row["category"], row["k_shot"], float(target), name].append(
-                        {**record, "false_reject_rate": at["false_reject_rate"], "detection_rate": at["detection_rate"]})
+                    groups[row["dataset"], row["category"], row["k_shot"], float(target), name].append({
+                        **record,
+                        "false_reject_rate": at["false_reject_rate"],
+                        "detection_rate": at["detection_rate"],
+                    })
     if not groups:
         return []
     names = methods or sorted({key[4] for key in groups})
@@ -100,8 +122,10 @@ def threshold_table(rows: list[dict[str, Any]], methods: list[str] | None = None
         base = key[4].partition(", confirmed on ")[0]
         if key[4] != base and key[4] not in order:
             order[key[4]] = order.get(base, len(names)) + 0.5
-    lines = ["| set | K | target | method | runs | false rejects | detected | oracle F1: false rejects | detected |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| set | K | target | method | runs | false rejects | detected | oracle F1: false rejects | detected |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for key in sorted(groups, key=lambda key: (key[0], key[1], key[2], key[3], order.get(key[4], len(order)), key[4])):
         dataset, category, k, target, method = key
         group = groups[key]
@@ -116,8 +140,9 @@ def threshold_table(rows: list[dict[str, Any]], methods: list[str] | None = None
             cells[:2] = ["flags nothing (threshold above every test image)", "none detected"]
         elif silent:
             cells[1] += f" (flags nothing in {silent} of {len(group)} runs)"
-        lines.append(f"| {dataset} {category} | {k} | {100 * target:g} % | {method} | {len(group)} | "
-                     + " | ".join(cells) + " |")
+        lines.append(
+            f"| {dataset} {category} | {k} | {100 * target:g} % | {method} | {len(group)} | " + " | ".join(cells) + " |"
+        )
     return lines
 
 
@@ -145,11 +170,19 @@ def write_table(rows: list[dict[str, Any]], path: str | Path, methods: list[str]
         lines += _metric_table(pixel, methods, "pixel_auroc")
     thresholds = threshold_table(rows, methods)
     if thresholds:
-        lines += ["", "OK/NG decision at the threshold each method sets from its K normals (target false-reject rate), "
-                  "and at anomalib's F1-optimal threshold learned on the test set (an oracle no user has); rates on "
-                  "the test normals and anomalies, means over seeds:", "", *thresholds]
+        lines += [
+            "",
+            (
+                "OK/NG decision at the threshold each method sets from its K normals (target false-reject "
+                "rate), "
+                "and at anomalib's F1-optimal threshold learned on the test set (an oracle no user has); rates "
+                "on the test normals and anomalies, means over seeds:"
+            ),
+            "",
+            *thresholds,
+        ]
     text = "\n".join(lines) + "\n"
-    Path(path).write_text(text)
+    Path(path).write_text(text, encoding="utf-8")
     return text
 
 
@@ -170,10 +203,17 @@ def sign_flip_p(differences: list[float], draws: int = 2**20, seed: int = 0) -> 
     if not np.all(np.isfinite(values)):
         msg = f"sign_flip_p: differences must be finite numbers, got {list(differences)}."
         raise ValueError(msg)
+    if values.size == 1:  # both signs of one pair are as far from 0: scipy needs two observations
+        return 1.0
     exact = values.size <= EXACT_SIGN_FLIP_PAIRS
     result = stats.permutation_test(
-        (values,), lambda x, axis: np.abs(np.mean(x, axis=axis)), permutation_type="samples", vectorized=True,
-        n_resamples=2**values.size if exact else draws, alternative="greater", batch=2**16,
+        (values,),
+        lambda x, axis: np.abs(np.mean(x, axis=axis)),
+        permutation_type="samples",
+        vectorized=True,
+        n_resamples=2**values.size if exact else draws,
+        alternative="greater",
+        batch=2**16,
         random_state=np.random.default_rng(seed),
     )
     return float(result.pvalue)
@@ -193,7 +233,7 @@ def paired_table(rows: list[dict[str, Any]], method: str, other: str) -> str:
     """
     runs: dict[tuple, dict[str, float]] = defaultdict(dict)
     for row in rows:
-        if row["method"] in (method, other):
+        if row["method"] in {method, other}:
             value = row["image_AUROC"]
             if _has_value(value):
                 runs[row["dataset"], row["category"], row["k_shot"], row["seed"]][row["method"]] = value
@@ -204,31 +244,55 @@ def paired_table(rows: list[dict[str, Any]], method: str, other: str) -> str:
     title = f"{method} against {other}, paired by support set (set, K, seed)"
     if not diffs:
         return f"{title}: no set, K and seed has a finite image AUROC from both.\n"
-    lines = [f"{title}:", "",
-             f"| set | K | pairs | mean {method} - {other} | {method} ahead | level | {other} ahead | p (sign-flip) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"{title}:",
+        "",
+        f"| set | K | pairs | mean {method} - {other} | {method} ahead | level | {other} ahead | p (sign-flip) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
 
     def line(label: str, k: str, values: list[float]) -> str:
         ahead, level = sum(d > 0 for d in values), sum(d == 0 for d in values)
-        return (f"| {label} | {k} | {len(values)} | {statistics.fmean(values):+.3f} | {ahead} | {level} | "
-                f"{len(values) - ahead - level} | {_format_p(sign_flip_p(values))} |")
+        return (
+            f"| {label} | {k} | {len(values)} | {statistics.fmean(values):+.3f} | {ahead} | {level} | "
+            f"{len(values) - ahead - level} | {_format_p(sign_flip_p(values))} |"
+        )
 
     for dataset, category in sorted({key[:2] for key in diffs}):
         ks = sorted(k for (d, c, k) in diffs if (d, c) == (dataset, category))
-        for k in ks:
-            lines.append(line(f"{dataset} {category}", str(k), diffs[dataset, category, k]))
+        lines.extend(line(f"{dataset} {category}", str(k), diffs[dataset, category, k]) for k in ks)
         if len(ks) > 1:
             lines.append(line(f"{dataset} {category}", "all", [d for k in ks for d in diffs[dataset, category, k]]))
-    lines += ["", f"p: two-sided sign-flip test that the mean difference is 0 (exact up to {EXACT_SIGN_FLIP_PAIRS} "
-              "pairs, no distribution assumed); with n pairs it cannot be below 2 / 2^n, 0.25 for three."]
+    lines += [
+        "",
+        (
+            f"p: two-sided sign-flip test that the mean difference is 0 (exact up to {EXACT_SIGN_FLIP_PAIRS} "
+            "pairs, no distribution assumed); with n pairs it cannot be below 2 / 2^n, 0.25 for three."
+        ),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def failed_table(failed: list[dict[str, Any]]) -> str:
+    """Markdown: the runs that failed, with their errors (the same command runs them again)."""
+    lines = [
+        f"\n{len(failed)} runs failed (run the same command again to retry them):\n",
+        "| set | K | seed | method | error |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['dataset']} {r['category']} | {r['k_shot']} | {r['seed']} | {r['method']} | "
+        f"{' '.join(r['error'].split())[:200].replace('|', '/')} |"
+        for r in failed
+    ]
     return "\n".join(lines) + "\n"
 
 
 def write_plots(rows: list[dict[str, Any]], folder: str | Path) -> list[Path]:
     """PNG plots: image AUROC against K per set (std bands) and inference ms per image per method."""
-    import matplotlib
+    import matplotlib as mpl  # lazily: matplotlib is only in the test extra
 
-    matplotlib.use("Agg")
+    mpl.use("Agg")
     import matplotlib.pyplot as plt
 
     folder = Path(folder)
@@ -241,7 +305,12 @@ def write_plots(rows: list[dict[str, Any]], folder: str | Path) -> list[Path]:
             means = [summary[dataset, category, k, method]["auroc"][0] for k in ks]
             stds = [summary[dataset, category, k, method]["auroc"][1] for k in ks]
             ax.plot(ks, means, marker="o", label=method)
-            ax.fill_between(ks, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)], alpha=0.15)
+            ax.fill_between(
+                ks,
+                [m - s for m, s in zip(means, stds, strict=True)],
+                [m + s for m, s in zip(means, stds, strict=True)],
+                alpha=0.15,
+            )
         ax.set_xscale("log", base=2)
         ax.set_xlabel("K (normal training images)")
         ax.set_ylabel("image AUROC")
@@ -264,17 +333,18 @@ def write_plots(rows: list[dict[str, Any]], folder: str | Path) -> list[Path]:
                 folder / "inference_ms.png",
                 floor=json.loads(floor.read_text())["ms_b1"] if floor.exists() else None,
                 ylabel="ms per image, batch 1 (median)",
-            ),
+            )
         )
     return written
 
 
-def write_time_plot(ms: dict[str, float], path: str | Path, floor: float | None = None,
-                    ylabel: str = "ms per image") -> Path:
+def write_time_plot(
+    ms: dict[str, float], path: str | Path, floor: float | None = None, ylabel: str = "ms per image"
+) -> Path:
     """Bar plot of milliseconds per image per method, with the bare backbone's time as a dashed line."""
-    import matplotlib
+    import matplotlib as mpl  # lazily: matplotlib is only in the test extra
 
-    matplotlib.use("Agg")
+    mpl.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))

@@ -34,8 +34,15 @@ from fsad_anomalib.data import FewShot
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["NonFiniteScoreCounter", "load_runs", "merge_runs", "peak_rss_mb", "run_benchmark", "run_one",
-           "time_forward"]
+__all__ = [
+    "NonFiniteScoreCounter",
+    "load_runs",
+    "merge_runs",
+    "peak_rss_mb",
+    "run_benchmark",
+    "run_one",
+    "time_forward",
+]
 
 
 def peak_rss_mb() -> float:
@@ -45,10 +52,13 @@ def peak_rss_mb() -> float:
 
 @torch.no_grad()
 def time_forward(
-    fn: Callable[[torch.Tensor], Any], batch: int, image_size: int, repeats: int = 5, device: torch.device | str = "cpu",
+    fn: Callable[[torch.Tensor], Any], batch: int, image_size: int, repeats: int = 5, device: torch.device | str = "cpu"
 ) -> float:
-    """Median milliseconds per image of ``fn`` on random images of ``batch`` x 3 x size x size on ``device``
-    (``torch.utils.benchmark.Timer``, which synchronises CUDA)."""
+    """Median milliseconds per image of ``fn``.
+
+    On random images of ``batch`` x 3 x size x size on ``device``
+    (``torch.utils.benchmark.Timer``, which synchronises CUDA).
+    """
     timer = Timer("fn(x)", globals={"fn": fn, "x": torch.rand(batch, 3, image_size, image_size, device=device)})
     timer.timeit(1)  # warm-up
     return statistics.median(timer.timeit(1).median * 1000 / batch for _ in range(repeats))
@@ -67,9 +77,9 @@ def backbone_floor(backbone: str, image_size: int, repeats: int = 7) -> dict[str
 class NonFiniteScoreCounter(Callback):
     """Counts test images whose score (or anomaly map) is NaN or infinite.
 
-    torchmetrics' AUROC takes NaN scores without complaint and returns a number (stock PaDiM at K = 1,
-    whose per-patch covariance of a single sample is NaN, scored 0.299 that way). The benchmark records
-    NaN for such a run instead, with the count of the images concerned.
+    torchmetrics' AUROC takes NaN scores without complaint and returns a number (stock PaDiM at K = 1, whose
+    per-patch covariance of a single sample is NaN). The benchmark records NaN for such a run instead, with the
+    count of the images concerned.
     """
 
     def __init__(self) -> None:
@@ -106,8 +116,11 @@ def load_runs(output: str | Path, repair: bool = False) -> list[dict[str, Any]]:
             rows.append(json.loads(line))
         except json.JSONDecodeError as exc:
             if number == len(lines) and not text.endswith("\n"):
-                logger.warning("%s: its last line was cut short (a sweep stopped while writing it) and is left out; "
-                               "that run runs again.", runs_file)  # fmt: skip
+                logger.warning(
+                    "%s: its last line was cut short (a sweep stopped while writing it) and is left out; "
+                    "that run runs again.",
+                    runs_file,
+                )
                 if repair:
                     runs_file.write_text("".join(f"{kept}\n" for kept in lines[:-1]))
                 break
@@ -116,18 +129,19 @@ def load_runs(output: str | Path, repair: bool = False) -> list[dict[str, Any]]:
     return rows
 
 
-def _key(row: dict[str, Any]) -> tuple:
+def run_key(row: dict[str, Any]) -> tuple:
+    """A run's key in ``runs.jsonl``: (dataset, category, K, seed, method)."""
     return (row["dataset"], row["category"], row["k_shot"], row["seed"], row["method"])
 
 
 def merge_runs(rows: list[dict[str, Any]], *others: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """``rows`` plus the rows of ``others`` whose run (set, K, seed, method) none before them holds."""
     merged = list(rows)
-    seen = {_key(r) for r in merged}
+    seen = {run_key(r) for r in merged}
     for other in others:
         for row in other:
-            if _key(row) not in seen:
-                seen.add(_key(row))
+            if run_key(row) not in seen:
+                seen.add(run_key(row))
                 merged.append(row)
     return merged
 
@@ -160,7 +174,8 @@ def run_benchmark(
     anomalib model); ``methods`` may name them beside the built-in ones. Each run trains and tests on one device
     of ``accelerator`` (Lightning's name: ``auto``, ``cpu``, ``gpu``): one after another in this process
     (``executor="serial"``) or as Ray tasks, each in a process of its own (``"ray"``, on the cluster at
-    ``ray_address``, else a local one; see :mod:`fsad_anomalib.benchmark.executors`). ``cpus_per_run``: torch threads of each run (and a Ray task's CPUs);
+    ``ray_address``, else a local one; see :mod:`fsad_anomalib.benchmark.executors`). ``cpus_per_run``: torch
+    threads of each run (and a Ray task's CPUs);
     rows are the same on both executors for the same value. This process alone writes ``runs.jsonl``; a run that
     fails is recorded with its error (and run again on resume) and the sweep goes on.
     Each row records the arguments its model was built with, and what its threshold, set from the K normals at
@@ -175,17 +190,36 @@ def run_benchmark(
     output.mkdir(parents=True, exist_ok=True)
     runs_file = output / "runs.jsonl"
     rows = load_runs(output, repair=True)
-    done = {_key(r) for r in rows if "error" not in r}
+    done = {run_key(r) for r in rows if "error" not in r}
     methods = list(methods)
     method_configs = dict(method_configs or {})
     for method in methods:
         if method not in METHODS and method not in method_configs:
             msg = f"Unknown method '{method}'. Known: {(*METHODS, *method_configs)}."
             raise ValueError(msg)
-    plan = [Task(label, datamodules[label], k, s, m, backbone, image_size,
-                 {**(fsc_args or {}), **(set_fsc_args or {}).get(label, {})}, time_inference, accelerator,
-                 false_reject_rate, pre_trained, method_configs.get(m), cpus_per_run, confirm)
-            for label in datamodules for k in k_shots for s in seeds for m in methods]  # fmt: skip
+    plan = [
+        Task(
+            label,
+            datamodules[label],
+            k,
+            s,
+            m,
+            backbone,
+            image_size,
+            {**(fsc_args or {}), **(set_fsc_args or {}).get(label, {})},
+            time_inference,
+            accelerator,
+            false_reject_rate,
+            pre_trained,
+            method_configs.get(m),
+            cpus_per_run,
+            confirm,
+        )
+        for label in datamodules
+        for k in k_shots
+        for s in seeds
+        for m in methods
+    ]
     floor_file = output / "backbone_floor.json"
     if time_inference and not floor_file.exists():
         floor_file.write_text(json.dumps(backbone_floor(backbone, image_size), indent=2))
@@ -221,12 +255,16 @@ def run_benchmark(
             progress(f"{lead}FAILED, {row['error'][:300]}  ({finished}/{len(todo)} done in {_duration(elapsed)}{left})")
             continue
         if row["non_finite_scores"] or row["non_finite_maps"]:
-            progress(f"    {task.method} gave non-finite scores on {row['non_finite_scores']} and non-finite maps on "
-                     f"{row['non_finite_maps']} test images: AUROC recorded as NaN")
+            progress(
+                f"    {task.method} gave non-finite scores on {row['non_finite_scores']} and non-finite maps on "
+                f"{row['non_finite_maps']} test images: AUROC recorded as NaN"
+            )
         rates = row["threshold"]
-        progress(f"{lead}image AUROC {row['image_AUROC']:.3f}  false rejects {rates['false_reject_rate']:.1%}  "
-                 f"detected {rates['detection_rate']:.1%}  train {row['train_s']:.1f}s  peak RSS "
-                 f"{row['peak_rss_mb']:.0f} MiB  ({finished}/{len(todo)} done in {_duration(elapsed)}{left})")
+        progress(
+            f"{lead}image AUROC {row['image_AUROC']:.3f}  false rejects {rates['false_reject_rate']:.1%}  "
+            f"detected {rates['detection_rate']:.1%}  train {row['train_s']:.1f}s  peak RSS "
+            f"{row['peak_rss_mb']:.0f} MiB  ({finished}/{len(todo)} done in {_duration(elapsed)}{left})"
+        )
     return rows
 
 
@@ -254,9 +292,16 @@ def run_one(task: Task) -> dict[str, Any]:
     else:
         model = build_method(method, task.backbone, task.image_size, task.fsc_args, false_reject_rate, task.pre_trained)
     with tempfile.TemporaryDirectory(prefix="fsad-bench-") as workdir:
-        engine = Engine(default_root_dir=workdir, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                        accelerator=task.accelerator, devices=1, callbacks=[*method_callbacks(method), counter := NonFiniteScoreCounter()],
-                        **(method_config.trainer_args if method_config is not None else {}))  # fmt: skip
+        engine = Engine(
+            default_root_dir=workdir,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            accelerator=task.accelerator,
+            devices=1,
+            callbacks=[*method_callbacks(method), counter := NonFiniteScoreCounter()],
+            **(method_config.trainer_args if method_config is not None else {}),
+        )
         start = time.perf_counter()
         engine.fit(model=model, datamodule=few_shot)
         train_s = time.perf_counter() - start
@@ -271,7 +316,8 @@ def run_one(task: Task) -> dict[str, Any]:
         "evaluation": getattr(datamodule, "evaluation", "test"),
         "image_AUROC": float(metrics.get("image_AUROC", float("nan"))) if not counter.scores else float("nan"),
         "pixel_AUROC": (float(metrics["pixel_AUROC"]) if not counter.maps else float("nan"))
-        if "pixel_AUROC" in metrics else None,
+        if "pixel_AUROC" in metrics
+        else None,
         "non_finite_scores": counter.scores,
         "non_finite_maps": counter.maps,
         "train_s": train_s,
@@ -285,7 +331,8 @@ def run_one(task: Task) -> dict[str, Any]:
         # the held-out normal scores and bounds behind it, to study the estimator offline without rerunning
         "calibration": dict(getattr(model.post_processor, "calibration", {}) or {}),
     }
-    if task.confirm:  # the threshold confirmed on `confirm` further pool normals, and what it does on the same test scores
+    # the threshold confirmed on `confirm` further pool normals, and what it does on the same test scores
+    if task.confirm:
         row["confirmed"] = confirmation_record(model, few_shot, task.confirm, seed, false_reject_rate)
     record = getattr(model, "self_configuration", None)
     if record:  # FewShotContrastive: what it chose from the K normals, and the fine-tuning decision's evidence

@@ -39,26 +39,43 @@ def builtin_datamodule(label: str, args: argparse.Namespace) -> AnomalibDataModu
     """
     dataset, _, category = label.partition("/")
     if dataset == "ELPV":
-        return ELPV(category or "mono", eval_batch_size=args.eval_batch_size, evaluation=args.evaluation,
-                    val_split_mode="none")
+        return ELPV(
+            category or "mono", eval_batch_size=args.eval_batch_size, evaluation=args.evaluation, val_split_mode="none"
+        )
     if dataset == "Textile":
-        return Textile(category or "local", eval_batch_size=args.eval_batch_size, evaluation=args.evaluation,
-                       val_split_mode="none")
+        return Textile(
+            category or "local", eval_batch_size=args.eval_batch_size, evaluation=args.evaluation, val_split_mode="none"
+        )
     if args.evaluation != "test":
         msg = f"--evaluation {args.evaluation}: only the offline sets (ELPV, Textile) have a development set."
         raise ValueError(msg)
     if dataset == "MVTecAD":
-        return MVTecAD(root=args.mvtec_root, category=category, eval_batch_size=args.eval_batch_size, num_workers=0,
-                       val_split_mode="none")
+        return MVTecAD(
+            root=args.mvtec_root,
+            category=category,
+            eval_batch_size=args.eval_batch_size,
+            num_workers=0,
+            val_split_mode="none",
+        )
     if dataset == "Visa":
-        return Visa(root=args.visa_root, category=category, eval_batch_size=args.eval_batch_size, num_workers=0,
-                       val_split_mode="none")
+        return Visa(
+            root=args.visa_root,
+            category=category,
+            eval_batch_size=args.eval_batch_size,
+            num_workers=0,
+            val_split_mode="none",
+        )
     if dataset == "Folder":
         return Folder(
-            name="folder", root=category, normal_dir="train/good", abnormal_dir="test/bad",
-            normal_test_dir="test/good", val_split_mode="none", num_workers=0,
+            name="folder",
+            root=category,
+            normal_dir="train/good",
+            abnormal_dir="test/bad",
+            normal_test_dir="test/good",
+            val_split_mode="none",
+            num_workers=0,
             eval_batch_size=args.eval_batch_size,
-        )  # fmt: skip
+        )
     msg = f"--sets: unknown set '{label}'. Use {SETS_HELP}, or --data with an anomalib datamodule config."
     raise ValueError(msg)
 
@@ -93,8 +110,10 @@ class DataConfig:
             raise self._error(msg) from exc
         normal, anomalous = test_label_counts(datamodule)
         if not (normal and anomalous):
-            msg = (f"its test set holds {normal} normal and {anomalous} anomalous images; image AUROC needs both "
-                   "(for Folder: normal_test_dir and abnormal_dir).")
+            msg = (
+                f"its test set holds {normal} normal and {anomalous} anomalous images; image AUROC needs both "
+                "(for Folder: normal_test_dir and abnormal_dir)."
+            )
             raise self._error(msg)
         self.pool = len(normal_pool(datamodule.train_data))
         self.label = f"{type(datamodule).__name__}/{datamodule.category or datamodule.name}"
@@ -108,12 +127,16 @@ class DataConfig:
         if isinstance(spec, dict) and "data" in spec:
             ignored = sorted(key for key in spec if key != "data")
             if ignored:
-                notes.append(f"only its data section is read ({', '.join(ignored)} ignored: FewShotContrastive's "
-                             "arguments come from --model-args)")
+                notes.append(
+                    f"only its data section is read ({', '.join(ignored)} ignored: FewShotContrastive's "
+                    "arguments come from --model-args)"
+                )
             spec = spec["data"]
         if not isinstance(spec, dict) or "class_path" not in spec:
-            msg = ("expected an anomalib datamodule: a 'data:' section with 'class_path' and 'init_args', as "
-                   "`anomalib train --config` reads it, or those two keys at the top of the file.")
+            msg = (
+                "expected an anomalib datamodule: a 'data:' section with 'class_path' and 'init_args', as "
+                "`anomalib train --config` reads it, or those two keys at the top of the file."
+            )
             raise self._error(msg)
         return spec, notes
 
@@ -123,15 +146,18 @@ class DataConfig:
 
     def _build(self) -> tuple[AnomalibDataModule, list[str]]:
 
-
         datamodule = build_from_spec(AnomalibDataModule, self.spec, "datamodule", self._error)
         notes = []
         if isinstance(datamodule, FewShot):
-            notes.append(f"FewShot's k_shot and seed are left aside: --k and --seeds draw the support sets of "
-                         f"{type(datamodule.datamodule).__name__}")
+            notes.append(
+                f"FewShot's k_shot and seed are left aside: --k and --seeds draw the support sets of "
+                f"{type(datamodule.datamodule).__name__}"
+            )
             datamodule = datamodule.datamodule
         if datamodule.val_split_mode != ValSplitMode.NONE:
-            notes.append(f"val_split_mode {datamodule.val_split_mode.value} -> none: every method is scored once on "
-                         "the whole test set")
+            notes.append(
+                f"val_split_mode {datamodule.val_split_mode.value} -> none: every method is scored once on "
+                "the whole test set"
+            )
             datamodule.val_split_mode = ValSplitMode.NONE
         return datamodule, notes

@@ -47,8 +47,11 @@ FLOOR = "bare backbone forward"
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m fsad_anomalib.benchmark.speed", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="python -m fsad_anomalib.benchmark.speed",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--set", default="ELPV/mono", help=f"the support set's source: {SETS_HELP}")
     parser.add_argument("--backbone", default="offline:tf_efficientnet_lite0", help="any timm CNN or offline:<arch>")
     parser.add_argument("--no-pretrained", action="store_true", help="random backbone weights (no download)")
@@ -56,7 +59,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", default=None, help="a training config whose model section is timed instead")
     parser.add_argument("--image-size", type=int_at_least(32), default=256)
     parser.add_argument("--k", type=int_at_least(1), default=4)
-    parser.add_argument("--rounds", type=int_at_least(1), default=15, help="timing rounds at batch 1 (batch 32: a third)")
+    parser.add_argument(
+        "--rounds", type=int_at_least(1), default=15, help="timing rounds at batch 1 (batch 32: a third)"
+    )
     parser.add_argument("--threads", type=int_at_least(0), default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--mvtec-root", default="./datasets/MVTecAD")
     parser.add_argument("--visa-root", default="./datasets/visa")
@@ -74,13 +79,19 @@ def _trained(args: argparse.Namespace, work: str, error: Callable[[str], None]) 
             if name == "FewShotContrastive" and args.config:
                 model = MethodConfig(name, args.config).build()
             else:
-                model = build_method(name, args.backbone, args.image_size, args.model_args,
-                                     pre_trained=not args.no_pretrained)  # fmt: skip
+                model = build_method(
+                    name, args.backbone, args.image_size, args.model_args, pre_trained=not args.no_pretrained
+                )
             datamodule = FewShot(builtin_datamodule(args.set, args), k_shot=args.k)
         except (TypeError, ValueError) as exc:
             error(str(exc))
-        engine = Engine(default_root_dir=work, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                        accelerator="cpu")  # fmt: skip
+        engine = Engine(
+            default_root_dir=work,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            accelerator="cpu",
+        )
         engine.fit(model=model, datamodule=datamodule)
         models[name] = model.eval()
     return models
@@ -114,8 +125,9 @@ def main(argv: list[str] | None = None) -> int:
         exported = _exported(fsc, work)
         # the floor rows read FewShotContrastive's own layers: all of them, and those its scoring reads
         scored, all_layers = fsc.model.layers, [*fsc.model.layers, fsc.model.global_layer]
-        backbone = TimmFeatureExtractor(resolve_backbone(args.backbone), layers=all_layers, requires_grad=True,
-                                        pre_trained=False).eval()  # fmt: skip
+        backbone = TimmFeatureExtractor(
+            resolve_backbone(args.backbone), layers=all_layers, requires_grad=True, pre_trained=False
+        ).eval()
         module_of = dict(zip(backbone.layers, backbone.feature_extractor.feature_info.module_name(), strict=True))
         deepest = module_of[max(scored, key=backbone.layers.index)]
         runners: dict[str, Callable[[torch.Tensor], object]] = {
@@ -129,11 +141,15 @@ def main(argv: list[str] | None = None) -> int:
         inputs = {b: torch.rand(b, 3, size, size) for b in (1, 32)}
         with torch.no_grad():
             eager = fsc(inputs[32]).pred_score.numpy()
-            differences = {name: float(np.max(np.abs(run(inputs[32]).ravel() - eager) / np.maximum(np.abs(eager), 1e-12)))
-                           for name, run in exported.items()}  # fmt: skip
+            scale = np.maximum(np.abs(eager), 1e-12)
+            differences = {
+                name: float(np.max(np.abs(run(inputs[32]).ravel() - eager) / scale)) for name, run in exported.items()
+            }
             timings: dict[str, dict[int, list[float]]] = {name: {1: [], 32: []} for name in runners}
             for batch in (1, 32):
-                timers = {name: Timer("run(x)", globals={"run": run, "x": inputs[batch]}) for name, run in runners.items()}
+                timers = {
+                    name: Timer("run(x)", globals={"run": run, "x": inputs[batch]}) for name, run in runners.items()
+                }
                 for timer in timers.values():
                     timer.timeit(1)  # warm-up
                 for _ in range(args.rounds if batch == 1 else max(2, args.rounds // 3)):
@@ -146,18 +162,23 @@ def main(argv: list[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         (out / "speed.md").write_text(text, encoding="utf-8")
         for batch in (1, 32):
-            write_time_plot({name: statistics.median(t[batch]) for name, t in timings.items() if name != FLOOR},
-                            out / f"inference_ms_batch{batch}.png", floor=statistics.median(timings[FLOOR][batch]),
-                            ylabel=f"ms per image, batch {batch} (median)")  # fmt: skip
+            write_time_plot(
+                {name: statistics.median(t[batch]) for name, t in timings.items() if name != FLOOR},
+                out / f"inference_ms_batch{batch}.png",
+                floor=statistics.median(timings[FLOOR][batch]),
+                ylabel=f"ms per image, batch {batch} (median)",
+            )
     return 0
 
 
 def _table(args: argparse.Namespace, timings: dict[str, dict[int, list[float]]], differences: dict[str, float]) -> str:
     floor1, floor32 = (statistics.median(timings[FLOOR][batch]) for batch in (1, 32))
     lines = [
-        f"{args.set}, K = {args.k}, backbone {args.backbone}, image size {args.image_size}, torch threads "
-        f"{torch.get_num_threads()}; medians of interleaved rounds ({args.rounds} at batch 1, "
-        f"{max(2, args.rounds // 3)} at batch 32)",
+        (
+            f"{args.set}, K = {args.k}, backbone {args.backbone}, image size {args.image_size}, torch threads "
+            f"{torch.get_num_threads()}; medians of interleaved rounds ({args.rounds} at batch 1, "
+            f"{max(2, args.rounds // 3)} at batch 32)"
+        ),
         "",
         "| method | ms / image, batch 1 | time x backbone | images / s, batch 32 | time x backbone |",
         "|---|---|---|---|---|",
@@ -165,8 +186,11 @@ def _table(args: argparse.Namespace, timings: dict[str, dict[int, list[float]]],
     for name, t in timings.items():
         b1, b32 = statistics.median(t[1]), statistics.median(t[32])
         lines.append(f"| {name} | {b1:.1f} | {b1 / floor1:.2f} | {1000 / b32:.1f} | {b32 / floor32:.2f} |")
-    lines += ["", *(f"{name} scores vs eager: max relative difference {value:.2e} (32 random images)"
-                    for name, value in differences.items())]  # fmt: skip
+    lines.append("")
+    lines += [
+        f"{name} scores vs eager: max relative difference {value:.2e} (32 random images)"
+        for name, value in differences.items()
+    ]
     return "\n".join(lines) + "\n"
 
 

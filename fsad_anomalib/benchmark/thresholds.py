@@ -18,8 +18,10 @@ __all__ = ["RECORDED_RATES", "confirmation_record", "decision_rates", "oracle_f1
 
 
 def decision_rates(scores: list[float], labels: list[int], threshold: float) -> dict[str, float]:
-    """False-reject rate on the normals (label 0) and detection rate on the anomalies (label 1) of ``score >
-    threshold``, the decision anomalib's post-processor makes; NaN where the threshold or a class is missing.
+    """False-reject and detection rates of ``score > threshold``.
+
+    On the normals (label 0) and the anomalies (label 1): the decision anomalib's post-processor makes; NaN where the
+    threshold or a class is missing.
     """
     normal = [s for s, y in zip(scores, labels, strict=True) if y == 0]
     anomalous = [s for s, y in zip(scores, labels, strict=True) if y == 1]
@@ -33,7 +35,7 @@ def decision_rates(scores: list[float], labels: list[int], threshold: float) -> 
 
 def oracle_f1_threshold(scores: list[float], labels: list[int]) -> float:
     """Anomalib's F1-adaptive threshold learned on these (test) scores and labels: the best F1 they allow."""
-    pairs = [(s, y) for s, y in zip(scores, labels, strict=True) if y in (0, 1) and math.isfinite(s)]
+    pairs = [(s, y) for s, y in zip(scores, labels, strict=True) if y in {0, 1} and math.isfinite(s)]
     if not pairs or len({y for _, y in pairs}) < 2:
         return float("nan")
     metric = _F1AdaptiveThreshold()
@@ -46,8 +48,9 @@ RECORDED_RATES = (0.01, 0.05)
 
 
 def _rates_at(post_processor: Any, scores: list, labels: list, target: float, threshold: float) -> dict[str, Any]:  # noqa: ANN401
-    """Threshold and rates at each of ``RECORDED_RATES`` (from the calibration's evidence) and at ``target``
-    (``threshold``).
+    """Threshold and rates at each recorded target rate.
+
+    At each of ``RECORDED_RATES`` (from the calibration's evidence) and at ``target`` (``threshold``).
     """
     at = {}
     for rate in sorted({*RECORDED_RATES, target}):
@@ -71,10 +74,16 @@ def threshold_record(post_processor: Any, target: float) -> dict[str, Any]:  # n
     oracle = oracle_f1_threshold(scores, labels)
     own, best = decision_rates(scores, labels, threshold), decision_rates(scores, labels, oracle)
     at = _rates_at(post_processor, scores, labels, target, threshold)
-    return {"target_false_reject_rate": target, "threshold": threshold, "false_reject_rate": own["false_reject_rate"],
-            "detection_rate": own["detection_rate"], "oracle_threshold": oracle,
-            "oracle_false_reject_rate": best["false_reject_rate"], "oracle_detection_rate": best["detection_rate"],
-            "at": at}  # fmt: skip
+    return {
+        "target_false_reject_rate": target,
+        "threshold": threshold,
+        "false_reject_rate": own["false_reject_rate"],
+        "detection_rate": own["detection_rate"],
+        "oracle_threshold": oracle,
+        "oracle_false_reject_rate": best["false_reject_rate"],
+        "oracle_detection_rate": best["detection_rate"],
+        "at": at,
+    }
 
 
 def confirmation_images(few_shot: FewShot, n: int, seed: int) -> Any:  # noqa: ANN401

@@ -58,8 +58,14 @@ class PredictionTable(Callback):
             csv.writer(handle).writerow(COLUMNS)
         self._pending, self._rows = None, 0
 
-    def on_predict_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, *args: Any,  # noqa: ANN401
-                             **kwargs: Any) -> None:  # noqa: ANN401
+    def on_predict_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,  # noqa: ANN401 - Lightning's hook signature
+        *args: Any,  # noqa: ANN401
+        **kwargs: Any,  # noqa: ANN401
+    ) -> None:
         """Keep the raw scores of this batch; write the previous one (post-processed by now)."""
         del trainer, args, kwargs
         self._flush(pl_module)
@@ -95,8 +101,14 @@ class PredictionTable(Callback):
             writer = csv.writer(handle)
             for path, raw_score, score, label in zip(paths, raw, scores, labels, strict=True):
                 verdict = ("NG" if label else "OK") if has_threshold and label is not None else ""
-                writer.writerow([str(path), _cell(raw_score), _cell(score), verdict, _cell(threshold),
-                                 _cell(raw_threshold if has_threshold else None)])  # fmt: skip
+                writer.writerow([
+                    str(path),
+                    _cell(raw_score),
+                    _cell(score),
+                    verdict,
+                    _cell(threshold),
+                    _cell(raw_threshold if has_threshold else None),
+                ])
         self._rows += n
 
 

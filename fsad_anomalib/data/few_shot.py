@@ -30,8 +30,10 @@ def skip_validation_without_data(trainer: Trainer) -> bool:
     if datamodule is None or getattr(datamodule, "val_data", None) is not None or trainer.limit_val_batches == 0:
         return False
     trainer.limit_val_batches = 0
-    logger.info("%s has no validation set (val_split_mode none): training runs without a validation pass.",
-                type(datamodule).__name__)  # fmt: skip
+    logger.info(
+        "%s has no validation set (val_split_mode none): training runs without a validation pass.",
+        type(datamodule).__name__,
+    )
     return True
 
 
@@ -42,8 +44,9 @@ def normal_pool(dataset: AnomalibDataset) -> list[str]:
 
 
 def sample_support_set(pool: list[str], k_shot: int | None, seed: int) -> list[str]:
-    """Draw ``k_shot`` distinct paths from ``pool`` with ``seed`` (``None``: all of them); independent of the pool's
-    order.
+    """Draw ``k_shot`` distinct paths from ``pool`` with ``seed``.
+
+    ``None``: all of them; the draw is independent of the pool's order.
     """
     if k_shot is not None and (not isinstance(k_shot, int) or isinstance(k_shot, bool) or k_shot < 1):
         msg = f"k_shot must be an integer >= 1, or None for every normal training image, got {k_shot!r}."
@@ -157,8 +160,11 @@ class FewShot(AnomalibDataModule):
         if not isinstance(datamodule, AnomalibDataModule):
             msg = f"datamodule must be an anomalib AnomalibDataModule, got {type(datamodule).__name__}."
             raise TypeError(msg)
-        if support_list is None and k_shot is not None and (not isinstance(k_shot, int) or isinstance(k_shot, bool)
-                                                            or k_shot < 1):  # fmt: skip
+        if (
+            support_list is None
+            and k_shot is not None
+            and (not isinstance(k_shot, int) or isinstance(k_shot, bool) or k_shot < 1)
+        ):
             msg = f"k_shot must be an integer >= 1, or None for every normal training image, got {k_shot!r}."
             raise ValueError(msg)
         super().__init__(
@@ -267,8 +273,13 @@ class FewShot(AnomalibDataModule):
         if not self._batch_size_given:
             self.train_batch_size = max(1, min(self.datamodule.train_batch_size, self.k_shot))
         where = f"{self.name}/{self.category}" if self.category else self.name
-        logger.info("FewShot: the model is fitted on %d of the %d normal training images of %s (%s).", self.k_shot,
-                    len(pool), where, drawn)  # fmt: skip
+        logger.info(
+            "FewShot: the model is fitted on %d of the %d normal training images of %s (%s).",
+            self.k_shot,
+            len(pool),
+            where,
+            drawn,
+        )
         return subset
 
     def support_record(self) -> dict:

@@ -28,15 +28,7 @@ from torchvision.transforms.v2 import Transform
 
 EVALUATION_SETS = ("test", "dev")
 
-__all__ = [
-    "ELPV",
-    "EVALUATION_SETS",
-    "SamplesDataset",
-    "Textile",
-    "elpv_paths",
-    "split_samples",
-    "textile_paths",
-]
+__all__ = ["ELPV", "EVALUATION_SETS", "SamplesDataset", "Textile", "elpv_paths", "split_samples", "textile_paths"]
 
 
 class SamplesDataset(AnomalibDataset):
@@ -136,8 +128,8 @@ def elpv_paths(category: str) -> tuple[list[str], list[str]]:
     paths = [str(root / p) for p in np.char.decode(data["path"])]
     probs = data["probability"]
     types = np.char.decode(data["type"])
-    normal = [p for p, pr, t in zip(paths, probs, types, strict=True) if t == category and pr == 0.0]
-    abnormal = [p for p, pr, t in zip(paths, probs, types, strict=True) if t == category and pr == 1.0]
+    normal = [p for p, pr, t in zip(paths, probs, types, strict=True) if t == category and pr == 0.0]  # noqa: RUF069 - the package's exact labels
+    abnormal = [p for p, pr, t in zip(paths, probs, types, strict=True) if t == category and pr == 1.0]  # noqa: RUF069 - the package's exact labels
     return normal, abnormal
 
 
@@ -209,10 +201,14 @@ class _OfflineDataModule(AnomalibDataModule):
 
     def _samples_frame(self) -> DataFrame:
         return split_samples(
-            *self._paths(), f"{self.DATASET_NAME} {self.category}", n_test_normal=self.n_test_normal,
-            n_test_abnormal=self.n_test_abnormal, split_seed=self.split_seed, evaluation=self.evaluation,
+            *self._paths(),
+            f"{self.DATASET_NAME} {self.category}",
+            n_test_normal=self.n_test_normal,
+            n_test_abnormal=self.n_test_abnormal,
+            split_seed=self.split_seed,
+            evaluation=self.evaluation,
             n_dev=self.n_dev,
-        )  # fmt: skip
+        )
 
     def _setup(self, _stage: str | None = None) -> None:
         samples = self._samples_frame()

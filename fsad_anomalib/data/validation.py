@@ -49,7 +49,7 @@ def check_image_files(paths: Iterable[str | Path], what: str = "dataset") -> Non
     for path in paths:
         try:
             check_image_file(path)
-        except ImageFileError as exc:
+        except ImageFileError as exc:  # noqa: PERF203 - each file's own error, by name
             bad.append(str(exc))
     if bad:
         extra = f" (and {len(bad) - 1} more bad file(s))" if len(bad) > 1 else ""

@@ -14,7 +14,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["SYMMETRY_NAMES", "Symmetric", "Symmetries", "Views", "resolve_symmetries"]
+__all__ = ["NO_SYMMETRY", "SYMMETRY_NAMES", "Symmetric", "Symmetries", "Views", "resolve_symmetries"]
 
 SYMMETRY_NAMES = ("hflip", "vflip", "rot90")
 
@@ -48,7 +48,9 @@ class Symmetries:
             named, flags = [value], {}
         unknown = [name for name in named if name not in SYMMETRY_NAMES]
         if unknown or not all(isinstance(flag, bool) for flag in flags.values()):
-            msg = f"symmetries must be a list of names among {list(SYMMETRY_NAMES)} (e.g. [hflip, vflip]), got {value!r}."
+            msg = (
+                f"symmetries must be a list of names among {list(SYMMETRY_NAMES)} (e.g. [hflip, vflip]), got {value!r}."
+            )
             raise ValueError(msg)
         return cls(**flags)
 
@@ -59,9 +61,12 @@ class Symmetries:
 
     def group(self, square: bool = True) -> list[tuple[int, bool, bool]]:
         """The distinct (turns, hflip, vflip) the flags allow, identity first; 90-degree turns on square images only."""
-        candidates = [(turns, h, v) for turns in range(4 if (self.rot90 and square) else 1)
-                      for h in ((False, True) if self.hflip else (False,))
-                      for v in ((False, True) if self.vflip else (False,))]  # fmt: skip
+        candidates = [
+            (turns, h, v)
+            for turns in range(4 if (self.rot90 and square) else 1)
+            for h in ((False, True) if self.hflip else (False,))
+            for v in ((False, True) if self.vflip else (False,))
+        ]
         # the dihedral group has 8 elements; a flip both ways equals a half turn: keep each distinct view once
         seen, unique = set(), []
         probe = torch.arange(16.0).view(1, 1, 4, 4)
@@ -75,6 +80,9 @@ class Symmetries:
     def count(self, square: bool = True) -> int:
         """How many distinct views the flags allow (the identity included): 1, 2, 4 or 8."""
         return len(self.group(square))
+
+
+NO_SYMMETRY = Symmetries(hflip=False, vflip=False, rot90=False)
 
 
 @dataclass(frozen=True)
@@ -97,7 +105,7 @@ class Views:
 
     def held_out(self, images: torch.Tensor) -> int:
         """How many views of each image held-out scoring uses: ``n``, or with one image every view it allows."""
-        if images.shape[0] >= 2:  # noqa: PLR2004
+        if images.shape[0] >= 2:
             return self.n
         return max(self.n, self.symmetries.count(square=images.shape[-1] == images.shape[-2]))
 
@@ -110,8 +118,12 @@ class Symmetric(Protocol):
 
 
 def resolve_symmetries(value: Any, model: object, default: Symmetries) -> Symmetries:  # noqa: ANN401
-    """The one rule for an unset value: ``value`` where given, else the ``model``'s own (:class:`Symmetric`), else
-    ``default``."""
+    """The symmetries in force for an argument that may be unset.
+
+    The one rule for an unset value, wherever symmetries are an argument: ``value`` where given, else the ``model``'s
+    own (:class:`Symmetric`), else
+    ``default``.
+    """
     if value is not None:
         return Symmetries.of(value)
     if isinstance(model, Symmetric) and isinstance(model.symmetries, Symmetries):

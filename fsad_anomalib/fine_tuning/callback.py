@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
-from typing import Protocol, runtime_checkable
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -70,8 +70,9 @@ class ContrastiveFineTuning(HyperparametersMixin, Callback):
     model's fit, test, checkpoint and export work unchanged and carry the fine-tuned weights.
 
     A model whose torch model has ``contrastive_features(images)`` (:class:`ContrastiveFeatures`, as
-    FewShotContrastive) is trained on exactly the features it scores. For any other model the extractor's last output layer gives the embedding and the
-    others the patch features (:func:`~fsad_anomalib.backbones.features.patch_and_global`).
+    FewShotContrastive) is trained on exactly the features it scores. For any other model the extractor's last
+    output layer gives the embedding and the others the patch features
+    (:func:`~fsad_anomalib.backbones.features.patch_and_global`).
 
     Args:
         steps (int): AdamW steps. Defaults to ``30``.
@@ -140,9 +141,33 @@ class ContrastiveFineTuning(HyperparametersMixin, Callback):
         self.symmetries = None if symmetries is None else Symmetries.of(symmetries)
         self.crop_scale, self.color_jitter = crop_scale, color_jitter
         # built now so that a wrong temperature, weight, synthesis or crop scale fails at construction
-        self.tuner = ContrastiveFineTuner(temperature, lambda_pp, lambda_np, synthesis,
-                                          ViewAugmentation(crop_scale, color_jitter=color_jitter))  # fmt: skip
+        self.tuner = ContrastiveFineTuner(
+            temperature, lambda_pp, lambda_np, synthesis, ViewAugmentation(crop_scale, color_jitter=color_jitter)
+        )
         self.history: list[float] = []
+
+    @classmethod
+    def from_value(
+        cls, value: ContrastiveFineTuning | bool | Mapping[str, Any] | str, seed: int = 0
+    ) -> ContrastiveFineTuning | None:
+        """The fine-tuning a model argument stands for; ``None`` for the frozen backbone.
+
+        ``"auto"``: the default fine-tuning seeded with ``seed`` (which the model tries before it keeps it); ``True``
+        the defaults; ``False`` none; a mapping: its arguments (as a checkpoint stores them, or a JSON object).
+        """
+        if isinstance(value, str) and value == "auto":
+            return cls(seed=seed)
+        if isinstance(value, cls) or value is None:
+            return value
+        if isinstance(value, bool):
+            return cls() if value else None
+        if isinstance(value, Mapping):
+            return cls(**dict(value.get("init_args", value)))
+        msg = (
+            f"fine_tuning must be 'auto' (fine-tune only where it helps), true, false (frozen backbone), a "
+            f"ContrastiveFineTuning or a mapping of its arguments, got {value!r}."
+        )
+        raise (ValueError if isinstance(value, str) else TypeError)(msg)
 
     def _views_for(self, pl_module: LightningModule) -> ViewAugmentation:
         """The views' augmentation, unset symmetries the model's (all three where it declares none)."""
@@ -207,7 +232,7 @@ class ContrastiveFineTuning(HyperparametersMixin, Callback):
         if not self.tuner.has_signal(min(images.shape[0], self.batch_size)):
             logger.warning(
                 "ContrastiveFineTuning: K = 1 with L_NP switched off: no loss term has a negative, fine-tuning is "
-                "skipped and the model keeps its pretrained backbone.",
+                "skipped and the model keeps its pretrained backbone."
             )
             return
         features = self._features_fn(pl_module, network)
@@ -218,7 +243,7 @@ class ContrastiveFineTuning(HyperparametersMixin, Callback):
         device = images.device
         head = nn.Sequential(nn.Linear(pooled.shape[1], 512), nn.ReLU(), nn.Linear(512, self.projection_dim)).to(device)
         dense_head = nn.Sequential(
-            nn.Conv2d(patch.shape[1], 256, 1), nn.ReLU(), nn.Conv2d(256, self.projection_dim, 1),
+            nn.Conv2d(patch.shape[1], 256, 1), nn.ReLU(), nn.Conv2d(256, self.projection_dim, 1)
         ).to(device)
 
         def embed(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -232,7 +257,7 @@ class ContrastiveFineTuning(HyperparametersMixin, Callback):
                 module.eval()
         trained = list(network.parameters())
         for parameter in trained:
-            parameter.requires_grad_(True)
+            parameter.requires_grad_(requires_grad=True)
         optimizer = torch.optim.AdamW(
             [
                 {"params": trained, "lr": self.lr_backbone},

@@ -100,7 +100,7 @@ class CrossInstancePositiveLoss(nn.Module):
         True
     """
 
-    def forward(self, z: torch.Tensor, image_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, image_ids: torch.Tensor) -> torch.Tensor:  # noqa: PLR6301 - nn.Module's forward
         """``z``: ``(M, D)`` projections; ``image_ids``: ``(M,)`` index of the image each row is a view of."""
         different = image_ids[:, None] != image_ids[None, :]
         if not bool(different.any()):
@@ -183,20 +183,14 @@ class FewShotContrastiveLoss(nn.Module):
         self.np = SynthesizedNegativeLoss(temperature)
 
     def forward(
-        self,
-        z1: torch.Tensor,
-        z2: torch.Tensor,
-        anomalies: torch.Tensor | None = None,
+        self, z1: torch.Tensor, z2: torch.Tensor, anomalies: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Total loss and its parts (``loss_con``, ``loss_pp``, ``loss_np``)."""
         n = z1.shape[0]
         loss_con = self.con(z1, z2)
         ids = torch.arange(n, device=z1.device).repeat(2)
         loss_pp = self.pp(torch.cat([z1, z2]), ids) if self.lambda_pp > 0 else z1.sum() * 0.0
-        if anomalies is not None and self.lambda_np > 0:
-            loss_np = self.np(z1, z2, anomalies)
-        else:
-            loss_np = z1.sum() * 0.0
+        loss_np = self.np(z1, z2, anomalies) if anomalies is not None and self.lambda_np > 0 else z1.sum() * 0.0
         total = loss_con + self.lambda_pp * loss_pp + self.lambda_np * loss_np
         return total, {"loss_con": loss_con.detach(), "loss_pp": loss_pp.detach(), "loss_np": loss_np.detach()}
 
@@ -239,7 +233,10 @@ class DenseSynthesizedNegativeLoss(nn.Module):
         self.max_negatives = max_negatives
 
     def forward(self, normal: torch.Tensor, anomalous: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """``normal``, ``anomalous``: ``(B, D, h, w)`` unit-norm dense projections; ``mask``: ``(B, 1, h, w)`` in {0,1}."""
+        """``normal``, ``anomalous``: ``(B, D, h, w)`` unit-norm dense projections; ``mask``: ``(B, 1, h, w)``.
+
+        The mask is 1 where the anomaly was pasted, 0 elsewhere.
+        """
         d = normal.shape[1]
         u = normal.permute(0, 2, 3, 1).reshape(-1, d)
         ua = anomalous.permute(0, 2, 3, 1).reshape(-1, d)

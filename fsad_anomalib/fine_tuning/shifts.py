@@ -1,7 +1,8 @@
 """Synthetic anomalies of two kinds, made from normal images: local flaws and whole-image shifts.
 
 FewShotContrastive's self-configuration scores them against models built from the other normals (it has no
-real defect to look at); they live beside the fine-tuning synthesis, whose families they share (``speck``). Images are float tensors in [0, 1], shape ``(B, C, H, W)``; all randomness comes from
+real defect to look at); they live beside the fine-tuning synthesis, whose families they share (``speck``). Images are
+float tensors in [0, 1], shape ``(B, C, H, W)``; all randomness comes from
 the ``torch.Generator`` passed in, so a seed repeats a result whatever ran before.
 
 Local families (a small region changes):
@@ -121,9 +122,15 @@ def _speck(image: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 
 _FAMILIES: dict[str, Callable[[torch.Tensor, torch.Generator], torch.Tensor]] = {
-    "speck": _speck, "line": _line, "blotch": _blotch, "gamma": _gamma, "contrast": _contrast, "blur": _blur,
-    "tint": _tint, "rescale": _rescale,
-}  # fmt: skip
+    "speck": _speck,
+    "line": _line,
+    "blotch": _blotch,
+    "gamma": _gamma,
+    "contrast": _contrast,
+    "blur": _blur,
+    "tint": _tint,
+    "rescale": _rescale,
+}
 
 
 def shift(images: torch.Tensor, family: str, generator: torch.Generator) -> torch.Tensor:

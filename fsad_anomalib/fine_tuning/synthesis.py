@@ -44,7 +44,7 @@ def _paste(images: torch.Tensor, sizes: list[tuple[float, float]], jitter: float
         cy = _uniform(ext_y, max(ext_y, h - 1 - ext_y))
         mask = (((xs - cx).abs() <= box_w / 2) & ((ys - cy).abs() <= box_h / 2)).to(images.dtype)
         if mask.sum() == 0:
-            mask[int(round(cy)), int(round(cx))] = 1.0
+            mask[round(cy), round(cx)] = 1.0
         # content from another place: shift by at least the box size in one direction
         dy = int(torch.randint(int(ext_y) + 1, max(int(ext_y) + 2, h - int(ext_y)), (1,)).item())
         dx = int(torch.randint(int(ext_x) + 1, max(int(ext_x) + 2, w - int(ext_x)), (1,)).item())
@@ -59,10 +59,7 @@ def _paste(images: torch.Tensor, sizes: list[tuple[float, float]], jitter: float
 
 
 def cutpaste(
-    images: torch.Tensor,
-    area_ratio: tuple[float, float] = (0.02, 0.15),
-    aspect_ratio: float = 0.3,
-    jitter: float = 0.3,
+    images: torch.Tensor, area_ratio: tuple[float, float] = (0.02, 0.15), aspect_ratio: float = 0.3, jitter: float = 0.3
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """CutPaste: copy a rectangle of the image elsewhere, jittered. Returns images and masks."""
     _check(images)
@@ -121,7 +118,9 @@ def _check(images: torch.Tensor) -> None:
         raise ValueError(msg)
     min_side = 8
     if min(images.shape[-2:]) < min_side:
-        msg = f"Anomaly synthesis needs images of at least {min_side}x{min_side} pixels, got {tuple(images.shape[-2:])}."
+        msg = (
+            f"Anomaly synthesis needs images of at least {min_side}x{min_side} pixels, got {tuple(images.shape[-2:])}."
+        )
         raise ValueError(msg)
 
 

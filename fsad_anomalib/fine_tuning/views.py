@@ -28,10 +28,7 @@ class ViewAugmentation(nn.Module):
     """
 
     def __init__(
-        self,
-        crop_scale: float = 0.8,
-        symmetries: Symmetries | None = None,
-        color_jitter: float = 0.2,
+        self, crop_scale: float = 0.8, symmetries: Symmetries | None = None, color_jitter: float = 0.2
     ) -> None:
         super().__init__()
         if not 0 < crop_scale <= 1:

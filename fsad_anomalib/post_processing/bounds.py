@@ -73,8 +73,13 @@ def conformal_bound(scores: torch.Tensor, false_reject_rate: float) -> dict[str,
         return {**record, "estimator": "normal prediction bound", "scores": values.tolist()}
     rank = math.ceil((n + 1) * (1.0 - false_reject_rate) - 1e-9)  # <= n from conformal_minimum parts on
     threshold = float(values.sort().values[rank - 1])
-    return {"threshold": threshold, "estimator": "split-conformal order statistic", "n": n, "rank": rank,
-            "scores": values.tolist()}  # fmt: skip
+    return {
+        "threshold": threshold,
+        "estimator": "split-conformal order statistic",
+        "n": n,
+        "rank": rank,
+        "scores": values.tolist(),
+    }
 
 
 def conformal_minimum(false_reject_rate: float) -> int:
@@ -83,18 +88,26 @@ def conformal_minimum(false_reject_rate: float) -> int:
 
 
 def bound_at(record: dict[str, Any], false_reject_rate: float) -> float:
-    """The threshold a :func:`prediction_bound` or :func:`conformal_bound` ``record`` gives at another
-    ``false_reject_rate`` (same evidence).
+    """The threshold a bound's ``record`` gives at another ``false_reject_rate``.
+
+    A :func:`prediction_bound` or :func:`conformal_bound` record, on the same evidence.
     """
     if "scores" in record:  # confirmed on good parts: the same estimator, at the other rate
-        return float(conformal_bound(torch.tensor(record["scores"], dtype=torch.float64), false_reject_rate)["threshold"])
+        scores = torch.tensor(record["scores"], dtype=torch.float64)
+        return float(conformal_bound(scores, false_reject_rate)["threshold"])
     t = float(stats.t.ppf(1.0 - false_reject_rate, df=int(record["n"]) - 1))
     return _bound_value(float(record["mean"]), float(record["std"]), int(record["n"]), t, str(record["transform"]))
 
 
 def check_rate(false_reject_rate: Any) -> None:  # noqa: ANN401
-    if isinstance(false_reject_rate, bool) or not isinstance(false_reject_rate, (int, float)) or not (
-        0.0 < float(false_reject_rate) < 0.5
+    """Refuse a false-reject rate that is not a number in (0, 0.5), naming the argument and what it expects."""
+    if (
+        isinstance(false_reject_rate, bool)
+        or not isinstance(false_reject_rate, (int, float))
+        or not (0.0 < float(false_reject_rate) < 0.5)
     ):
-        msg = f"false_reject_rate must be a number in (0, 0.5), e.g. 0.05 for 5 % of good parts, got {false_reject_rate!r}."
+        msg = (
+            f"false_reject_rate must be a number in (0, 0.5), e.g. 0.05 for 5 % of good parts, got "
+            f"{false_reject_rate!r}."
+        )
         raise ValueError(msg)

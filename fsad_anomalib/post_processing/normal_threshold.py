@@ -18,11 +18,8 @@ normalisation from a validation set that holds anomalies. A few-shot user has K 
    A plain quantile cannot do that with 4 or 8 samples (a 5 % quantile needs at least 20), and a conformal bound
    would be infinite below 19. The price is the normality assumption; the benchmark measures the rate it reaches
    on test normals.
-   Leave-one-out scores come from K - 1 references and a new part is scored against K, so a nearest-neighbour
-   model's held-out scores could run a little high. No correction is made for it: on the development sets of the
-   offline data an extrapolated correction (from K - 2 to K - 1 references, on to K) lowered the threshold by
-   more than the bias it meant to remove, and raised the false-reject rate on every set and K (at K = 4 from about
-   6 % to 10-12 % for a 5 % target; ``benchmarks/EXPERIMENTS.md``).
+   Leave-one-out scores come from K - 1 references and a new part is scored against K; no correction is made
+   for that difference.
 3. **Labels, masks and normalised scores.** The image threshold is set on the held-out image scores, the pixel
    threshold on the maxima of the held-out anomaly maps (so that a good part's mask is empty at the same rate),
    and both become anomalib's threshold buffers: the normalised score is 0.5 at the threshold, 0.25 at the lowest
@@ -43,54 +40,22 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import torch
-from anomalib.data import Batch, ImageBatch, InferenceBatch
+from anomalib.data import Batch
 from anomalib.post_processing import PostProcessor
 from lightning import LightningModule, Trainer
 from torch import nn
 
 from fsad_anomalib.data.few_shot import skip_validation_without_data
-from fsad_anomalib.data.views import Symmetries, Views, resolve_symmetries
+from fsad_anomalib.data.views import NO_SYMMETRY, Symmetries, resolve_symmetries
 from fsad_anomalib.post_processing.bounds import bound_at, check_rate, prediction_bound
+from fsad_anomalib.post_processing.evidence import VIEWS_BELOW, Refittable, can_refit, held_out_scores, refit_copy
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["VIEWS_BELOW", "NormalThresholdPostProcessor", "Refittable", "can_refit", "score_batch"]
-
-# below this many images, each held-out image is also scored in its flips and turns
-VIEWS_BELOW = 4
-
-
-@runtime_checkable
-class Refittable(Protocol):
-    """A model that refits itself for held-out scores: ``refit(images)`` returns a scorer (a torch module whose
-    forward gives an ``InferenceBatch``) fitted on ``images`` alone."""
-
-    def refit(self, images: torch.Tensor) -> nn.Module:
-        """A scorer fitted on ``images``."""
-        ...
-
-
-def can_refit(model: object) -> bool:
-    """Whether the post-processor can set a threshold for ``model``: it refits itself (:class:`Refittable`), or it
-    is a memory-bank model with a ``fit()`` after its training epoch (PatchCore, PaDiM, DFM, ...)."""
-    return isinstance(model, Refittable) or callable(getattr(model, "fit", None))
-
-
-def score_batch(scorer: nn.Module, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Image scores and anomaly-map maxima (NaN without a map) of ``query`` under a fitted ``scorer``."""
-    device = next((b.device for b in scorer.buffers()), query.device)
-    with torch.no_grad():
-        out = scorer(query.to(device))
-    out = out if isinstance(out, InferenceBatch) else InferenceBatch(**dict(out))
-    pred = out.pred_score if out.pred_score is not None else out.anomaly_map.flatten(1).amax(dim=1)
-    if out.anomaly_map is not None:
-        maxima = out.anomaly_map.detach().float().flatten(1).amax(dim=1).cpu()
-    else:
-        maxima = torch.full((query.shape[0],), float("nan"))
-    return pred.detach().float().flatten().cpu(), maxima
+__all__ = ["NormalThresholdPostProcessor"]
 
 
 class NormalThresholdPostProcessor(PostProcessor):
@@ -139,7 +104,7 @@ class NormalThresholdPostProcessor(PostProcessor):
         return (*super()._checkpoint_config_keys, "false_reject_rate", "symmetries", "calibration")
 
     # ------------------------------------------------------------------ collecting the K normals
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:  # noqa: PLR6301 - Lightning's hook
         """No validation pass where the datamodule has none (``val_split_mode="none"``): the threshold needs none."""
         del pl_module
         if stage == "fit":
@@ -170,7 +135,12 @@ class NormalThresholdPostProcessor(PostProcessor):
                 pl_module._trainer = attached  # noqa: SLF001
 
     def on_train_batch_end(
-        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Batch, batch_idx: int,  # noqa: ANN401
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,  # noqa: ANN401 - Lightning's hook signature
+        batch: Batch,
+        batch_idx: int,
     ) -> None:
         """Keep the training images as the model saw them (after the pre-processor)."""
         del trainer, pl_module, outputs, batch_idx
@@ -182,6 +152,7 @@ class NormalThresholdPostProcessor(PostProcessor):
     # ------------------------------------------------------------------ when the threshold is set
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Set the threshold before the first validation (validation data never changes it)."""
+        del trainer
         self._calibrate_once(pl_module)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -206,22 +177,27 @@ class NormalThresholdPostProcessor(PostProcessor):
 
     def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Warn when testing without a threshold (a model built but never trained with this post-processor)."""
+        del trainer, pl_module
         self._warn_if_unset("test")
 
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Warn when predicting without a threshold."""
+        del trainer, pl_module
         self._warn_if_unset("predict")
 
     def _warn_if_unset(self, what: str) -> None:
         if torch.isnan(self._image_threshold).item() and torch.isnan(self._pixel_threshold).item():
-            logger.warning("NormalThresholdPostProcessor: no threshold to %s with: train the model (with this "
-                           "post-processor) or load a trained checkpoint; scores are left raw and unlabelled.", what)
+            logger.warning(
+                "NormalThresholdPostProcessor: no threshold to %s with: train the model (with this "
+                "post-processor) or load a trained checkpoint; scores are left raw and unlabelled.",
+                what,
+            )
 
     def _calibrate_once(self, pl_module: LightningModule) -> None:
         if self._calibrated or not self._images:
             return
         self._calibrated = True
-        self.symmetries = resolve_symmetries(self.symmetries, pl_module, Symmetries(False, False, False)).names
+        self.symmetries = resolve_symmetries(self.symmetries, pl_module, NO_SYMMETRY).names
         images = torch.stack([self._images[key] for key in sorted(self._images)])
         refit = pl_module.refit if isinstance(pl_module, Refittable) else self._refit
         was_training = pl_module.training
@@ -234,42 +210,11 @@ class NormalThresholdPostProcessor(PostProcessor):
 
     # ------------------------------------------------------------------ the threshold
     def _refit(self, images: torch.Tensor) -> nn.Module:
-        """The model refitted on ``images`` from the copy made before training: its torch model, fitted."""
+        """The model refitted on ``images`` from the copy made before training."""
         if self._snapshot is None:
             msg = "NormalThresholdPostProcessor: no copy of the model from before training to refit."
             raise RuntimeError(msg)
-        clone = copy.deepcopy(self._snapshot)
-        device = next((p.device for p in clone.parameters()), torch.device("cpu"))
-        clone.train()
-        with torch.no_grad():
-            for start in range(0, images.shape[0], 32):
-                clone.training_step(ImageBatch(image=images[start : start + 32].to(device)), start // 32)
-            clone.fit()
-        if hasattr(clone, "_is_fitted"):  # anomalib's MemoryBankMixin
-            clone._is_fitted = torch.tensor([True], device=device)  # noqa: SLF001
-        return clone.model.eval()
-
-    def held_out(self, images: torch.Tensor, refit: Callable[[torch.Tensor], nn.Module]) -> dict[str, Any]:
-        """Held-out image scores and anomaly-map maxima of the K normal ``images``.
-
-        Returns ``scores`` and ``maxima`` (NaN where the model gives no map) of every held-out view, ``n`` (how many
-        independent images they come from) and ``views`` (how many views of each were scored).
-        """
-        k = images.shape[0]
-        symmetries = Symmetries.of(self.symmetries or [])
-        n_views = 1 if k >= VIEWS_BELOW else symmetries.count(square=images.shape[-1] == images.shape[-2])
-        views = Views(n_views, symmetries)
-        if k == 1:
-            if n_views < 2:  # noqa: PLR2004
-                msg = ("one training image and no flip or turn allowed (pass NormalThresholdPostProcessor(symmetries="
-                       "[...]) for the symmetries your product has) leave no normal evidence to hold out")  # fmt: skip
-                raise ValueError(msg)
-            scores, maxima = score_batch(refit(images), torch.cat(list(views.of(images)))[1:])
-            return {"scores": scores, "maxima": maxima, "n": n_views - 1, "views": n_views}
-        parts = [score_batch(refit(torch.cat([images[:i], images[i + 1 :]])), torch.cat(list(views.of(images[i : i + 1]))))
-                 for i in range(k)]  # fmt: skip
-        return {"scores": torch.cat([p[0] for p in parts]), "maxima": torch.cat([p[1] for p in parts]),
-                "n": k * n_views, "views": n_views}  # fmt: skip
+        return refit_copy(self._snapshot, images)
 
     def calibrate(self, images: torch.Tensor, refit: Callable[[torch.Tensor], nn.Module]) -> dict[str, Any]:
         """Set the image and pixel thresholds and the normalisation from held-out scores of the normal ``images``.
@@ -279,20 +224,31 @@ class NormalThresholdPostProcessor(PostProcessor):
         """
         k = images.shape[0]
         try:
-            evidence = self.held_out(images, refit)
+            evidence = held_out_scores(images, refit, Symmetries.of(self.symmetries or []))
         except ValueError as error:
             logger.warning("NormalThresholdPostProcessor: %s; no threshold is set and scores stay unlabelled.", error)
             self.calibration = {"k_shot": k, "error": str(error)}
             return self.calibration
         except Exception as error:  # noqa: BLE001 - the model's own fit failed on fewer images: train on, unlabelled
-            text = f"the model could not be refitted on {max(k - 1, 1)} of the {k} images ({type(error).__name__}: {error})"
-            logger.warning("NormalThresholdPostProcessor: %s; no threshold is set and scores stay unlabelled. Train "
-                           "on more images for a threshold.", text)  # fmt: skip
+            text = (
+                f"the model could not be refitted on {max(k - 1, 1)} of the {k} images ({type(error).__name__}: "
+                f"{error})"
+            )
+            logger.warning(
+                "NormalThresholdPostProcessor: %s; no threshold is set and scores stay unlabelled. Train "
+                "on more images for a threshold.",
+                text,
+            )
             self.calibration = {"k_shot": k, "error": text}
             return self.calibration
         scores, maxima, n_scores, n_views = evidence["scores"], evidence["maxima"], evidence["n"], evidence["views"]
-        record: dict[str, Any] = {"k_shot": k, "false_reject_rate": self.false_reject_rate, "views": n_views,
-                                  "estimator": "normal prediction bound", "held_out_scores": scores.tolist()}  # fmt: skip
+        record: dict[str, Any] = {
+            "k_shot": k,
+            "false_reject_rate": self.false_reject_rate,
+            "views": n_views,
+            "estimator": "normal prediction bound",
+            "held_out_scores": scores.tolist(),
+        }
         image = self._bound(scores, n_scores, "image scores")
         if image is not None:
             lowest = float(scores[torch.isfinite(scores)].min())
@@ -304,25 +260,40 @@ class NormalThresholdPostProcessor(PostProcessor):
             record["pixel"] = {**pixel, "lowest": float(finite.min())}
             self._set(self._pixel_threshold, self.pixel_min, self.pixel_max, pixel["threshold"], float(finite.min()))
         if k == 1:
-            logger.warning("NormalThresholdPostProcessor: the threshold rests on one image (scored in %d flips and "
-                           "turns): its false-reject rate is a rough guess. Train on more normal images for a "
-                           "threshold you can defend.", n_views - 1)  # fmt: skip
+            logger.warning(
+                "NormalThresholdPostProcessor: the threshold rests on one image (scored in %d flips and "
+                "turns): its false-reject rate is a rough guess. Train on more normal images for a "
+                "threshold you can defend.",
+                n_views - 1,
+            )
         elif k < VIEWS_BELOW:
-            logger.warning("NormalThresholdPostProcessor: the threshold rests on %d images (each also scored in its "
-                           "flips and turns, which are not independent): its false-reject rate is uncertain.", k)
+            logger.warning(
+                "NormalThresholdPostProcessor: the threshold rests on %d images (each also scored in its "
+                "flips and turns, which are not independent): its false-reject rate is uncertain.",
+                k,
+            )
         if image is not None:
-            logger.info("NormalThresholdPostProcessor: image threshold %.6g for a %.1f %% false-reject rate, from %d "
-                        "held-out scores of %d images", image["threshold"], 100 * self.false_reject_rate, scores.numel(),
-                        k)  # fmt: skip
+            logger.info(
+                "NormalThresholdPostProcessor: image threshold %.6g for a %.1f %% false-reject rate, from %d "
+                "held-out scores of %d images",
+                image["threshold"],
+                100 * self.false_reject_rate,
+                scores.numel(),
+                k,
+            )
         self.calibration = record
         return record
 
     def _bound(self, scores: torch.Tensor, n_scores: int, what: str) -> dict[str, Any] | None:
         finite = scores[torch.isfinite(scores)]
         if finite.numel() < scores.numel():
-            logger.warning("NormalThresholdPostProcessor: %d of %d held-out %s are NaN or infinite (the model cannot "
-                           "score from the remaining images); they are left out.", scores.numel() - finite.numel(),
-                           scores.numel(), what)  # fmt: skip
+            logger.warning(
+                "NormalThresholdPostProcessor: %d of %d held-out %s are NaN or infinite (the model cannot "
+                "score from the remaining images); they are left out.",
+                scores.numel() - finite.numel(),
+                scores.numel(),
+                what,
+            )
         try:
             return prediction_bound(finite, self.false_reject_rate, n_effective=min(n_scores, finite.numel()))
         except ValueError as error:
@@ -330,10 +301,15 @@ class NormalThresholdPostProcessor(PostProcessor):
             return None
 
     def adopt(self, record: dict[str, Any]) -> None:
-        """Put the thresholds of ``record`` (``image`` and ``pixel``, each with the ``lowest`` normal score) in force,
-        with its ``false_reject_rate``; ``calibration`` becomes the record (confirmation uses this)."""
-        for key, (threshold, low, high) in {"image": (self._image_threshold, self.image_min, self.image_max),
-                                            "pixel": (self._pixel_threshold, self.pixel_min, self.pixel_max)}.items():
+        """Put the thresholds of ``record`` in force.
+
+        ``image`` and ``pixel``, each with the ``lowest`` normal score, and ``false_reject_rate``; ``calibration``
+        becomes the record (confirmation uses this).
+        """
+        for key, (threshold, low, high) in {
+            "image": (self._image_threshold, self.image_min, self.image_max),
+            "pixel": (self._pixel_threshold, self.pixel_min, self.pixel_max),
+        }.items():
             if key in record:
                 self._set(threshold, low, high, record[key]["threshold"], record[key]["lowest"])
         self.false_reject_rate = float(record.get("false_reject_rate", self.false_reject_rate))
@@ -369,7 +345,7 @@ class NormalThresholdPostProcessor(PostProcessor):
 
     @staticmethod
     def _normalize(
-        preds: torch.Tensor | None, norm_min: torch.Tensor, norm_max: torch.Tensor, threshold: torch.Tensor,
+        preds: torch.Tensor | None, norm_min: torch.Tensor, norm_max: torch.Tensor, threshold: torch.Tensor
     ) -> torch.Tensor | None:
         """Map ``preds`` into (0, 1), strictly increasing: 0.5 at the threshold, 0.25 at the lowest held-out normal.
 

@@ -34,9 +34,7 @@ def _positions(extractor: TimmFeatureExtractor, layers: Sequence[int | str]) -> 
 
 
 def features_until(
-    extractor: TimmFeatureExtractor,
-    inputs: torch.Tensor,
-    layers: Sequence[int | str],
+    extractor: TimmFeatureExtractor, inputs: torch.Tensor, layers: Sequence[int | str]
 ) -> dict[int | str, torch.Tensor]:
     """Outputs of ``layers`` (a subset of ``extractor.layers``), identical to ``extractor(inputs)``'s.
 
@@ -61,7 +59,7 @@ def features_until(
                 out[wanted[i + 1]] = x
         return {layer: out[layer] for layer in layers}
     if isinstance(net, FeatureDictNet) and not net.grad_checkpointing:
-        names = [name for name, _ in net.items() if name in net.return_layers]
+        names = [name for name in net if name in net.return_layers]
         wanted = {names[p]: layer for p, layer in zip(positions, layers, strict=True)}
         out = {}
         x = inputs
@@ -85,18 +83,20 @@ def _layer_error(backbone: str, name: str, layers: Sequence[int | str]) -> Value
         modules, reductions = info.module_name(), info.reduction()
     except Exception as exc:  # noqa: BLE001 - only the message depends on it
         return ValueError(f"layers {list(layers)}: not all are feature layers of backbone '{backbone}' ({exc}).")
-    missing = [layer for layer in layers if layer not in modules and not (isinstance(layer, int) and
-                                                                           0 <= layer < len(modules))]  # fmt: skip
-    listing = ", ".join(f"{i} ({module}, stride {stride})" for i, (module, stride) in
-                        enumerate(zip(modules, reductions, strict=True)))  # fmt: skip
-    return ValueError(f"layers / global_layer {missing}: backbone '{backbone}' has no such feature layer; it has "
-                      f"{listing} (give the index or the name).")  # fmt: skip
+    missing = [
+        layer for layer in layers if layer not in modules and not (isinstance(layer, int) and 0 <= layer < len(modules))
+    ]
+    listing = ", ".join(
+        f"{i} ({module}, stride {stride})" for i, (module, stride) in enumerate(zip(modules, reductions, strict=True))
+    )
+    return ValueError(
+        f"layers / global_layer {missing}: backbone '{backbone}' has no such feature layer; it has "
+        f"{listing} (give the index or the name)."
+    )
 
 
 def build_feature_extractor(
-    backbone: str | nn.Module,
-    layers: Sequence[int | str],
-    pre_trained: bool,
+    backbone: str | nn.Module, layers: Sequence[int | str], pre_trained: bool
 ) -> tuple[TimmFeatureExtractor, tuple[float, ...], tuple[float, ...]]:
     """Anomalib's ``TimmFeatureExtractor`` with gradients on, plus the backbone's normalisation constants."""
     if isinstance(backbone, str):
@@ -105,8 +105,9 @@ def build_feature_extractor(
         # (timm would load all of them and report the head it has no place for as unexpected keys)
         offline = name.startswith("local-dir:") and pre_trained and backbone.startswith(OFFLINE_PREFIX)
         try:
-            extractor = TimmFeatureExtractor(name, layers=list(layers), pre_trained=pre_trained and not offline,
-                                             requires_grad=True)  # fmt: skip
+            extractor = TimmFeatureExtractor(
+                name, layers=list(layers), pre_trained=pre_trained and not offline, requires_grad=True
+            )
             if offline:
                 load_features_weights(extractor.feature_extractor, name)
         except IndexError as exc:  # timm's out_indices past the backbone's stages

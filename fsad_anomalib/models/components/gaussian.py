@@ -25,7 +25,7 @@ def fit_gaussian(x: torch.Tensor, eps: float = 1e-3) -> tuple[torch.Tensor, torc
         raise ValueError(msg)
     x64 = x.double()
     mean = x64.mean(0)
-    if x64.shape[0] < 2:  # noqa: PLR2004 - one sample: no spread to estimate, the shrunk covariance is mu * I
+    if x64.shape[0] < 2:
         cov, shrinkage = x64.new_zeros(x64.shape[1], x64.shape[1]), 1.0
     else:
         cov_np, shrinkage = ledoit_wolf(x64.cpu().numpy())  # scikit-learn's Ledoit-Wolf, in float64 on the CPU

@@ -22,7 +22,17 @@ from sklearn.metrics import roc_auc_score
 from fsad_anomalib.models.components.gaussian import fit_gaussian, mahalanobis
 from fsad_anomalib.models.components.sampling import greedy_coreset
 
-__all__ = ["FUSIONS", "LOCAL_MODES", "Fold", "auroc", "fuse", "local_map", "part_scores", "standardisation", "topk_mean"]
+__all__ = [
+    "FUSIONS",
+    "LOCAL_MODES",
+    "Fold",
+    "auroc",
+    "fuse",
+    "local_map",
+    "part_scores",
+    "standardisation",
+    "topk_mean",
+]
 
 LOCAL_MODES = ("patch", "knn", "knn_patch")
 # how the global (g) and local (p) parts, each standardised on held-out normals, make the image score
@@ -51,9 +61,11 @@ def nearest_map(patch: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
 
 
 def local_map(
-    patch: torch.Tensor, mode: str, mean: torch.Tensor, precision: torch.Tensor, bank: torch.Tensor | None,
+    patch: torch.Tensor, mode: str, mean: torch.Tensor, precision: torch.Tensor, bank: torch.Tensor | None
 ) -> torch.Tensor:
-    """The local anomaly map ``(B, 1, h, w)`` of ``mode``: ``patch`` (Mahalanobis to the patch Gaussian),
+    """The local anomaly map ``(B, 1, h, w)`` of ``mode``.
+
+    ``patch`` (Mahalanobis to the patch Gaussian),
     ``knn`` (distance to the nearest memory-bank patch) or ``knn_patch`` (per patch, their geometric mean).
     """
     if mode == "patch" or bank is None or bank.shape[0] == 0:
@@ -190,12 +202,16 @@ def part_scores(
                     patch_map = (knn * gauss).clamp_min(0).sqrt()
                 out[name][mode].append(topk_mean(patch_map, topk_ratio))
     empty = normal_global.new_zeros(0)
-    return {name: {key: torch.cat(values) if values else empty for key, values in part.items()}
-            for name, part in out.items()}  # fmt: skip
+    return {
+        name: {key: torch.cat(values) if values else empty for key, values in part.items()}
+        for name, part in out.items()
+    }
 
 
 def folds_for(n_views: int, k: int, n_fit_views: int) -> list[Fold]:
-    """Leave-one-out folds over ``k`` images (each image's ``n_views`` views held out together), or, for ``k = 1``,
+    """Leave-one-out folds over the images, or over the views of one image.
+
+    Over ``k`` images (each image's ``n_views`` views held out together), or, for ``k = 1``,
     over its views (each view other than the first held out in turn, the first always fitted).
 
     The fit of each fold takes the first ``n_fit_views`` views of the images it keeps, as the model's fit does.

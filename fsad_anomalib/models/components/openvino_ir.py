@@ -14,7 +14,7 @@ the eager model does, without configuration.
 
 from __future__ import annotations
 
-import xml.etree.ElementTree as ET
+import xml.etree.ElementTree as ET  # noqa: S405 - parses only the IR the export just wrote
 from pathlib import Path
 
 import numpy as np
@@ -37,11 +37,25 @@ def _older_forms(xml_path: Path) -> None:
         if kind == "Interpolate" and version == "opset11" and len(inputs) == 2:
             a = op.get_attributes()
             rank = inputs[0].get_partial_shape().rank.get_length()
-            sizes, scales = (inputs[1], np.ones(rank, np.float32)) if a["shape_calculation_mode"] == "sizes" else (
-                np.zeros(rank, np.int64), inputs[1])  # fmt: skip
-            new = interpolate(inputs[0], sizes, scales, a["mode"], a["shape_calculation_mode"], a["pads_begin"],
-                              a["pads_end"], a["coordinate_transformation_mode"], a["nearest_mode"], a["antialias"],
-                              a["cube_coeff"], np.arange(rank, dtype=np.int64))  # fmt: skip
+            sizes, scales = (
+                (inputs[1], np.ones(rank, np.float32))
+                if a["shape_calculation_mode"] == "sizes"
+                else (np.zeros(rank, np.int64), inputs[1])
+            )
+            new = interpolate(
+                inputs[0],
+                sizes,
+                scales,
+                a["mode"],
+                a["shape_calculation_mode"],
+                a["pads_begin"],
+                a["pads_end"],
+                a["coordinate_transformation_mode"],
+                a["nearest_mode"],
+                a["antialias"],
+                a["cube_coeff"],
+                np.arange(rank, dtype=np.int64),
+            )
         elif kind == "Pad" and version == "opset12":
             new = pad(inputs[0], inputs[1], inputs[2], op.get_attributes()["pad_mode"], *inputs[3:])
         else:

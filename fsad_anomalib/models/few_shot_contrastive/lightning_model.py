@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from anomalib import LearningType, TaskType
+from anomalib import LearningType
 from anomalib.data import Batch
 from anomalib.metrics import Evaluator
 from anomalib.models.components import AnomalibModule
@@ -36,7 +36,13 @@ from fsad_anomalib.data.few_shot import skip_validation_without_data
 from fsad_anomalib.data.views import Symmetries, Views
 from fsad_anomalib.fine_tuning import ContrastiveFineTuning
 from fsad_anomalib.models.components.openvino_ir import keep_fp32
-from fsad_anomalib.models.few_shot_contrastive.self_configuration import configure
+from fsad_anomalib.models.few_shot_contrastive.guards import (
+    check_architecture,
+    check_images,
+    drop_pixel_metrics_without_masks,
+    unfitted_message,
+)
+from fsad_anomalib.models.few_shot_contrastive.self_configuration import configure, write_record
 from fsad_anomalib.models.few_shot_contrastive.torch_model import FewShotContrastiveModel, NotFittedError
 from fsad_anomalib.post_processing import NormalThresholdPostProcessor
 
@@ -45,39 +51,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["FewShotContrastive"]
 
 
-def unfitted_message(what: str, ckpt: str | Path | None = None) -> str:
-    """Why an unfitted FewShotContrastive cannot ``what``, naming the checkpoint it came from, and how to get one."""
-    source = f"the checkpoint {ckpt} holds a model that was never fitted" if ckpt else "the model was never fitted"
-    return (f"FewShotContrastive cannot {what}: {source}. Train it (anomalib train / Engine.fit) and use the checkpoint "
-            "that training writes (results/<model>/<dataset>/<category>/latest/weights/lightning/model.ckpt), which "
-            "holds the fitted model and its threshold.")
-
-
-def _fine_tuning(value: ContrastiveFineTuning | bool | Mapping[str, Any] | str, seed: int = 0) -> ContrastiveFineTuning | None:
-    """The fine-tuning callback ``value`` stands for; ``None`` for the frozen backbone.
-
-    ``"auto"`` stands for the default callback (seeded with ``seed``), which the model then tries before it keeps it.
-    """
-    if isinstance(value, str):
-        if value == "auto":
-            return ContrastiveFineTuning(seed=seed)
-        msg = f"fine_tuning must be 'auto', true, false, a ContrastiveFineTuning or a mapping of its arguments, got '{value}'."
-        raise ValueError(msg)
-    if isinstance(value, ContrastiveFineTuning):
-        return value
-    if isinstance(value, bool):
-        return ContrastiveFineTuning() if value else None
-    if isinstance(value, Mapping):  # the settings a checkpoint stores (hparams), or a JSON object
-        settings = dict(value.get("init_args", value))
-        return ContrastiveFineTuning(**settings)
-    msg = (
-        f"fine_tuning must be 'auto' (fine-tune only where it helps), True (default fine-tuning), False (frozen "
-        f"backbone), a ContrastiveFineTuning or a mapping of its arguments, got {value!r}."
-    )
-    raise TypeError(msg)
-
-
-class FewShotContrastive(AnomalibModule):
+class FewShotContrastive(AnomalibModule):  # noqa: PLR0904 - Lightning's hooks are public methods
     """Few-shot anomaly detection with contrastive fine-tuning and Gaussian or nearest-neighbour scoring.
 
     Args:
@@ -143,18 +117,21 @@ class FewShotContrastive(AnomalibModule):
                 raise ValueError(msg)
         self.symmetries = Symmetries.of(symmetries)
         self.auto_fine_tuning = isinstance(fine_tuning, str) and fine_tuning == "auto"
-        callback = _fine_tuning(fine_tuning, seed)
+        callback = ContrastiveFineTuning.from_value(fine_tuning, seed)
         self.image_size = image_size
         if pre_processor is True:
             pre_processor = self.configure_pre_processor(image_size)
-        super().__init__(pre_processor=pre_processor, post_processor=post_processor, evaluator=evaluator,
-                         visualizer=visualizer)  # fmt: skip
+        super().__init__(
+            pre_processor=pre_processor, post_processor=post_processor, evaluator=evaluator, visualizer=visualizer
+        )
         # checkpoints store the callback's arguments, not the object (anomalib loads them with weights_only=True)
-        self.hparams["fine_tuning"] = "auto" if self.auto_fine_tuning else (
-            dict(callback.hparams) if callback is not None else False)  # fmt: skip
+        self.hparams["fine_tuning"] = (
+            "auto" if self.auto_fine_tuning else (dict(callback.hparams) if callback is not None else False)
+        )
         self.hparams["symmetries"] = self.symmetries.names
-        self.model = FewShotContrastiveModel(backbone=backbone, pre_trained=pre_trained, layers=layers,
-                                             global_layer=global_layer, score_mode=score_mode)  # fmt: skip
+        self.model = FewShotContrastiveModel(
+            backbone=backbone, pre_trained=pre_trained, layers=layers, global_layer=global_layer, score_mode=score_mode
+        )
         self.fine_tuning = callback
         self.seed = seed
         self.views = Views(n_views, self.symmetries)
@@ -163,25 +140,16 @@ class FewShotContrastive(AnomalibModule):
         self._support: dict[str, torch.Tensor] = {}
         self._fitted_at_step = -1
 
-    # ------------------------------------------------------------------ anomalib plumbing
     @classmethod
     def configure_pre_processor(cls, image_size: tuple[int, int] | int | None = None) -> PreProcessor:
-        """Resize only, without antialiasing; the torch model normalises with its backbone's mean and std.
-
-        anomalib exports the pre-processor without antialiasing (ONNX has none): resizing the same way in training,
-        ``anomalib predict`` and confirmation makes the exported model score, and label, as the checkpoint does.
-        """
+        """Resize only, without antialiasing, as anomalib exports it: the exported model labels as the checkpoint."""
         size = image_size or 256
         size = (size, size) if isinstance(size, int) else tuple(size)
         return PreProcessor(transform=Compose([Resize(size, antialias=False)]))
 
     @staticmethod
     def configure_post_processor() -> PostProcessor:
-        """The OK/NG threshold (and the normalisation) from the K normals alone, at a 5 % false-reject rate.
-
-        ``post_processor=anomalib.post_processing.PostProcessor()`` learns anomalib's F1-optimal threshold from a
-        validation set with labelled anomalies instead.
-        """
+        """The OK/NG threshold (and the normalisation) from the K normals alone, at a 5 % false-reject rate."""
         return NormalThresholdPostProcessor()
 
     @property
@@ -191,70 +159,42 @@ class FewShotContrastive(AnomalibModule):
 
     @property
     def trainer_arguments(self) -> dict[str, Any]:
-        """One epoch collects the K images (fine-tuning runs before it, in the callback); validation follows."""
+        """One epoch collects the K images; the model fits when it ends; validation follows."""
         return {"max_epochs": 1, "check_val_every_n_epoch": 1, "num_sanity_val_steps": 0}
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        """A no-op optimiser for the one training step; the ContrastiveFineTuning callback owns the real one.
-
-        Lightning counts the step (checkpoints follow ``global_step``) and has nothing to warn about.
-        """
+    def configure_optimizers(self) -> torch.optim.Optimizer:  # noqa: PLR6301 - Lightning's hook
+        """A no-op optimiser for the one training step (fine-tuning owns the real one): Lightning counts the step."""
         return torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)
 
     def setup(self, stage: str) -> None:
-        """No validation pass where the datamodule has no validation set; no pixel metric for data without masks.
-
-        A plain anomalib datamodule with ``val_split_mode="none"`` has no ``val_data``, and Lightning would ask it for
-        a validation loader (an ``AttributeError`` inside anomalib): the model needs none, so validation is skipped.
-
-        anomalib's default evaluator holds pixel metrics that skip batches without masks, and then compute over
-        no update at all, with a torchmetrics warning, on ELPV, Textile or a ``Folder`` without ``mask_dir``.
-        """
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        """Skip what the data cannot feed: validation without a validation set, pixel metrics without masks."""
         if stage == "fit":
             skip_validation_without_data(self.trainer)
-        evaluator = self.evaluator if isinstance(self.evaluator, Evaluator) else None
-        if datamodule is None or evaluator is None:
-            return
-        for split, metrics in (("val_data", evaluator.val_metrics), ("test_data", evaluator.test_metrics)):
-            dataset = getattr(datamodule, split, None)
-            if getattr(dataset, "task", None) != TaskType.CLASSIFICATION:
-                continue
-            for index in reversed(range(len(metrics))):
-                if "gt_mask" in getattr(metrics[index], "fields", ()):
-                    del metrics[index]
+        if self._trainer is not None and isinstance(self.evaluator, Evaluator):
+            drop_pixel_metrics_without_masks(getattr(self.trainer, "datamodule", None), self.evaluator)
 
     def configure_callbacks(self) -> list[Callback]:
-        """Anomalib's components and a :class:`~fsad_anomalib.callbacks.PredictionTable` (``predictions.csv``).
-
-        Fine-tuning is no callback here: :meth:`fit` runs it, after self-configuration.
-        """
+        """Anomalib's components and a :class:`~fsad_anomalib.callbacks.PredictionTable` (``predictions.csv``)."""
         callbacks = list(super().configure_callbacks())
         # before the post-processor: it reads the raw scores that the post-processor then normalises in place
         position = callbacks.index(self.post_processor) if self.post_processor in callbacks else 0
         callbacks.insert(position, PredictionTable())
         return callbacks
 
-    # ------------------------------------------------------------------ training
-    def _remember(self, batch: Batch) -> None:
+    def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+        """Collect the K normal images."""
+        del args, kwargs
+        check_images(batch.image, "training batch")
         paths = batch.image_path if batch.image_path is not None else [None] * batch.image.shape[0]
         for index, path in enumerate(paths):
             key = str(path) if path is not None else f"#{len(self._support)}"
             self._support[key] = batch.image[index].detach().cpu()
-
-    def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
-        """Collect the K normal images."""
-        del args, kwargs
-        self._check_images(batch.image, "training batch")
-        self._remember(batch)
         return torch.zeros((), requires_grad=True, device=self.device)  # nothing to learn here (as in PatchCore)
 
     def fit(self) -> None:
-        """Configure, fine-tune (where asked, or where it helps), and fit, on every support image, in path order.
+        """Configure, fine-tune (where asked, or where it helps) and fit on the support images, in path order.
 
-        Self-configuration and the fine-tuning decision use the K normal images alone; their choice and evidence are
-        logged, kept in the checkpoint and written to ``self_configuration.json`` in the trainer's
-        ``default_root_dir``.
+        Choice and evidence are logged, kept in the checkpoint and written to ``self_configuration.json``.
         """
         if not self._support:
             msg = "FewShotContrastive has no training images to fit on: train it on K normal images first."
@@ -268,26 +208,11 @@ class FewShotContrastive(AnomalibModule):
         record["fit"] = stats
         self.self_configuration = record
         logger.info("Fitted on %d images x %d views: %s", len(images), self.views.n, stats)
-        self._write_self_configuration()
+        write_record(self.self_configuration, self._trainer)
         self._fitted_at_step = self.global_step
 
-    def _write_self_configuration(self) -> None:
-        """``self_configuration.json`` beside the run's results (the trainer's ``default_root_dir``)."""
-        trainer = self._trainer
-        if trainer is None or not trainer.is_global_zero:
-            return
-        path = Path(trainer.default_root_dir) / "self_configuration.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.self_configuration, indent=2, default=float) + "\n")
-
     def refit(self, images: torch.Tensor) -> FewShotContrastiveModel:
-        """A copy of the fitted torch model, refitted on ``images`` (for held-out scores of the normals).
-
-        The copy keeps what training chose from all K images (configuration, fine-tuned or frozen weights); only the
-        Gaussians, memory bank and standardisation are fitted again, with the model's views.
-        :class:`~fsad_anomalib.post_processing.NormalThresholdPostProcessor` scores each training image against
-        the model refitted on the others.
-        """
+        """A copy of the fitted torch model, refitted on ``images`` alone (choice and weights kept)."""
         self._fit_if_needed()
         self._require_fitted("refit")
         with torch.inference_mode(False):
@@ -301,24 +226,19 @@ class FewShotContrastive(AnomalibModule):
 
     def on_train_start(self) -> None:
         """Start from an empty support set and an unfitted model."""
-        self._support = {}
-        self._fitted_at_step = -1
-        self.model.is_fitted.fill_(False)
+        self._support, self._fitted_at_step = {}, -1
+        self.model.is_fitted.fill_(value=False)
 
     def on_train_epoch_end(self) -> None:
-        """Fit when the epoch ends without a validation pass, before Lightning's ``ModelCheckpoint`` saves.
-
-        Lightning calls the module's hook before the checkpoint callbacks', so every checkpoint written during
-        training holds the fitted model, whatever the ``val_split_mode``.
-        """
+        """Fit when the epoch ends, before Lightning's ``ModelCheckpoint`` saves: every checkpoint is fitted."""
         self._fit_if_needed()
 
     def on_train_end(self) -> None:
-        """Fit when training ends without a validation pass (a loop that stopped before the epoch's end)."""
+        """Fit when training stops before the epoch's end."""
         self._fit_if_needed()
 
     def on_validation_start(self) -> None:
-        """Fit before validation, once fine-tuning is done."""
+        """Fit before validation."""
         self._fit_if_needed()
         self._require_fitted("validate")
 
@@ -343,41 +263,9 @@ class FewShotContrastive(AnomalibModule):
             raise NotFittedError(unfitted_message("load", checkpoint_path))
         return model
 
-    @staticmethod
-    def _check_images(images: torch.Tensor, what: str) -> None:
-        if images.ndim != 4 or images.shape[1] != 3:
-            msg = f"{what}: expected images of shape (B, 3, H, W), got {tuple(images.shape)}."
-            raise ValueError(msg)
-        if not torch.isfinite(images).all():
-            msg = f"{what}: images contain NaN or inf."
-            raise ValueError(msg)
-
-    # ------------------------------------------------------------------ checkpoints
-    _ARCHITECTURE_ARGS = ("backbone", "layers", "global_layer")
-
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint written by a model of another architecture, naming what differs."""
-        saved = checkpoint.get("hyper_parameters", {})
-        if checkpoint.get("state_dict") is not None and not any(k.startswith("model.") for k in checkpoint["state_dict"]):
-            msg = "The checkpoint was not written by FewShotContrastive (no 'model.' weights in its state_dict)."
-            raise ValueError(msg)
-        differences = []
-        for name in self._ARCHITECTURE_ARGS:
-            if name in saved and name in self.hparams:
-                mine, theirs = self.hparams[name], saved[name]
-                if isinstance(mine, nn.Module) or isinstance(theirs, nn.Module):
-                    continue
-                if isinstance(mine, (list, tuple)) and isinstance(theirs, (list, tuple)):
-                    mine, theirs = list(mine), list(theirs)
-                if mine != theirs:
-                    differences.append(f"{name}: checkpoint {theirs!r}, model {mine!r}")
-        if differences:
-            msg = (
-                "The checkpoint comes from a FewShotContrastive of another configuration ("
-                + "; ".join(differences)
-                + "). Build the model with the checkpoint's arguments, or use FewShotContrastive.load_from_checkpoint."
-            )
-            raise ValueError(msg)
+        check_architecture(self.hparams, checkpoint)
         self.self_configuration = checkpoint.get("self_configuration", {})
         super().on_load_checkpoint(checkpoint)
 
@@ -386,11 +274,10 @@ class FewShotContrastive(AnomalibModule):
         checkpoint["self_configuration"] = json.loads(json.dumps(self.self_configuration, default=float))
         super().on_save_checkpoint(checkpoint)
 
-    # ------------------------------------------------------------------ evaluation
     def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         """Score a validation batch."""
         del args, kwargs
-        self._check_images(batch.image, "validation batch")
+        check_images(batch.image, "validation batch")
         predictions = self.model(batch.image)
         return batch.update(**predictions._asdict())
 
@@ -402,10 +289,7 @@ class FewShotContrastive(AnomalibModule):
         return super().forward(batch, *args, **kwargs)
 
     def to_openvino(self, *args: Any, **kwargs: Any) -> Path:  # noqa: ANN401
-        """Anomalib's OpenVINO export, with every layer marked to run in FP32 on any CPU (:func:`keep_fp32`).
-
-        OpenVINO's defaults would otherwise infer in bf16 on CPUs with bf16 units, and score apart from the eager model.
-        """
+        """Anomalib's OpenVINO export, every layer marked to run in FP32 (:func:`keep_fp32`), as eager scores."""
         path = super().to_openvino(*args, **kwargs)
         keep_fp32(path)
         return Path(path)

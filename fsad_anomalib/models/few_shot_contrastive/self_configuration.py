@@ -10,9 +10,11 @@ them in order for :meth:`FewShotContrastive.fit`.
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,23 +23,21 @@ from lightning.pytorch import LightningModule, Trainer
 from fsad_anomalib.data.views import Views
 from fsad_anomalib.fine_tuning import ContrastiveFineTuning
 from fsad_anomalib.fine_tuning.shifts import GLOBAL_FAMILIES, LOCAL_FAMILIES, SHIFT_FAMILIES, shift
-from fsad_anomalib.models.components.held_out import (
-    LOCAL_MODES,
-    auroc,
-    folds_for,
-    fuse,
-    part_scores,
-    standardisation,
-)
+from fsad_anomalib.models.components.held_out import LOCAL_MODES, auroc, folds_for, fuse, part_scores, standardisation
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SCORE_MODES", "best", "candidates_for", "configure", "decide_fine_tuning", "self_check"]
+__all__ = ["SCORE_MODES", "best", "candidates_for", "configure", "decide_fine_tuning", "self_check", "write_record"]
 
 SCORE_MODES = ("auto", "combined", "patch", "global", "knn", "knn_patch")
 # an explicit score_mode is one (local scoring, fusion) pair
-MODE_PARTS = {"patch": ("patch", "local"), "knn": ("knn", "local"), "knn_patch": ("knn_patch", "local"),
-              "global": ("patch", "global"), "combined": ("patch", "mean")}  # fmt: skip
+MODE_PARTS = {
+    "patch": ("patch", "local"),
+    "knn": ("knn", "local"),
+    "knn_patch": ("knn_patch", "local"),
+    "global": ("patch", "global"),
+    "combined": ("patch", "mean"),
+}
 # what "auto" chooses among: every local scoring, the first (the prior) kept unless another is clearly better, each
 # fused with the global score by the larger of the two standardised parts ("max"), or alone ("local")
 AUTO_LOCAL = ("knn_patch", "patch", "knn")
@@ -127,17 +127,27 @@ def self_check(
     anomaly_patch, anomaly_global = _features(model, torch.cat(sources), batch_size)
     model.train(was_training)
     locals_ = sorted({local for local, _ in candidates}, key=LOCAL_MODES.index)
-    scores = part_scores(folds, normal_patch.view(total, k, *normal_patch.shape[1:]), normal_global.view(total, k, -1),
-                         anomaly_patch, anomaly_global, local_modes=locals_, topk_ratio=model.topk_ratio,
-                         coreset_ratio=model.coreset_ratio, max_patches=max_patches)  # fmt: skip
+    scores = part_scores(
+        folds,
+        normal_patch.view(total, k, *normal_patch.shape[1:]),
+        normal_global.view(total, k, -1),
+        anomaly_patch,
+        anomaly_global,
+        local_modes=locals_,
+        topk_ratio=model.topk_ratio,
+        coreset_ratio=model.coreset_ratio,
+        max_patches=max_patches,
+    )
     normal, anomaly = scores["normal"], scores["anomaly"]
     rows = []
     for local, fusion in candidates:
         shift_, scale = standardisation(normal["global"], normal[local])
         if fusion in {"local", "global"}:
             shift_, scale = torch.zeros_like(shift_), torch.ones_like(scale)
-        fused = [fuse((part["global"] - shift_[0]) / scale[0], (part[local] - shift_[1]) / scale[1], fusion)
-                 for part in (normal, anomaly)]  # fmt: skip
+        fused = [
+            fuse((part["global"] - shift_[0]) / scale[0], (part[local] - shift_[1]) / scale[1], fusion)
+            for part in (normal, anomaly)
+        ]
         per_family = {}
         for family in families:
             chosen = torch.tensor([label == family for label in labels], device=fused[1].device)
@@ -145,9 +155,16 @@ def self_check(
         groups = [[per_family[f] for f in families if f in group] for group in (LOCAL_FAMILIES, GLOBAL_FAMILIES)]
         means = [sum(group) / len(group) if group else None for group in groups]
         present = [mean for mean in means if mean is not None]
-        rows.append({"layers": list(model.layers), "local": local, "fusion": fusion, "candidate": (local, fusion),
-                     "score": sum(present) / len(present), "local_auroc": means[0], "global_auroc": means[1],
-                     "families": per_family})  # fmt: skip
+        rows.append({
+            "layers": list(model.layers),
+            "local": local,
+            "fusion": fusion,
+            "candidate": (local, fusion),
+            "score": sum(present) / len(present),
+            "local_auroc": means[0],
+            "global_auroc": means[1],
+            "families": per_family,
+        })
     return rows
 
 
@@ -157,7 +174,9 @@ def _features(model: torch.nn.Module, images: torch.Tensor, batch_size: int) -> 
 
 
 def best(rows: Sequence[dict[str, Any]], margin: float = SELECTION_MARGIN) -> dict[str, Any]:
-    """The choice among :func:`self_check`'s rows: the first (the prior) unless the row with the highest ``score``
+    """The choice among :func:`self_check`'s rows.
+
+    The first (the prior) unless the row with the highest ``score``
     (the first of equals) beats it by more than ``margin``. Deterministic.
     """
     prior, challenger = rows[0], rows[0]
@@ -174,23 +193,37 @@ def select(model: torch.nn.Module, images: torch.Tensor, views: Views, seed: int
         with_global = len(images) >= MIN_IMAGES_FOR_GLOBAL
         candidates = [c for c in candidates if (c[1] == "local") != with_global]
         if not with_global:
-            logger.info("FewShotContrastive: K = %d: the global part needs %d images (leave-one-out then fits its "
-                        "Gaussian on %d); the local score is used alone.", len(images), MIN_IMAGES_FOR_GLOBAL,
-                        MIN_IMAGES_FOR_GLOBAL - 1)  # fmt: skip
+            logger.info(
+                "FewShotContrastive: K = %d: the global part needs %d images (leave-one-out then fits its "
+                "Gaussian on %d); the local score is used alone.",
+                len(images),
+                MIN_IMAGES_FOR_GLOBAL,
+                MIN_IMAGES_FOR_GLOBAL - 1,
+            )
     if len(candidates) == 1:
         model.configure(*candidates[0])
         return {"candidates": 1, "reason": "layers and score_mode are given: nothing to choose"}
     rows = self_check(model, images, views, candidates, families=families, seed=seed)
     if rows is None:
         model.configure(*candidates[0])
-        logger.warning("FewShotContrastive: one image and no flip or turn allowed leave nothing to hold out; "
-                       "self-configuration keeps %s.", model.describe())  # fmt: skip
+        logger.warning(
+            "FewShotContrastive: one image and no flip or turn allowed leave nothing to hold out; "
+            "self-configuration keeps %s.",
+            model.describe(),
+        )
         return {"candidates": len(candidates), "reason": "one image, one view: nothing to hold out"}
     chosen = best(rows)
     model.configure(*chosen["candidate"])
-    logger.info("FewShotContrastive self-configuration (K = %d): %s (self-check %.3f; local %.3f, global %.3f) among "
-                "%d candidates", len(images), model.describe(), chosen["score"], chosen["local_auroc"],
-                chosen["global_auroc"], len(rows))  # fmt: skip
+    logger.info(
+        "FewShotContrastive self-configuration (K = %d): %s (self-check %.3f; local %.3f, global %.3f) among "
+        "%d candidates",
+        len(images),
+        model.describe(),
+        chosen["score"],
+        chosen["local_auroc"],
+        chosen["global_auroc"],
+        len(rows),
+    )
     return {"candidates": len(rows), "table": [{k: v for k, v in row.items() if k != "candidate"} for row in rows]}
 
 
@@ -220,15 +253,30 @@ def decide_fine_tuning(module: LightningModule, images: torch.Tensor, trainer: T
     frozen_score, tuned_score = before[0]["score"], after[0]["score"]
     keep = tuned_score > frozen_score + FINE_TUNING_MARGIN
     if keep:
-        logger.info("FewShotContrastive: fine-tuning raises the self-check on held-out images from %.3f to %.3f; "
-                    "fine-tuning on all %d images.", frozen_score, tuned_score, k)  # fmt: skip
+        logger.info(
+            "FewShotContrastive: fine-tuning raises the self-check on held-out images from %.3f to %.3f; "
+            "fine-tuning on all %d images.",
+            frozen_score,
+            tuned_score,
+            k,
+        )
         with torch.enable_grad():
             callback.fine_tune(module, images, trainer)
     else:
-        logger.info("FewShotContrastive: fine-tuning does not improve the self-check on held-out images (%.3f frozen, "
-                    "%.3f fine-tuned): it is skipped and the backbone stays frozen.", frozen_score, tuned_score)
-    return {"fine_tuned": keep, "frozen_score": frozen_score, "fine_tuned_score": tuned_score, "tuned_on": split,
-            "judged_on": k - split, "families": families}  # fmt: skip
+        logger.info(
+            "FewShotContrastive: fine-tuning does not improve the self-check on held-out images (%.3f frozen, "
+            "%.3f fine-tuned): it is skipped and the backbone stays frozen.",
+            frozen_score,
+            tuned_score,
+        )
+    return {
+        "fine_tuned": keep,
+        "frozen_score": frozen_score,
+        "fine_tuned_score": tuned_score,
+        "tuned_on": split,
+        "judged_on": k - split,
+        "families": families,
+    }
 
 
 def configure(module: LightningModule, images: torch.Tensor, trainer: Trainer | None) -> dict[str, Any]:
@@ -247,3 +295,12 @@ def configure(module: LightningModule, images: torch.Tensor, trainer: Trainer | 
             callback.fine_tune(module, images, trainer)
     record["chosen"] = {**module.model.describe(), "fine_tuned": fine_tuned}
     return record
+
+
+def write_record(record: dict[str, Any], trainer: Trainer | None) -> None:
+    """``self_configuration.json`` beside the run's results (the trainer's ``default_root_dir``)."""
+    if trainer is None or not trainer.is_global_zero:
+        return
+    path = Path(trainer.default_root_dir) / "self_configuration.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2, default=float) + "\n", encoding="utf-8")

@@ -143,8 +143,9 @@ class FewShotContrastiveModel(DynamicBufferMixin, nn.Module):
         if (local, fusion) not in self.candidates:
             msg = f"configuration {(local, fusion)} is not among this model's candidates {self.candidates}."
             raise ValueError(msg)
-        self.configuration = torch.tensor([LOCAL_MODES.index(local), FUSIONS.index(fusion)], dtype=torch.long,
-                                          device=self.configuration.device)  # fmt: skip
+        self.configuration = torch.tensor(
+            [LOCAL_MODES.index(local), FUSIONS.index(fusion)], dtype=torch.long, device=self.configuration.device
+        )
         self.local_mode, self.fusion = local, fusion
         if hasattr(self, "is_fitted"):
             self.is_fitted = torch.tensor(False, device=self.is_fitted.device)
@@ -156,8 +157,10 @@ class FewShotContrastiveModel(DynamicBufferMixin, nn.Module):
             local, fusion = (int(v) for v in saved)
             candidate = (LOCAL_MODES[local], FUSIONS[fusion])
             if candidate not in self.candidates:
-                msg = (f"The checkpoint's configuration {candidate} is not among this model's candidates "
-                       f"(score_mode '{self.score_mode}'); build the model with the checkpoint's arguments.")
+                msg = (
+                    f"The checkpoint's configuration {candidate} is not among this model's candidates "
+                    f"(score_mode '{self.score_mode}'); build the model with the checkpoint's arguments."
+                )
                 raise ValueError(msg)
             self.configure(*candidate)
         super()._load_from_state_dict(state_dict, prefix, *args)
@@ -210,9 +213,12 @@ class FewShotContrastiveModel(DynamicBufferMixin, nn.Module):
 
     # ------------------------------------------------------------------ fit
     @torch.no_grad()
-    def fit(self, images: torch.Tensor, views: Views | None = None, batch_size: int = 32,
-            max_patches: int = 200_000) -> dict[str, float]:  # fmt: skip
-        """Fit the Gaussians (and memory bank) of the current configuration on the ``views`` of the K normal images
+    def fit(
+        self, images: torch.Tensor, views: Views | None = None, batch_size: int = 32, max_patches: int = 200_000
+    ) -> dict[str, float]:
+        """Fit the Gaussians, memory bank and parts' scales on the K normal images.
+
+        The current configuration's Gaussians (and memory bank) on the ``views`` of the K normal images
         ``(K, 3, H, W)`` in [0, 1] (default: the images alone), and the parts' scales on held-out normal evidence.
         """
         views = views or Views()
@@ -238,13 +244,20 @@ class FewShotContrastiveModel(DynamicBufferMixin, nn.Module):
             self.memory_bank = p.new_zeros(0, p.shape[1])
         self.is_fitted = torch.tensor(True, device=self.is_fitted.device)
         self.score_shift, self.score_scale = self._held_out_standardisation(
-            images, global_views, patch_views, views, batch_size, max_patches,
+            images, global_views, patch_views, views, batch_size, max_patches
         )
         self.train(was_training)
-        return {"global_shrinkage": g_shrink, "patch_shrinkage": p_shrink, "n_global": g.shape[0], "n_patch": p.shape[0],
-                "memory_bank": self.memory_bank.shape[0], "global_shift": float(self.score_shift[0]),
-                "global_scale": float(self.score_scale[0]), "local_shift": float(self.score_shift[1]),
-                "local_scale": float(self.score_scale[1])}  # fmt: skip
+        return {
+            "global_shrinkage": g_shrink,
+            "patch_shrinkage": p_shrink,
+            "n_global": g.shape[0],
+            "n_patch": p.shape[0],
+            "memory_bank": self.memory_bank.shape[0],
+            "global_shift": float(self.score_shift[0]),
+            "global_scale": float(self.score_scale[0]),
+            "local_shift": float(self.score_shift[1]),
+            "local_scale": float(self.score_scale[1]),
+        }
 
     def _held_out_standardisation(
         self,
@@ -271,9 +284,11 @@ class FewShotContrastiveModel(DynamicBufferMixin, nn.Module):
         if k >= 2:
             normal_patch, normal_global = torch.stack(patch_views), torch.stack(global_views)
         elif total < 2:
-            logger.warning("FewShotContrastive: one image, one view and no flip or turn allowed leave no normal "
-                           "evidence to hold out; each part is divided by its score on the training image, or by "
-                           "1 where that is 0 (one embedding, a memory bank of its own patches).")  # fmt: skip
+            logger.warning(
+                "FewShotContrastive: one image, one view and no flip or turn allowed leave no normal "
+                "evidence to hold out; each part is divided by its score on the training image, or by "
+                "1 where that is 0 (one embedding, a memory bank of its own patches)."
+            )
             g_score, p_score = self._scores(images)
             values = torch.stack([g_score.mean(), p_score.mean()]).to(scale)
             return shift_, torch.where(values > 1e-3, values, torch.ones_like(values))
@@ -282,8 +297,15 @@ class FewShotContrastiveModel(DynamicBufferMixin, nn.Module):
             parts = [self.features(every[start : start + batch_size]) for start in range(0, every.shape[0], batch_size)]
             normal_patch = torch.cat([patch for patch, _ in parts])[:, None]
             normal_global = torch.cat([emb for _, emb in parts])[:, None]
-        scores = part_scores(folds_for(total, k, views.n), normal_patch, normal_global, local_modes=(self.local_mode,),
-                             topk_ratio=self.topk_ratio, coreset_ratio=self.coreset_ratio, max_patches=max_patches)
+        scores = part_scores(
+            folds_for(total, k, views.n),
+            normal_patch,
+            normal_global,
+            local_modes=(self.local_mode,),
+            topk_ratio=self.topk_ratio,
+            coreset_ratio=self.coreset_ratio,
+            max_patches=max_patches,
+        )
         shift_, scale = standardisation(scores["normal"]["global"], scores["normal"][self.local_mode])
         return shift_.to(self.score_shift), scale.to(self.score_scale)
 
@@ -293,8 +315,9 @@ class FewShotContrastiveModel(DynamicBufferMixin, nn.Module):
 
     def _scores(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         patch, emb = self.features(images)
-        return mahalanobis(emb, self.global_mean, self.global_precision), topk_mean(self._patch_map(patch),
-                                                                                   self.topk_ratio)  # fmt: skip
+        return mahalanobis(emb, self.global_mean, self.global_precision), topk_mean(
+            self._patch_map(patch), self.topk_ratio
+        )
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> InferenceBatch:
@@ -312,7 +335,8 @@ class FewShotContrastiveModel(DynamicBufferMixin, nn.Module):
             patch, emb = self.features(images)
             # the standardised local map: its top-k mean is the standardised local score (the map is affine in it)
             patch_map = (self._patch_map(patch) - self.score_shift[1]) / self.score_scale[1]
-            g_score = (mahalanobis(emb, self.global_mean, self.global_precision) - self.score_shift[0]) / self.score_scale[0]
+            g_score = mahalanobis(emb, self.global_mean, self.global_precision)
+            g_score = (g_score - self.score_shift[0]) / self.score_scale[0]
             score = fuse(g_score, topk_mean(patch_map, self.topk_ratio), self.fusion)
         anomaly_map = F.interpolate(self.blur(patch_map), size=images.shape[-2:], mode="bilinear", align_corners=False)
         return InferenceBatch(pred_score=score, anomaly_map=anomaly_map)
