@@ -73,7 +73,7 @@ def test_a_model_it_cannot_refit_is_refused_before_training():
 
 def test_false_reject_rate_on_real_fresh_normals_is_near_its_target(tmp_path):
     """PatchCore (offline EfficientNet-Lite0 weights) on the ELPV mono development set (100 normals that no support
-    set holds, never the test set): 10 support sets of K = 4, the benchmark's own runs, a 5 % target.
+    set holds, never the test set): 6 support sets of K = 4, the benchmark's own runs, a 5 % target.
     """
     from fsad_anomalib.benchmark.runner import run_benchmark
     from fsad_anomalib.data import ELPV
@@ -81,14 +81,14 @@ def test_false_reject_rate_on_real_fresh_normals_is_near_its_target(tmp_path):
     rows = run_benchmark(
         {"ELPV/mono": lambda: ELPV("mono", evaluation="dev", val_split_mode="none", eval_batch_size=32)},
         k_shots=[4],
-        seeds=range(10),
+        seeds=range(6),
         methods=["PatchCore"],
         output=tmp_path,
         time_inference=False,
         progress=lambda _line: None,
     )
     rates = [row["threshold"]["false_reject_rate"] for row in rows]
-    assert len(rates) == 10 and len({row["threshold"]["threshold"] for row in rows}) == 10
+    assert len(rates) == 6 and len({row["threshold"]["threshold"] for row in rows}) == 6
     # single support sets scatter widely (a few images need not show how much normals vary); their mean does not
     assert 0.025 <= sum(rates) / len(rates) <= 0.10, rates
     detected = [row["threshold"]["detection_rate"] for row in rows]
