@@ -34,6 +34,16 @@ def trained(generated_root, tmp_path_factory):
     return {"model": model, "engine": engine, "root": root, "images": images, "eager": eager}
 
 
+@pytest.fixture(scope="module")
+def exported(trained):
+    """One export of each kind, shared by the tests below."""
+    export = trained["engine"].export
+    return {
+        kind: export(model=trained["model"], export_type=kind, export_root=trained["root"] / kind)
+        for kind in ("onnx", "openvino", "torch")
+    }
+
+
 def test_the_normal_only_threshold_labels_the_test_images(trained):
     """No validation set: the threshold is finite and separates the generated test images (so that the label
     comparisons below compare decisions, not a constant).
@@ -46,10 +56,10 @@ def test_the_normal_only_threshold_labels_the_test_images(trained):
     assert torch.equal(labels.bool(), trained["eager"].pred_score.flatten() > 0.5)
 
 
-def test_onnx_runtime_matches_eager(trained):
+def test_onnx_runtime_matches_eager(trained, exported):
     import onnxruntime as ort
 
-    path = trained["engine"].export(model=trained["model"], export_type="onnx", export_root=trained["root"] / "onnx")
+    path = exported["onnx"]
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     eager = trained["eager"]
@@ -69,11 +79,11 @@ def test_onnx_runtime_matches_eager(trained):
             assert bool(out["pred_label"].item()) == bool(eager.pred_label[index].item())
 
 
-def test_openvino_matches_eager(trained, tmp_path, monkeypatch):
+def test_openvino_matches_eager(trained, exported, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # anomalib's OpenVINOInferencer writes ./openvino_cache
     from anomalib.deploy import OpenVINOInferencer
 
-    path = trained["engine"].export(model=trained["model"], export_type="openvino", export_root=trained["root"] / "ov")
+    path = exported["openvino"]
     # OpenVINO's defaults (bf16 on CPUs with bf16 units, unless the IR says otherwise, as ours does)
     inferencer = OpenVINOInferencer(path=path, device="CPU")
     eager = trained["eager"]
@@ -99,14 +109,10 @@ def test_openvino_matches_eager(trained, tmp_path, monkeypatch):
     assert all(agree) and len(agree) >= len(labels) - 1
 
 
-def test_onnx_accepts_other_image_sizes(trained):
+def test_onnx_accepts_other_image_sizes(exported):
     import onnxruntime as ort
 
-    path = trained["root"] / "onnx" / "weights" / "onnx" / "model.onnx"
-    if not path.exists():
-        path = trained["engine"].export(
-            model=trained["model"], export_type="onnx", export_root=trained["root"] / "onnx"
-        )
+    path = exported["onnx"]
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     for size in ((64, 80), (200, 150)):
         image = torch.rand(2, 3, *size).numpy()
@@ -114,7 +120,7 @@ def test_onnx_accepts_other_image_sizes(trained):
         assert all(np.isfinite(o).all() for o in outputs if o.dtype.kind == "f")
 
 
-def test_inferencers_run_on_a_folder_of_mixed_sizes(trained, tmp_path, monkeypatch):
+def test_inferencers_run_on_a_folder_of_mixed_sizes(exported, tmp_path, monkeypatch):
     import cv2
     from anomalib.deploy import OpenVINOInferencer, TorchInferencer
 
@@ -125,8 +131,7 @@ def test_inferencers_run_on_a_folder_of_mixed_sizes(trained, tmp_path, monkeypat
         cv2.imwrite(str(folder / f"{index}.png"), (rng.random((*size, 3)) * 255).astype(np.uint8))
     monkeypatch.setenv("TRUST_REMOTE_CODE", "1")  # the file was written by this test
     monkeypatch.chdir(tmp_path)  # anomalib's OpenVINOInferencer writes ./openvino_cache
-    torch_path = trained["engine"].export(model=trained["model"], export_type="torch", export_root=tmp_path / "pt")
-    ov_path = trained["engine"].export(model=trained["model"], export_type="openvino", export_root=tmp_path / "ov")
+    torch_path, ov_path = exported["torch"], exported["openvino"]
     torch_inferencer = TorchInferencer(path=torch_path, device="cpu")
     ov_inferencer = OpenVINOInferencer(path=ov_path, device="CPU")
     files = sorted(folder.glob("*.png"))

@@ -15,7 +15,12 @@ from fsad_anomalib.data import FewShot
 from fsad_anomalib.data.views import Symmetries, Views
 from fsad_anomalib.fine_tuning.shifts import SHIFT_FAMILIES
 from fsad_anomalib.models import FewShotContrastive, FewShotContrastiveModel
-from fsad_anomalib.models.few_shot_contrastive.self_configuration import best, candidates_for, self_check
+from fsad_anomalib.models.few_shot_contrastive.self_configuration import (
+    FINE_TUNING_MARGIN,
+    best,
+    candidates_for,
+    self_check,
+)
 
 from .conftest import _normal, auroc, cpu_engine, folder_datamodule, unseen_shift
 
@@ -73,7 +78,7 @@ def test_auto_writes_its_choice_and_evidence_and_keeps_them_in_the_checkpoint(de
     chosen = record["chosen"]
     assert chosen == {**model.model.describe(), "fine_tuned": chosen["fine_tuned"]}
     decision = record["fine_tuning"]
-    assert decision["fine_tuned"] == (decision["fine_tuned_score"] > decision["frozen_score"] + 0.005)
+    assert decision["fine_tuned"] == (decision["fine_tuned_score"] > decision["frozen_score"] + FINE_TUNING_MARGIN)
     assert "cutpaste" not in decision["families"] and decision["tuned_on"] + decision["judged_on"] == 4
     # the checkpoint keeps the choice: a model rebuilt from it scores as the trained one
     path = tmp_path / "model.ckpt"
