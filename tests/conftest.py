@@ -7,6 +7,8 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OPENVINO_TELEMETRY_DISABLED", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one thread per worker (and its subprocesses): workers share the cores
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 import cv2
 import numpy as np
@@ -17,6 +19,9 @@ from anomalib.data import Folder
 from anomalib.engine import Engine
 from kornia.enhance import adjust_brightness
 from sklearn.metrics import roc_auc_score
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 
 def auroc(normal: torch.Tensor, anomalous: torch.Tensor) -> float:
