@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["greedy_coreset"]
+__all__ = ["MAX_ROWS", "greedy_coreset"]
+
+# the selection draws from at most this many rows (16 images' patches at the default layers and size): its cost grows
+# with the square of the rows, and a pass over 32k rows of 152 floats no longer stays in cache (9 s against 0.65 s)
+MAX_ROWS = 16_384
 
 
-def greedy_coreset(x: torch.Tensor, size: int) -> torch.Tensor:
+def greedy_coreset(x: torch.Tensor, size: int, max_rows: int = MAX_ROWS) -> torch.Tensor:
     """``size`` rows of ``x`` ``(n, d)`` by k-center-greedy selection (each new row is the farthest from those kept).
 
     The same selection as anomalib's ``KCenterGreedy``, on the features themselves and deterministic (it
@@ -18,6 +22,7 @@ def greedy_coreset(x: torch.Tensor, size: int) -> torch.Tensor:
     Args:
         x (torch.Tensor): Rows ``(n, d)``.
         size (int): How many rows to keep; all of them when ``size >= n``.
+        max_rows (int): Past this many rows, the selection draws from this many evenly spaced ones.
 
     Returns:
         torch.Tensor: ``(min(size, n), d)`` rows of ``x``.
@@ -31,6 +36,9 @@ def greedy_coreset(x: torch.Tensor, size: int) -> torch.Tensor:
     n = x.shape[0]
     if size >= n:
         return x
+    if n > max_rows:  # evenly spaced rows (deterministic): each step's pass over x then stays in the CPU's caches
+        x = x[torch.linspace(0, n - 1, max_rows, device=x.device).long()]
+        n, size = max_rows, min(size, max_rows)
     sq = (x * x).sum(1)
     index = int(((x - x.mean(0)) ** 2).sum(1).argmax())
     chosen = [index]

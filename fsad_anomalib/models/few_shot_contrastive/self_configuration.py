@@ -29,12 +29,13 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["SCORE_MODES", "best", "candidates_for", "configure", "decide_fine_tuning", "self_check", "write_record"]
 
-SCORE_MODES = ("auto", "combined", "patch", "global", "knn", "knn_patch")
+SCORE_MODES = ("auto", "combined", "patch", "global", "knn", "knn_patch", "subspace")
 # an explicit score_mode is one (local scoring, fusion) pair
 MODE_PARTS = {
     "patch": ("patch", "local"),
     "knn": ("knn", "local"),
     "knn_patch": ("knn_patch", "local"),
+    "subspace": ("subspace", "local"),
     "global": ("patch", "global"),
     "combined": ("patch", "mean"),
 }
@@ -88,7 +89,7 @@ def self_check(
 ) -> list[dict[str, Any]] | None:
     """How well each candidate separates held-out normals from synthetic anomalies made of them.
 
-    With K >= 2 each image is held out in turn: the Gaussians and memory bank are fitted on the fit's views of the
+    With K >= 2 each image (past ``MAX_FOLDS`` images, each group of images) is held out in turn: the Gaussians and memory bank are fitted on the fit's views of the
     others, as ``model.fit`` fits them, and the held-out image's views are scored beside synthetic anomalies made
     from them, ``ceil(8 / folds)`` per family. With K = 1 the fit keeps the image's first view and each other view
     the symmetries allow is held out. Both parts are standardised by their held-out normal mean and deviation.
@@ -115,8 +116,12 @@ def self_check(
     sources, labels = [], []
     for index, fold in enumerate(folds):
         # a fold's anomalies are made from the views it holds out, in turn, so that they come in the same views as
-        # the held-out normals they are ranked against: the image's views (K >= 2), or the one view (K = 1)
-        held = [view[index : index + 1] for view in normal_views] if k >= 2 else [normal_views[index + 1]]
+        # the held-out normals they are ranked against: its images' views (K >= 2), or the one view (K = 1)
+        if k >= 2:
+            group = fold.query.any(0).nonzero().flatten().tolist()
+            held = [view[i : i + 1] for i in group for view in normal_views]
+        else:
+            held = [normal_views[index + 1]]
         for turn, (family, _) in enumerate(itertools.product(families, range(draws))):
             fold.anomalies.append(len(sources))
             sources.append(shift(held[(turn + index) % len(held)].cpu(), family, generator).to(images.device))
