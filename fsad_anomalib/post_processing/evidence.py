@@ -106,9 +106,4 @@ def held_out_scores(
         # views.of yields view by view (all held images, then the next view): back to image by image
         scores[group] = part[0].view(n_views, len(group)).T
         maxima[group] = part[1].view(n_views, len(group)).T
-    return {
-        "scores": scores.flatten(),
-        "maxima": maxima.flatten(),
-        "n": k * n_views,
-        "views": n_views,
-    }
+    return {"scores": scores.flatten(), "maxima": maxima.flatten(), "n": k * n_views, "views": n_views}

@@ -18,14 +18,18 @@ __all__ = ["SUBSPACE_VARIANCE", "fit_gaussian", "fit_subspace", "mahalanobis"]
 SUBSPACE_VARIANCE = 0.99
 
 
-def fit_gaussian(x: torch.Tensor, eps: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Mean, precision (inverse of the shrunk covariance) and shrinkage of samples ``x`` ``(n, p)``."""
+def _check_samples(x: torch.Tensor, who: str) -> None:
     if x.ndim != 2 or x.shape[0] < 1:
-        msg = f"fit_gaussian expects samples of shape (n >= 1, p), got {tuple(x.shape)}."
+        msg = f"{who} expects samples of shape (n >= 1, p), got {tuple(x.shape)}."
         raise ValueError(msg)
     if not torch.isfinite(x).all():
-        msg = "fit_gaussian: the embeddings contain NaN or inf; check the input images and the backbone weights."
+        msg = f"{who}: the features contain NaN or inf; check the input images and the backbone weights."
         raise ValueError(msg)
+
+
+def fit_gaussian(x: torch.Tensor, eps: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Mean, precision (inverse of the shrunk covariance) and shrinkage of samples ``x`` ``(n, p)``."""
+    _check_samples(x, "fit_gaussian")
     x64 = x.double()
     mean = x64.mean(0)
     if x64.shape[0] < 2:
@@ -60,12 +64,7 @@ def fit_subspace(x: torch.Tensor, variance: float = SUBSPACE_VARIANCE) -> tuple[
     via subspace modelling", https://github.com/CLendering/SubspaceAD). The projector ``I - U U^T`` takes the place of
     a precision matrix, so scoring and export are the Gaussian's.
     """
-    if x.ndim != 2 or x.shape[0] < 1:
-        msg = f"fit_subspace expects samples of shape (n >= 1, p), got {tuple(x.shape)}."
-        raise ValueError(msg)
-    if not torch.isfinite(x).all():
-        msg = "fit_subspace: the features contain NaN or inf; check the input images and the backbone weights."
-        raise ValueError(msg)
+    _check_samples(x, "fit_subspace")
     x64 = x.double()
     mean = x64.mean(0)
     centred = x64 - mean

@@ -21,7 +21,7 @@ from sklearn.metrics import roc_auc_score
 
 from fsad_anomalib.data.views import held_out_groups
 from fsad_anomalib.models.components.gaussian import fit_gaussian, fit_subspace, mahalanobis
-from fsad_anomalib.models.components.sampling import greedy_coreset
+from fsad_anomalib.models.components.sampling import evenly_spaced, greedy_coreset
 
 __all__ = [
     "FUSIONS",
@@ -140,10 +140,7 @@ class Fold:
 
 
 def _fit_patches(patch: torch.Tensor, max_patches: int) -> torch.Tensor:
-    rows = patch.permute(0, 2, 3, 1).reshape(-1, patch.shape[1])
-    if rows.shape[0] > max_patches:  # evenly spaced rows: deterministic
-        rows = rows[torch.linspace(0, rows.shape[0] - 1, max_patches, device=rows.device).long()]
-    return rows
+    return evenly_spaced(patch.permute(0, 2, 3, 1).reshape(-1, patch.shape[1]), max_patches)
 
 
 @torch.no_grad()

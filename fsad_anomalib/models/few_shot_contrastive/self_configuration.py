@@ -89,7 +89,8 @@ def self_check(
 ) -> list[dict[str, Any]] | None:
     """How well each candidate separates held-out normals from synthetic anomalies made of them.
 
-    With K >= 2 each image (past ``MAX_FOLDS`` images, each group of images) is held out in turn: the Gaussians and memory bank are fitted on the fit's views of the
+    With K >= 2 each image (past ``MAX_FOLDS`` images, each group of images) is held out in turn: the Gaussians
+    and memory bank are fitted on the fit's views of the
     others, as ``model.fit`` fits them, and the held-out image's views are scored beside synthetic anomalies made
     from them, ``ceil(8 / folds)`` per family. With K = 1 the fit keeps the image's first view and each other view
     the symmetries allow is held out. Both parts are standardised by their held-out normal mean and deviation.
