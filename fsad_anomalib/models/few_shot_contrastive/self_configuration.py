@@ -237,8 +237,9 @@ def decide_fine_tuning(module: LightningModule, images: torch.Tensor, trainer: T
     """``fine_tuning="auto"``: fine-tune on the first half of the images and judge it on the second half.
 
     The chosen configuration's self-check on the held-out half (on the families the synthesis does not train on)
-    is compared with the frozen backbone's. Fine-tuning is kept, and run again on all K images, only if it gains
-    more than ``FINE_TUNING_MARGIN``; otherwise the frozen weights stay.
+    is compared with the frozen backbone's. The fine-tuned weights are kept (the very weights judged: one
+    fine-tuning run, whatever K) only if they gain more than ``FINE_TUNING_MARGIN``; otherwise the frozen weights
+    stay. The Gaussians and memory bank are then fitted on all K images either way.
     """
     model, callback, k = module.model, module.fine_tuning, len(images)
     if k < 2:
@@ -252,23 +253,23 @@ def decide_fine_tuning(module: LightningModule, images: torch.Tensor, trainer: T
     with torch.enable_grad():
         callback.fine_tune(module, images[:split], trainer)
     after = self_check(model, images[split:], **check)
-    model.feature_extractor.load_state_dict(frozen)
     if before is None or after is None:
+        model.feature_extractor.load_state_dict(frozen)
         logger.info("FewShotContrastive: nothing to judge fine-tuning on; the backbone stays frozen.")
         return {"fine_tuned": False, "reason": "no held-out evidence"}
     frozen_score, tuned_score = before[0]["score"], after[0]["score"]
     keep = tuned_score > frozen_score + FINE_TUNING_MARGIN
-    if keep:
+    if keep:  # the weights that were judged are the weights kept: no second, unjudged run on all K images
         logger.info(
-            "FewShotContrastive: fine-tuning raises the self-check on held-out images from %.3f to %.3f; "
-            "fine-tuning on all %d images.",
+            "FewShotContrastive: fine-tuning on %d images raises the self-check on the other %d from %.3f to %.3f; "
+            "its weights are kept.",
+            split,
+            k - split,
             frozen_score,
             tuned_score,
-            k,
         )
-        with torch.enable_grad():
-            callback.fine_tune(module, images, trainer)
     else:
+        model.feature_extractor.load_state_dict(frozen)
         logger.info(
             "FewShotContrastive: fine-tuning does not improve the self-check on held-out images (%.3f frozen, "
             "%.3f fine-tuned): it is skipped and the backbone stays frozen.",
