@@ -224,6 +224,32 @@ def test_knn_score_mode_coreset_checkpoint_and_onnx(tmp_path):
     torch.testing.assert_close(torch.from_numpy(onnx_scores), defect_scores, rtol=1e-4, atol=1e-4)
 
 
+def test_subspace_score_mode_fits_a_residual_projector_that_scores_and_exports(tmp_path):
+    """score_mode="subspace": the patch map is each patch's residual outside the normals' principal subspace."""
+    import onnxruntime as ort
+
+    from fsad_anomalib.models.few_shot_contrastive.torch_model import FewShotContrastiveModel
+
+    torch.manual_seed(0)
+    model = FewShotContrastiveModel(pre_trained=False, score_mode="subspace").eval()
+    stats = model.fit(0.4 + 0.2 * torch.rand(3, 3, 64, 64))
+    assert model.describe()["local"] == "subspace" and 0 < stats["subspace_rank"] < model.patch_dim
+    assert stats["memory_bank"] == 0
+    # the stored matrix is a projector (symmetric, idempotent), not a precision
+    torch.testing.assert_close(model.patch_precision @ model.patch_precision, model.patch_precision, atol=1e-4, rtol=0)
+    normals = 0.4 + 0.2 * torch.rand(4, 3, 64, 64)
+    defects = normals.clone()
+    defects[:, :, 20:36, 20:36] = 1.0
+    with torch.no_grad():
+        normal_scores, defect_scores = model(normals).pred_score, model(defects).pred_score
+    assert torch.isfinite(normal_scores).all() and (defect_scores > normal_scores.max()).all()
+    path = tmp_path / "subspace.onnx"
+    torch.onnx.export(model, (normals[:1],), str(path), input_names=["image"], dynamo=False)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    onnx_score = session.run(None, {"image": defects[:1].numpy()})[0]
+    torch.testing.assert_close(torch.from_numpy(onnx_score), defect_scores[:1], rtol=1e-4, atol=1e-4)
+
+
 def test_knn_patch_score_is_the_geometric_mean_of_both_patch_distances():
     """score_mode="knn_patch": per patch, sqrt(knn distance * Mahalanobis distance) of one fitted model."""
     from fsad_anomalib.models.few_shot_contrastive.torch_model import FewShotContrastiveModel

@@ -118,9 +118,12 @@ def test_predict_writes_a_label_per_image_and_the_confirmed_checkpoint_labels_th
         for row in table:
             assert (row["label"] == "NG") == (float(row["score"]) > float(row["threshold"]))
             assert (row["label"] == "NG") == (float(row["raw_score"]) > float(row["raw_threshold"]))
-    # the generated defects are obvious: every bad part NG, every good part OK, before and after confirmation
+    # the generated defects are obvious: every bad part NG, before and after confirmation. The thresholds promise a
+    # 5 % false-reject rate on average (confirmed on 20 good parts: the largest of their scores, which a new good part
+    # passes with probability 1/21), so one of the six good parts may be rejected, not more
     for table in (first, confirmed):
-        assert all((row["label"] == "NG") == ("/bad/" in row["image_path"]) for row in table)
+        assert all(row["label"] == "NG" for row in table if "/bad/" in row["image_path"])
+        assert sum(row["label"] == "NG" for row in table if "/good/" in row["image_path"]) <= 1
     assert confirmed[0]["raw_threshold"] != first[0]["raw_threshold"]  # confirmation moved the threshold
 
 

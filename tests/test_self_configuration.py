@@ -43,7 +43,8 @@ def default_run(generated_root, tmp_path_factory):
     return {"model": model, "root": root, "engine": engine}
 
 
-def test_default_catches_a_local_defect_and_a_whole_image_shift(default_run):
+def _local_and_shift_auroc(model: FewShotContrastiveModel) -> tuple[float, float]:
+    """Image AUROC of fresh normals against local defects and against whole-image shifts the self-check never makes."""
     rng = np.random.default_rng(5)
 
     def local_defect() -> torch.Tensor:
@@ -57,12 +58,17 @@ def test_default_catches_a_local_defect_and_a_whole_image_shift(default_run):
     fresh = torch.stack([_tensor(_normal(rng, IMAGE_SIZE)) for _ in range(24)])
     # whole-image shifts of kinds the self-check never makes, one after another
     shifted = torch.cat([unseen_shift(fresh[i : i + 1], i) for i in range(24)])
-    model = default_run["model"].model.eval()
     with torch.no_grad():
-        s_normal, s_local, s_shifted = (model(x).pred_score for x in (normal, local, shifted))
+        s_normal, s_local, s_shifted = (model.eval()(x).pred_score for x in (normal, local, shifted))
     assert torch.isfinite(s_normal).all()
-    assert auroc(s_normal, s_local) >= 0.9
-    assert auroc(s_normal, s_shifted) >= 0.9
+    return auroc(s_normal, s_local), auroc(s_normal, s_shifted)
+
+
+def test_default_catches_a_local_defect_and_a_whole_image_shift(default_run):
+    model = default_run["model"].model
+    local, shifted = _local_and_shift_auroc(model)
+    assert local >= 0.9
+    assert shifted >= 0.9
     # both parts are in the score: the default fuses local and global evidence
     assert model.fusion in {"max", "mean"}
 
@@ -137,6 +143,10 @@ def test_k_equals_one_configures_over_views_and_skips_fine_tuning(generated_root
     assert record["fine_tuning"]["fine_tuned"] is False and "K = 1" in record["fine_tuning"]["reason"]
     assert metrics["image_AUROC"] >= 0.8
     assert torch.isfinite(model.model.score_scale).all()
+    # from one image, the default catches a local defect and a whole-image shift
+    local, shifted = _local_and_shift_auroc(model.model)
+    assert local >= 0.9
+    assert shifted >= 0.9
     # one image with no flip or turn allowed: nothing to hold out, the prior stays and training still works
     model = FewShotContrastiveModel(pre_trained=False)
     assert self_check(model, torch.rand(1, 3, 64, 64), Views(1, Symmetries.of([])), candidates_for("auto")) is None

@@ -14,9 +14,35 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["NO_SYMMETRY", "SYMMETRY_NAMES", "Symmetric", "Symmetries", "Views", "resolve_symmetries"]
+__all__ = [
+    "MAX_FOLDS",
+    "NO_SYMMETRY",
+    "SYMMETRY_NAMES",
+    "Symmetric",
+    "Symmetries",
+    "Views",
+    "held_out_groups",
+    "resolve_symmetries",
+]
 
 SYMMETRY_NAMES = ("hflip", "vflip", "rot90")
+# held-out evidence (the parts' scales, the self-check, the threshold) leaves one image out at a time up to this many
+# images; past it, each of this many folds holds out every MAX_FOLDS-th image, so that the refits grow linearly in K
+MAX_FOLDS = 8
+
+
+def held_out_groups(k: int, max_folds: int = MAX_FOLDS) -> list[list[int]]:
+    """The images each held-out fold leaves out: one each up to ``max_folds`` images, else every ``max_folds``-th.
+
+    Example:
+        >>> held_out_groups(3), held_out_groups(10, 4)
+        ([[0], [1], [2]], [[0, 4, 8], [1, 5, 9], [2, 6], [3, 7]])
+    """
+    if k < 1 or max_folds < 1:
+        msg = f"held_out_groups needs k >= 1 and max_folds >= 1, got k={k}, max_folds={max_folds}."
+        raise ValueError(msg)
+    folds = min(k, max_folds)
+    return [list(range(start, k, folds)) for start in range(folds)]
 
 
 @dataclass(frozen=True)

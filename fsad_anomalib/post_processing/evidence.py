@@ -16,7 +16,7 @@ from anomalib.data import ImageBatch, InferenceBatch
 from lightning import LightningModule
 from torch import nn
 
-from fsad_anomalib.data.views import Symmetries, Views
+from fsad_anomalib.data.views import Symmetries, Views, held_out_groups
 
 __all__ = ["VIEWS_BELOW", "Refittable", "can_refit", "held_out_scores", "refit_copy", "score_batch"]
 
@@ -97,13 +97,13 @@ def held_out_scores(
             raise ValueError(msg)
         scores, maxima = score_batch(refit(images), torch.cat(list(views.of(images)))[1:])
         return {"scores": scores, "maxima": maxima, "n": n_views - 1, "views": n_views}
-    parts = [
-        score_batch(refit(torch.cat([images[:i], images[i + 1 :]])), torch.cat(list(views.of(images[i : i + 1]))))
-        for i in range(k)
-    ]
-    return {
-        "scores": torch.cat([p[0] for p in parts]),
-        "maxima": torch.cat([p[1] for p in parts]),
-        "n": k * n_views,
-        "views": n_views,
-    }
+    # each image's views scored by the model refitted without it (past MAX_FOLDS images, without its group)
+    scores, maxima = torch.empty(k, n_views), torch.empty(k, n_views)
+    for group in held_out_groups(k):
+        kept = torch.tensor([i for i in range(k) if i not in group])
+        held = images[torch.tensor(group)]
+        part = score_batch(refit(images[kept]), torch.cat(list(views.of(held))))
+        # views.of yields view by view (all held images, then the next view): back to image by image
+        scores[group] = part[0].view(n_views, len(group)).T
+        maxima[group] = part[1].view(n_views, len(group)).T
+    return {"scores": scores.flatten(), "maxima": maxima.flatten(), "n": k * n_views, "views": n_views}

@@ -49,7 +49,7 @@ from lightning import LightningModule, Trainer
 from torch import nn
 
 from fsad_anomalib.data.few_shot import skip_validation_without_data
-from fsad_anomalib.data.views import NO_SYMMETRY, Symmetries, resolve_symmetries
+from fsad_anomalib.data.views import NO_SYMMETRY, Symmetries, held_out_groups, resolve_symmetries
 from fsad_anomalib.post_processing.bounds import bound_at, check_rate, prediction_bound
 from fsad_anomalib.post_processing.evidence import VIEWS_BELOW, Refittable, can_refit, held_out_scores, refit_copy
 
@@ -231,7 +231,8 @@ class NormalThresholdPostProcessor(PostProcessor):
             return self.calibration
         except Exception as error:  # noqa: BLE001 - the model's own fit failed on fewer images: train on, unlabelled
             text = (
-                f"the model could not be refitted on {max(k - 1, 1)} of the {k} images ({type(error).__name__}: "
+                f"the model could not be refitted on {k - len(held_out_groups(k)[0]) if k > 1 else 1} of the {k} "
+                f"images ({type(error).__name__}: "
                 f"{error})"
             )
             logger.warning(

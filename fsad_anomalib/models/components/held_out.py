@@ -19,11 +19,13 @@ from dataclasses import dataclass, field
 import torch
 from sklearn.metrics import roc_auc_score
 
-from fsad_anomalib.models.components.gaussian import fit_gaussian, mahalanobis
-from fsad_anomalib.models.components.sampling import greedy_coreset
+from fsad_anomalib.data.views import held_out_groups
+from fsad_anomalib.models.components.gaussian import fit_gaussian, fit_subspace, mahalanobis
+from fsad_anomalib.models.components.sampling import evenly_spaced, greedy_coreset
 
 __all__ = [
     "FUSIONS",
+    "KNN_MODES",
     "LOCAL_MODES",
     "Fold",
     "auroc",
@@ -34,7 +36,9 @@ __all__ = [
     "topk_mean",
 ]
 
-LOCAL_MODES = ("patch", "knn", "knn_patch")
+# the local scorings; "subspace" is the residual outside the normals' principal subspace (fit_subspace)
+LOCAL_MODES = ("patch", "knn", "knn_patch", "subspace")
+KNN_MODES = ("knn", "knn_patch")
 # how the global (g) and local (p) parts, each standardised on held-out normals, make the image score
 FUSIONS = ("local", "mean", "max", "global")
 # floor of a part's held-out standard deviation, relative to its held-out mean (K = 2 gives two held-out scores)
@@ -65,10 +69,11 @@ def local_map(
 ) -> torch.Tensor:
     """The local anomaly map ``(B, 1, h, w)`` of ``mode``.
 
-    ``patch`` (Mahalanobis to the patch Gaussian),
-    ``knn`` (distance to the nearest memory-bank patch) or ``knn_patch`` (per patch, their geometric mean).
+    ``patch`` (Mahalanobis to the patch Gaussian), ``subspace`` (the same expression with the residual projector of
+    :func:`~fsad_anomalib.models.components.gaussian.fit_subspace` as ``precision``), ``knn`` (distance to the
+    nearest memory-bank patch) or ``knn_patch`` (per patch, the geometric mean of ``knn`` and ``patch``).
     """
-    if mode == "patch" or bank is None or bank.shape[0] == 0:
+    if mode not in KNN_MODES or bank is None or bank.shape[0] == 0:
         return gaussian_map(patch, mean, precision)
     knn = nearest_map(patch, bank)
     if mode == "knn":
@@ -135,10 +140,7 @@ class Fold:
 
 
 def _fit_patches(patch: torch.Tensor, max_patches: int) -> torch.Tensor:
-    rows = patch.permute(0, 2, 3, 1).reshape(-1, patch.shape[1])
-    if rows.shape[0] > max_patches:  # evenly spaced rows: deterministic
-        rows = rows[torch.linspace(0, rows.shape[0] - 1, max_patches, device=rows.device).long()]
-    return rows
+    return evenly_spaced(patch.permute(0, 2, 3, 1).reshape(-1, patch.shape[1]), max_patches)
 
 
 @torch.no_grad()
@@ -182,8 +184,9 @@ def part_scores(
         g_mean, g_precision, _ = fit_gaussian(normal_global[fold.fit])
         rows = _fit_patches(normal_patch[fold.fit], max_patches)
         p_mean, p_precision, _ = fit_gaussian(rows)
+        subspace = fit_subspace(rows) if "subspace" in local_modes else None
         bank = None
-        if any(mode != "patch" for mode in local_modes):
+        if any(mode in KNN_MODES for mode in local_modes):
             bank = greedy_coreset(rows, max(1, int(rows.shape[0] * coreset_ratio)))
         queries = {"normal": (normal_patch[fold.query], normal_global[fold.query])}
         if fold.anomalies and anomaly_patch is not None and anomaly_global is not None:
@@ -196,6 +199,8 @@ def part_scores(
             for mode in local_modes:
                 if mode == "patch":
                     patch_map = gauss
+                elif mode == "subspace":
+                    patch_map = gaussian_map(patch, *subspace[:2])
                 elif mode == "knn":
                     patch_map = knn
                 else:
@@ -211,8 +216,9 @@ def part_scores(
 def folds_for(n_views: int, k: int, n_fit_views: int) -> list[Fold]:
     """Leave-one-out folds over the images, or over the views of one image.
 
-    Over ``k`` images (each image's ``n_views`` views held out together), or, for ``k = 1``,
-    over its views (each view other than the first held out in turn, the first always fitted).
+    Over ``k`` images (each image's ``n_views`` views held out together; past ``MAX_FOLDS`` images, each fold holds
+    out a group, :func:`~fsad_anomalib.data.views.held_out_groups`), or, for ``k = 1``, over its views (each view
+    other than the first held out in turn, the first always fitted).
 
     The fit of each fold takes the first ``n_fit_views`` views of the images it keeps, as the model's fit does.
     """
@@ -220,10 +226,10 @@ def folds_for(n_views: int, k: int, n_fit_views: int) -> list[Fold]:
     fitted = torch.zeros(n_views, k, dtype=torch.bool)
     fitted[:n_fit_views] = True
     if k >= 2:
-        for i in range(k):
+        for group in held_out_groups(k):
             fit, query = fitted.clone(), torch.zeros(n_views, k, dtype=torch.bool)
-            fit[:, i] = False
-            query[:, i] = True
+            fit[:, group] = False
+            query[:, group] = True
             folds.append(Fold(fit, query))
         return folds
     for v in range(1, n_views):

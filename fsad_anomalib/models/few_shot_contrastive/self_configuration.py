@@ -29,12 +29,13 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["SCORE_MODES", "best", "candidates_for", "configure", "decide_fine_tuning", "self_check", "write_record"]
 
-SCORE_MODES = ("auto", "combined", "patch", "global", "knn", "knn_patch")
+SCORE_MODES = ("auto", "combined", "patch", "global", "knn", "knn_patch", "subspace")
 # an explicit score_mode is one (local scoring, fusion) pair
 MODE_PARTS = {
     "patch": ("patch", "local"),
     "knn": ("knn", "local"),
     "knn_patch": ("knn_patch", "local"),
+    "subspace": ("subspace", "local"),
     "global": ("patch", "global"),
     "combined": ("patch", "mean"),
 }
@@ -88,7 +89,8 @@ def self_check(
 ) -> list[dict[str, Any]] | None:
     """How well each candidate separates held-out normals from synthetic anomalies made of them.
 
-    With K >= 2 each image is held out in turn: the Gaussians and memory bank are fitted on the fit's views of the
+    With K >= 2 each image (past ``MAX_FOLDS`` images, each group of images) is held out in turn: the Gaussians
+    and memory bank are fitted on the fit's views of the
     others, as ``model.fit`` fits them, and the held-out image's views are scored beside synthetic anomalies made
     from them, ``ceil(8 / folds)`` per family. With K = 1 the fit keeps the image's first view and each other view
     the symmetries allow is held out. Both parts are standardised by their held-out normal mean and deviation.
@@ -115,8 +117,12 @@ def self_check(
     sources, labels = [], []
     for index, fold in enumerate(folds):
         # a fold's anomalies are made from the views it holds out, in turn, so that they come in the same views as
-        # the held-out normals they are ranked against: the image's views (K >= 2), or the one view (K = 1)
-        held = [view[index : index + 1] for view in normal_views] if k >= 2 else [normal_views[index + 1]]
+        # the held-out normals they are ranked against: its images' views (K >= 2), or the one view (K = 1)
+        if k >= 2:
+            group = fold.query.any(0).nonzero().flatten().tolist()
+            held = [view[i : i + 1] for i in group for view in normal_views]
+        else:
+            held = [normal_views[index + 1]]
         for turn, (family, _) in enumerate(itertools.product(families, range(draws))):
             fold.anomalies.append(len(sources))
             sources.append(shift(held[(turn + index) % len(held)].cpu(), family, generator).to(images.device))
@@ -231,8 +237,9 @@ def decide_fine_tuning(module: LightningModule, images: torch.Tensor, trainer: T
     """``fine_tuning="auto"``: fine-tune on the first half of the images and judge it on the second half.
 
     The chosen configuration's self-check on the held-out half (on the families the synthesis does not train on)
-    is compared with the frozen backbone's. Fine-tuning is kept, and run again on all K images, only if it gains
-    more than ``FINE_TUNING_MARGIN``; otherwise the frozen weights stay.
+    is compared with the frozen backbone's. The fine-tuned weights are kept (the very weights judged: one
+    fine-tuning run, whatever K) only if they gain more than ``FINE_TUNING_MARGIN``; otherwise the frozen weights
+    stay. The Gaussians and memory bank are then fitted on all K images either way.
     """
     model, callback, k = module.model, module.fine_tuning, len(images)
     if k < 2:
@@ -246,23 +253,23 @@ def decide_fine_tuning(module: LightningModule, images: torch.Tensor, trainer: T
     with torch.enable_grad():
         callback.fine_tune(module, images[:split], trainer)
     after = self_check(model, images[split:], **check)
-    model.feature_extractor.load_state_dict(frozen)
     if before is None or after is None:
+        model.feature_extractor.load_state_dict(frozen)
         logger.info("FewShotContrastive: nothing to judge fine-tuning on; the backbone stays frozen.")
         return {"fine_tuned": False, "reason": "no held-out evidence"}
     frozen_score, tuned_score = before[0]["score"], after[0]["score"]
     keep = tuned_score > frozen_score + FINE_TUNING_MARGIN
-    if keep:
+    if keep:  # the weights that were judged are the weights kept: no second, unjudged run on all K images
         logger.info(
-            "FewShotContrastive: fine-tuning raises the self-check on held-out images from %.3f to %.3f; "
-            "fine-tuning on all %d images.",
+            "FewShotContrastive: fine-tuning on %d images raises the self-check on the other %d from %.3f to %.3f; "
+            "its weights are kept.",
+            split,
+            k - split,
             frozen_score,
             tuned_score,
-            k,
         )
-        with torch.enable_grad():
-            callback.fine_tune(module, images, trainer)
     else:
+        model.feature_extractor.load_state_dict(frozen)
         logger.info(
             "FewShotContrastive: fine-tuning does not improve the self-check on held-out images (%.3f frozen, "
             "%.3f fine-tuned): it is skipped and the backbone stays frozen.",

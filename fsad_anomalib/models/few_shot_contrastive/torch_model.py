@@ -16,9 +16,10 @@ from torch import nn
 from fsad_anomalib.backbones.features import patch_and_global, patch_features
 from fsad_anomalib.data.views import Views
 from fsad_anomalib.models.components.feature_extractor import build_feature_extractor, features_until
-from fsad_anomalib.models.components.gaussian import fit_gaussian, mahalanobis
+from fsad_anomalib.models.components.gaussian import fit_gaussian, fit_subspace, mahalanobis
 from fsad_anomalib.models.components.held_out import (
     FUSIONS,
+    KNN_MODES,
     LOCAL_MODES,
     folds_for,
     fuse,
@@ -63,7 +64,8 @@ class FewShotContrastiveModel(DynamicBufferMixin, nn.Module):
         score_mode (str): ``auto`` (the first of self-configuration's candidates until it chooses), ``combined``
             (patch and global, mean), ``patch`` (the patch Mahalanobis map), ``knn`` (each patch's distance to its
             nearest neighbour in a coreset of the training patches, PatchCore's scoring), ``knn_patch`` (per patch,
-            the geometric mean of both distances) or ``global`` (the paper's image-level Mahalanobis score).
+            the geometric mean of both distances), ``subspace`` (each patch's residual outside the normals' principal
+            subspace, SubspaceAD's scoring) or ``global`` (the paper's image-level Mahalanobis score).
             Defaults to ``"auto"``.
         blur_sigma (float): Gaussian smoothing of the anomaly map, in input pixels. Defaults to ``4.0``.
         topk_ratio (float): Fraction of the patches whose mean is the local image score. Defaults to ``0.01``.
@@ -237,8 +239,10 @@ class FewShotContrastiveModel(DynamicBufferMixin, nn.Module):
         if p.shape[0] > max_patches:
             p = p[torch.randperm(p.shape[0], device=p.device)[:max_patches]]
         self.global_mean, self.global_precision, g_shrink = fit_gaussian(g)
-        self.patch_mean, self.patch_precision, p_shrink = fit_gaussian(p)
-        if self.local_mode != "patch":
+        # subspace scoring keeps the residual projector where the Gaussian keeps its precision (same map, same export)
+        fit_patches = fit_subspace if self.local_mode == "subspace" else fit_gaussian
+        self.patch_mean, self.patch_precision, p_shrink = fit_patches(p)
+        if self.local_mode in KNN_MODES:
             self.memory_bank = greedy_coreset(p, max(1, int(p.shape[0] * self.coreset_ratio)))
         else:
             self.memory_bank = p.new_zeros(0, p.shape[1])
@@ -249,7 +253,7 @@ class FewShotContrastiveModel(DynamicBufferMixin, nn.Module):
         self.train(was_training)
         return {
             "global_shrinkage": g_shrink,
-            "patch_shrinkage": p_shrink,
+            "patch_shrinkage" if self.local_mode != "subspace" else "subspace_rank": p_shrink,
             "n_global": g.shape[0],
             "n_patch": p.shape[0],
             "memory_bank": self.memory_bank.shape[0],
