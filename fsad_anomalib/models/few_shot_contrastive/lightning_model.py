@@ -73,7 +73,8 @@ class FewShotContrastive(AnomalibModule):  # noqa: PLR0904 - Lightning's hooks a
             and ``rot90`` (leave out ``rot90`` for objects with an up direction): the fit's views, and fine-tuning's
             and the threshold's where theirs are unset. Defaults to all three.
         score_mode (str): ``auto`` (local scoring and its fusion with the global score chosen from the K
-            normals), ``combined``, ``patch``, ``knn``, ``knn_patch`` or ``global`` (:class:`FewShotContrastiveModel`).
+            normals), ``combined``, ``patch``, ``knn``, ``knn_patch``, ``subspace`` or ``global``
+            (:class:`FewShotContrastiveModel`).
             Defaults to ``"auto"``.
         seed (int): Seeds self-configuration's synthetic anomalies and ``"auto"`` fine-tuning: the same seed and
             images give the same choice. Defaults to ``0``.
