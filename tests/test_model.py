@@ -179,6 +179,17 @@ def test_predict_on_a_folder_writes_one_overlay_per_image(trained, generated_roo
     assert len(overlays) == n_images
 
 
+def _scores_a_bright_square_above_normals(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Four random normals and the same with a bright square: every defect scores above every normal."""
+    normals = 0.4 + 0.2 * torch.rand(4, 3, 64, 64)
+    defects = normals.clone()
+    defects[:, :, 20:36, 20:36] = 1.0
+    with torch.no_grad():
+        normal_scores, defect_scores = model(normals).pred_score, model(defects).pred_score
+    assert torch.isfinite(normal_scores).all() and (defect_scores > normal_scores.max()).all()
+    return normals, defects, defect_scores
+
+
 def test_knn_score_mode_coreset_checkpoint_and_onnx(tmp_path):
     """score_mode="knn": a coreset memory bank that travels with the state dict and exports with any batch size."""
     import onnxruntime as ort
@@ -189,12 +200,7 @@ def test_knn_score_mode_coreset_checkpoint_and_onnx(tmp_path):
     model = FewShotContrastiveModel(score_mode="knn", coreset_ratio=0.25).eval()
     stats = model.fit(0.4 + 0.2 * torch.rand(3, 3, 64, 64))
     assert stats["memory_bank"] == int(0.25 * stats["n_patch"]) and model.memory_bank.shape[1] == model.patch_dim
-    normals = 0.4 + 0.2 * torch.rand(4, 3, 64, 64)
-    defects = normals.clone()
-    defects[:, :, 20:36, 20:36] = 1.0
-    with torch.no_grad():
-        normal_scores, defect_scores = model(normals).pred_score, model(defects).pred_score
-    assert torch.isfinite(normal_scores).all() and (defect_scores > normal_scores.max()).all()
+    normals, defects, defect_scores = _scores_a_bright_square_above_normals(model)
     # a fresh model takes the bank's size from the state dict (anomalib's DynamicBufferMixin)
     fresh = FewShotContrastiveModel(score_mode="knn", coreset_ratio=0.25).eval()
     fresh.load_state_dict(model.state_dict())
@@ -237,12 +243,7 @@ def test_subspace_score_mode_fits_a_residual_projector_that_scores_and_exports(t
     assert stats["memory_bank"] == 0
     # the stored matrix is a projector (symmetric, idempotent), not a precision
     torch.testing.assert_close(model.patch_precision @ model.patch_precision, model.patch_precision, atol=1e-4, rtol=0)
-    normals = 0.4 + 0.2 * torch.rand(4, 3, 64, 64)
-    defects = normals.clone()
-    defects[:, :, 20:36, 20:36] = 1.0
-    with torch.no_grad():
-        normal_scores, defect_scores = model(normals).pred_score, model(defects).pred_score
-    assert torch.isfinite(normal_scores).all() and (defect_scores > normal_scores.max()).all()
+    normals, defects, defect_scores = _scores_a_bright_square_above_normals(model)
     path = tmp_path / "subspace.onnx"
     torch.onnx.export(model, (normals[:1],), str(path), input_names=["image"], dynamo=False)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
