@@ -78,4 +78,4 @@ def test_layers_out_of_depth_order_label_their_own_features() -> None:
     assert (model.patch_dim, model.global_dim) == (40 + 320, 112)
     assert (patch.shape[1], emb.shape[1]) == (40 + 320, 112)
     with torch.no_grad():
-        assert model.scored_patch_features(torch.rand(1, 3, 64, 64)).shape[1] == 40 + 320
+        assert model.scored_patch_features(torch.rand(1, 3, 64, 64))[0].shape[1] == 40 + 320

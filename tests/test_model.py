@@ -251,6 +251,33 @@ def test_subspace_score_mode_fits_a_residual_projector_that_scores_and_exports(t
     torch.testing.assert_close(torch.from_numpy(onnx_score), defect_scores[:1], rtol=1e-4, atol=1e-4)
 
 
+def test_two_scales_map_at_the_fine_resolution_reload_and_export(tmp_path):
+    """fine_layers: the fine scale's Gaussian travels with the state dict and the map comes at its resolution.
+
+    A local flaw scores above every normal with the global part fused, and ONNX gives the same scores.
+    """
+    import onnxruntime as ort
+
+    from fsad_anomalib.models.few_shot_contrastive.torch_model import FewShotContrastiveModel
+
+    torch.manual_seed(0)
+    model = FewShotContrastiveModel(score_mode="combined", fine_layers=(1, 2)).eval()
+    stats = model.fit(0.4 + 0.2 * torch.rand(3, 3, 64, 64))
+    assert model.describe()["fine_layers"] == [1, 2] and stats["fine_scale"] > 0
+    assert model.fine_precision.shape == (model.fine_dim, model.fine_dim) and model.fine_dim == 24 + 40
+    normals, defects, defect_scores = _scores_a_bright_square_above_normals(model)
+    with torch.no_grad():
+        patch, fine, _ = model._parts(defects[:1], 1)  # noqa: SLF001 - the maps' resolutions
+    assert fine.shape[-1] == 2 * patch.shape[-1]
+    fresh = FewShotContrastiveModel(score_mode="combined", fine_layers=(1, 2)).eval()
+    fresh.load_state_dict(model.state_dict())
+    path = tmp_path / "two_scales.onnx"
+    torch.onnx.export(fresh, (normals[:1],), str(path), input_names=["image"], dynamo=False)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    onnx_score = session.run(None, {"image": defects[:1].numpy()})[0]
+    torch.testing.assert_close(torch.from_numpy(onnx_score), defect_scores[:1], rtol=1e-4, atol=1e-4)
+
+
 def test_knn_patch_score_is_the_geometric_mean_of_both_patch_distances():
     """score_mode="knn_patch": per patch, sqrt(knn distance * Mahalanobis distance) of one fitted model."""
     from fsad_anomalib.models.few_shot_contrastive.torch_model import FewShotContrastiveModel
@@ -302,32 +329,43 @@ def part_scores_of(model: FewShotContrastiveModel, images: torch.Tensor) -> tupl
 
 
 def test_fused_parts_are_standardised_on_held_out_normals():
-    """Each image scored against Gaussians fitted on the other K - 1; one view held out at a time when K = 1."""
+    """Each image scored against Gaussians fitted on the other K - 1; one view held out at a time when K = 1.
+
+    Three parts: the global score, the local score at ``layers`` and the one at ``fine_layers``; the two local
+    scales are averaged once standardised, and fused with the global part.
+    """
     from fsad_anomalib.models import FewShotContrastiveModel
     from fsad_anomalib.models.components import mahalanobis
     from fsad_anomalib.models.components.held_out import MIN_RELATIVE_STD
 
     torch.manual_seed(0)
     images = torch.rand(3, 3, 64, 64)
-    model = FewShotContrastiveModel(score_mode="combined").eval()
+    model = FewShotContrastiveModel(score_mode="combined", fine_layers=(1, 2)).eval()
     model.fit(images)
-    global_held, patch_held = [], []
+    global_held, patch_held, fine_held = [], [], []
     for i in range(3):
+        rest = torch.cat([images[:i], images[i + 1 :]])
         other = FewShotContrastiveModel(score_mode="patch", layers=model.layers).eval()
-        other.fit(torch.cat([images[:i], images[i + 1 :]]))
+        other.fit(rest)
+        fine = FewShotContrastiveModel(score_mode="patch", layers=model.fine_layers).eval()
+        fine.fit(rest)
         with torch.no_grad():
             _patch, emb = other.features(images[i : i + 1])
             global_held.append(mahalanobis(emb, other.global_mean, other.global_precision))
             patch_held.append(other(images[i : i + 1]).pred_score)  # the patch score alone
-    held = [torch.cat(global_held), torch.cat(patch_held)]
+            fine_held.append(fine(images[i : i + 1]).pred_score)  # the fine scale's patch score alone
+    held = [torch.cat(global_held), torch.cat(patch_held), torch.cat(fine_held)]
     expected_shift = torch.stack([h.mean() for h in held])
     expected_scale = torch.stack([torch.maximum(h.std(), MIN_RELATIVE_STD * h.mean()) for h in held])
     assert torch.allclose(model.score_shift, expected_shift, rtol=1e-4)
     assert torch.allclose(model.score_scale, expected_scale, rtol=1e-4)
-    # the fused score is the mean of the standardised parts
+    # the fused score is the mean of the standardised global part and the mean of the two standardised local scales
     with torch.no_grad():
         g, p = part_scores_of(model, images[:2])
-        expected = 0.5 * ((g - expected_shift[0]) / expected_scale[0] + (p - expected_shift[1]) / expected_scale[1])
+        fine_patch, _ = fine.features(images[:2])  # the same backbone and layers: the model's fine features
+        f = topk_mean(local_map(fine_patch, "patch", model.fine_mean, model.fine_precision, None), model.topk_ratio)
+        z = [(s - expected_shift[i]) / expected_scale[i] for i, s in enumerate((g, p, f))]
+        expected = 0.5 * (z[0] + 0.5 * (z[1] + z[2]))
         torch.testing.assert_close(model(images[:2]).pred_score, expected, rtol=1e-4, atol=1e-4)
     # held-out normals score higher than the images the Gaussians were fitted on
     with torch.no_grad():

@@ -62,6 +62,10 @@ class FewShotContrastive(AnomalibModule):  # noqa: PLR0904 - Lightning's hooks a
         layers (Sequence[int | str]): Feature layers of the patch features and anomaly map (timm ``out_indices``
             or names). Defaults to ``(2, 3)``.
         global_layer (int | str): Layer whose average pool is the image embedding. Defaults to ``4``.
+        fine_layers (Sequence[int | str] | None): Finer layers, the second scale of the local score: a patch
+            Gaussian, standardised on held-out normals and averaged with the ``layers`` score, so that flaws at
+            either scale are seen, e.g. ``(1, 2)`` for specks finer than ``layers`` see; ``None``: the ``layers``
+            scale alone. Defaults to ``None``.
         image_size (int): Side of the square input after resizing. Defaults to ``256``.
         fine_tuning (ContrastiveFineTuning | bool | str | Mapping): Contrastive fine-tuning on the K normals before
             the fit. ``"auto"``: fine-tune on half the images and keep it only if it separates the other half from
@@ -101,6 +105,7 @@ class FewShotContrastive(AnomalibModule):  # noqa: PLR0904 - Lightning's hooks a
         pre_trained: bool = True,
         layers: Sequence[int | str] = (2, 3),
         global_layer: int | str = 4,
+        fine_layers: Sequence[int | str] | None = None,
         image_size: int = 256,
         fine_tuning: ContrastiveFineTuning | bool | str | Mapping[str, Any] = "auto",
         n_views: int = 1,
@@ -131,7 +136,12 @@ class FewShotContrastive(AnomalibModule):  # noqa: PLR0904 - Lightning's hooks a
         )
         self.hparams["symmetries"] = self.symmetries.names
         self.model = FewShotContrastiveModel(
-            backbone=backbone, pre_trained=pre_trained, layers=layers, global_layer=global_layer, score_mode=score_mode
+            backbone=backbone,
+            pre_trained=pre_trained,
+            layers=layers,
+            global_layer=global_layer,
+            fine_layers=fine_layers,
+            score_mode=score_mode,
         )
         self.fine_tuning = callback
         self.seed = seed

@@ -23,6 +23,7 @@ from fsad_anomalib.models.components.held_out import (
     LOCAL_MODES,
     folds_for,
     fuse,
+    gaussian_map,
     local_map,
     part_scores,
     standardisation,
@@ -50,9 +51,10 @@ class FewShotContrastiveModel(DynamicBufferMixin, nn.Module):
     The image score fuses two parts, each standardised by its mean and standard deviation on held-out normal
     evidence (leave-one-out over the K images, over their views when K = 1): the **global** Mahalanobis score of the
     image embedding, which sees a whole-image change, and a **local** score, the mean of the top ``topk_ratio`` of a
-    patch anomaly map, which sees a small flaw. Which local scoring and fusion are used is the model's
-    configuration: ``score_mode`` fixes it, or (``"auto"``) self-configuration chooses it
-    (:mod:`~fsad_anomalib.models.few_shot_contrastive.self_configuration`).
+    patch anomaly map, which sees a small flaw. With ``fine_layers`` the local score reads two scales: the ``layers``
+    map and the Mahalanobis map of finer features, each standardised on the held-out normals, averaged. Which local
+    scoring and fusion are used is the model's configuration: ``score_mode`` fixes it, or (``"auto"``)
+    self-configuration chooses it (:mod:`~fsad_anomalib.models.few_shot_contrastive.self_configuration`).
 
     Args:
         backbone (str | nn.Module): timm name, ``offline:<arch>``, ``local-dir:<folder>`` or an ``nn.Module``.
@@ -61,6 +63,9 @@ class FewShotContrastiveModel(DynamicBufferMixin, nn.Module):
         layers (Sequence[int | str]): Feature layers (timm ``out_indices`` or names) whose outputs form the patch
             features; the first sets the anomaly map's resolution. Defaults to ``(2, 3)``.
         global_layer (int | str): Layer whose global average pool is the image embedding. Defaults to ``4``.
+        fine_layers (Sequence[int | str] | None): Finer layers whose patch Gaussian is the second scale of the local
+            score (the first sets the anomaly map's resolution), e.g. ``(1, 2)``; ``None`` or empty: the ``layers``
+            scale alone. Defaults to ``None``.
         score_mode (str): ``auto`` (the first of self-configuration's candidates until it chooses), ``combined``
             (patch and global, mean), ``patch`` (the patch Mahalanobis map), ``knn`` (each patch's distance to its
             nearest neighbour in a coreset of the training patches, PatchCore's scoring), ``knn_patch`` (per patch,
@@ -86,6 +91,7 @@ class FewShotContrastiveModel(DynamicBufferMixin, nn.Module):
         pre_trained: bool = True,
         layers: Sequence[int | str] = (2, 3),
         global_layer: int | str = 4,
+        fine_layers: Sequence[int | str] | None = None,
         score_mode: str = "auto",
         blur_sigma: float = 4.0,
         topk_ratio: float = 0.01,
@@ -101,16 +107,21 @@ class FewShotContrastiveModel(DynamicBufferMixin, nn.Module):
             msg = f"layers must be a non-empty sequence of feature layers (timm out_indices or names), got {layers!r}."
             raise ValueError(msg)
         self.score_mode, self.topk_ratio, self.coreset_ratio = score_mode, topk_ratio, coreset_ratio
+        if isinstance(fine_layers, str):
+            msg = f"fine_layers must be a sequence of feature layers or None, got {fine_layers!r}."
+            raise ValueError(msg)  # noqa: TRY004 - a bad argument value, reported as the CLI reports the others
         self.layers, self.global_layer, self.blur_sigma = list(layers), global_layer, blur_sigma
-        all_layers = list(dict.fromkeys([*self.layers, global_layer]))
+        self.fine_layers = list(fine_layers or [])
+        all_layers = list(dict.fromkeys([*self.layers, *self.fine_layers, global_layer]))
         if all(isinstance(layer, int) for layer in all_layers):  # timm out_indices: shallow to deep
             all_layers = sorted(all_layers)
         self.feature_extractor, mean, std = build_feature_extractor(backbone, all_layers, pre_trained)
         dims = dict(zip(self.feature_extractor.layers, self.feature_extractor.out_dims, strict=True))
         self.patch_dim, self.global_dim = sum(dims[layer] for layer in self.layers), dims[global_layer]
+        self.fine_dim = sum(dims[layer] for layer in self.fine_layers)
         # the anomaly map is smoothed at feature resolution (sigma divided by the layer's stride), then upsampled:
         # the same smoothing as a blur at input resolution at a fraction of the cost
-        feature_sigma = blur_sigma / self._stride(self.layers[0])
+        feature_sigma = blur_sigma / self._stride((self.fine_layers or self.layers)[0])
         self.blur = GaussianBlur2d(sigma=feature_sigma, channels=1) if feature_sigma > 0 else nn.Identity()
         self.register_buffer("pixel_mean", torch.tensor(mean).view(1, -1, 1, 1))
         self.register_buffer("pixel_std", torch.tensor(std).view(1, -1, 1, 1))
@@ -121,12 +132,15 @@ class FewShotContrastiveModel(DynamicBufferMixin, nn.Module):
         self.register_buffer("global_precision", torch.eye(self.global_dim))
         self.register_buffer("patch_mean", torch.zeros(self.patch_dim))
         self.register_buffer("patch_precision", torch.eye(self.patch_dim))
+        self.register_buffer("fine_mean", torch.zeros(self.fine_dim))
+        self.register_buffer("fine_precision", torch.eye(self.fine_dim))
         # knn scorings: coreset of the training patches (its size follows the checkpoint, see DynamicBufferMixin)
         self.register_buffer("memory_bank", torch.zeros(0, self.patch_dim))
-        # where the global and local parts are fused, each is standardised, (score - shift) / scale, with the mean and
-        # standard deviation of its scores on held-out normal evidence; a part alone keeps shift 0 and scale 1
-        self.register_buffer("score_shift", torch.zeros(2))
-        self.register_buffer("score_scale", torch.ones(2))
+        # where parts are fused (global with local, the two local scales), each is standardised, (score - shift) /
+        # scale, by the mean and standard deviation of its scores on held-out normal evidence; a part alone keeps
+        # shift 0 and scale 1. Order: global, local (``layers``), fine (``fine_layers``)
+        self.register_buffer("score_shift", torch.zeros(3))
+        self.register_buffer("score_scale", torch.ones(3))
         self.register_buffer("is_fitted", torch.tensor(False))
 
     # ------------------------------------------------------------------ configuration
@@ -138,7 +152,17 @@ class FewShotContrastiveModel(DynamicBufferMixin, nn.Module):
 
     def describe(self) -> dict[str, Any]:
         """The configuration in use in plain types: layers, local scoring, fusion."""
-        return {"layers": list(self.layers), "local": self.local_mode, "fusion": self.fusion}
+        return {
+            "layers": list(self.layers),
+            "fine_layers": list(self.fine_layers) if self.two_scales else None,
+            "local": self.local_mode,
+            "fusion": self.fusion,
+        }
+
+    @property
+    def two_scales(self) -> bool:
+        """Whether the local score reads the ``fine_layers`` scale too (not where the global part is alone)."""
+        return bool(self.fine_layers) and self.fusion != "global"
 
     def configure(self, local: str, fusion: str) -> None:
         """Switch to one of :attr:`candidates`; the model must be fitted again afterwards."""
@@ -208,12 +232,28 @@ class FewShotContrastiveModel(DynamicBufferMixin, nn.Module):
     # the fine-tuning callback trains exactly the scored features (fine_tuning.ContrastiveFeatures)
     contrastive_features = features
 
-    def scored_patch_features(self, images: torch.Tensor) -> torch.Tensor:
-        """The patch features of :meth:`features` alone: the backbone stops after the deepest patch layer."""
-        feats = features_until(self.feature_extractor, self._normalised(images), self.layers)
-        return patch_features([feats[layer] for layer in self.layers])
+    def scored_patch_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The patch features of :meth:`features` and the fine ones: the backbone stops after the deepest of them."""
+        fine = self.fine_layers if self.two_scales else []
+        wanted = list(dict.fromkeys([*self.layers, *fine]))
+        feats = features_until(self.feature_extractor, self._normalised(images), wanted)
+        fine_patch = patch_features([feats[layer] for layer in fine]) if fine else None
+        return patch_features([feats[layer] for layer in self.layers]), fine_patch
 
     # ------------------------------------------------------------------ fit
+    @torch.no_grad()
+    def _parts(self, images: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Patch features, fine patch features (``None`` with one scale) and embeddings, batch by batch, one pass."""
+        patches, fines, embs = [], [], []
+        for start in range(0, images.shape[0], batch_size):
+            feats = self.feature_extractor(self._normalised(images[start : start + batch_size]))
+            patch, emb = patch_and_global([feats[layer] for layer in self.layers], feats[self.global_layer])
+            patches.append(patch)
+            embs.append(emb)
+            if self.two_scales:
+                fines.append(patch_features([feats[layer] for layer in self.fine_layers]))
+        return torch.cat(patches), torch.cat(fines) if fines else None, torch.cat(embs)
+
     @torch.no_grad()
     def fit(
         self, images: torch.Tensor, views: Views | None = None, batch_size: int = 32, max_patches: int = 200_000
@@ -229,99 +269,99 @@ class FewShotContrastiveModel(DynamicBufferMixin, nn.Module):
             raise ValueError(msg)
         was_training = self.training
         self.eval()
-        global_views, patch_views = [], []  # per view: (K, D) embeddings and (K, C, h, w) patch features
-        for view in views.of(images):
-            parts = [self.features(view[start : start + batch_size]) for start in range(0, view.shape[0], batch_size)]
-            patch_views.append(torch.cat([patch for patch, _ in parts]))
-            global_views.append(torch.cat([emb for _, emb in parts]))
-        g = torch.cat(global_views)
-        p = torch.cat([patch.permute(0, 2, 3, 1).reshape(-1, patch.shape[1]) for patch in patch_views])
-        if p.shape[0] > max_patches:
-            p = p[torch.randperm(p.shape[0], device=p.device)[:max_patches]]
+        per_view = [self._parts(view, batch_size) for view in views.of(images)]  # per view: (K, ...) features
+        g = torch.cat([emb for _, _, emb in per_view])
+        p = _rows([patch for patch, _, _ in per_view], max_patches)
         self.global_mean, self.global_precision, g_shrink = fit_gaussian(g)
         # subspace scoring keeps the residual projector where the Gaussian keeps its precision (same map, same export)
         fit_patches = fit_subspace if self.local_mode == "subspace" else fit_gaussian
         self.patch_mean, self.patch_precision, p_shrink = fit_patches(p)
+        if self.two_scales:
+            self.fine_mean, self.fine_precision, _ = fit_gaussian(_rows([fine for _, fine, _ in per_view], max_patches))
         if self.local_mode in KNN_MODES:
             self.memory_bank = greedy_coreset(p, max(1, int(p.shape[0] * self.coreset_ratio)))
         else:
             self.memory_bank = p.new_zeros(0, p.shape[1])
         self.is_fitted = torch.tensor(True, device=self.is_fitted.device)
         self.score_shift, self.score_scale = self._held_out_standardisation(
-            images, global_views, patch_views, views, batch_size, max_patches
+            images, per_view, views, batch_size, max_patches
         )
         self.train(was_training)
+        names = ("global", "local", "fine")
         return {
             "global_shrinkage": g_shrink,
             "patch_shrinkage" if self.local_mode != "subspace" else "subspace_rank": p_shrink,
             "n_global": g.shape[0],
             "n_patch": p.shape[0],
             "memory_bank": self.memory_bank.shape[0],
-            "global_shift": float(self.score_shift[0]),
-            "global_scale": float(self.score_scale[0]),
-            "local_shift": float(self.score_shift[1]),
-            "local_scale": float(self.score_scale[1]),
+            **{f"{name}_shift": float(value) for name, value in zip(names, self.score_shift, strict=True)},
+            **{f"{name}_scale": float(value) for name, value in zip(names, self.score_scale, strict=True)},
         }
 
     def _held_out_standardisation(
         self,
         images: torch.Tensor,
-        global_views: list[torch.Tensor],
-        patch_views: list[torch.Tensor],
+        per_view: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]],
         views: Views,
         batch_size: int,
         max_patches: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Each part's mean and standard deviation on normal evidence its fit did not see, where parts are fused.
 
-        A normal image scores low against a model fitted on itself, and the two parts unevenly so (a memory bank
+        A normal image scores low against a model fitted on itself, and the parts unevenly so (a memory bank
         scores its own patches 0). Each of the K images (all its views) is held out in turn, the parts are fitted on
         the others and the held-out views are scored; with K = 1 the fit keeps the first view and each other view
         the symmetries allow is held out. Standardising by the spread as well as the level keeps a part whose
         normals vary a lot from raising false alarms on its own. A part alone keeps shift 0 and scale 1.
         """
-        shift_ = torch.zeros(2, device=self.score_scale.device)
-        scale = torch.ones(2, device=self.score_scale.device)
-        if self.fusion in {"local", "global"}:
+        shift_ = torch.zeros(3, device=self.score_scale.device)
+        scale = torch.ones(3, device=self.score_scale.device)
+        if self.fusion == "global" or (self.fusion == "local" and not self.two_scales):
             return shift_, scale
         k, total = images.shape[0], views.held_out(images)
         if k >= 2:
-            normal_patch, normal_global = torch.stack(patch_views), torch.stack(global_views)
+            stacked = [torch.stack(part) if part[0] is not None else None for part in zip(*per_view, strict=True)]
         elif total < 2:
             logger.warning(
                 "FewShotContrastive: one image, one view and no flip or turn allowed leave no normal "
                 "evidence to hold out; each part is divided by its score on the training image, or by "
                 "1 where that is 0 (one embedding, a memory bank of its own patches)."
             )
-            g_score, p_score = self._scores(images)
-            values = torch.stack([g_score.mean(), p_score.mean()]).to(scale)
+            values = torch.stack([part.mean() for part in self._scores(images)]).to(scale)
             return shift_, torch.where(values > 1e-3, values, torch.ones_like(values))
         else:
-            every = torch.cat(list(views.of(images, total)))
-            parts = [self.features(every[start : start + batch_size]) for start in range(0, every.shape[0], batch_size)]
-            normal_patch = torch.cat([patch for patch, _ in parts])[:, None]
-            normal_global = torch.cat([emb for _, emb in parts])[:, None]
-        scores = part_scores(
-            folds_for(total, k, views.n),
-            normal_patch,
-            normal_global,
-            local_modes=(self.local_mode,),
-            topk_ratio=self.topk_ratio,
-            coreset_ratio=self.coreset_ratio,
-            max_patches=max_patches,
-        )
-        shift_, scale = standardisation(scores["normal"]["global"], scores["normal"][self.local_mode])
+            every = self._parts(torch.cat(list(views.of(images, total))), batch_size)
+            stacked = [part[:, None] if part is not None else None for part in every]
+        normal_patch, normal_fine, normal_global = stacked
+        folds = folds_for(total, k, views.n)
+        options = {"topk_ratio": self.topk_ratio, "coreset_ratio": self.coreset_ratio, "max_patches": max_patches}
+        scores = part_scores(folds, normal_patch, normal_global, local_modes=(self.local_mode,), **options)
+        shift_[:2], scale[:2] = standardisation(scores["normal"]["global"], scores["normal"][self.local_mode])
+        if normal_fine is not None:
+            fine = part_scores(folds, normal_fine, normal_global, local_modes=("patch",), **options)["normal"]["patch"]
+            shift_[2], scale[2] = (value[1] for value in standardisation(fine, fine))
         return shift_.to(self.score_shift), scale.to(self.score_scale)
 
     # ------------------------------------------------------------------ score
-    def _patch_map(self, patch: torch.Tensor) -> torch.Tensor:
-        return local_map(patch, self.local_mode, self.patch_mean, self.patch_precision, self.memory_bank)
+    def _local_map(self, patch: torch.Tensor, fine: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The local anomaly map and score; two scales are each standardised, then averaged (at the fine size)."""
+        patch_map = local_map(patch, self.local_mode, self.patch_mean, self.patch_precision, self.memory_bank)
+        if fine is None:
+            patch_map = (patch_map - self.score_shift[1]) / self.score_scale[1]
+            return patch_map, topk_mean(patch_map, self.topk_ratio)
+        coarse = (patch_map - self.score_shift[1]) / self.score_scale[1]
+        fine_map = (gaussian_map(fine, self.fine_mean, self.fine_precision) - self.score_shift[2]) / self.score_scale[2]
+        score = 0.5 * (topk_mean(coarse, self.topk_ratio) + topk_mean(fine_map, self.topk_ratio))
+        coarse = F.interpolate(coarse, size=fine_map.shape[-2:], mode="bilinear", align_corners=False)
+        return 0.5 * (coarse + fine_map), score
 
-    def _scores(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        patch, emb = self.features(images)
-        return mahalanobis(emb, self.global_mean, self.global_precision), topk_mean(
-            self._patch_map(patch), self.topk_ratio
-        )
+    def _scores(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Raw global, local and (with two scales) fine image scores, unstandardised."""
+        patch, fine, emb = self._parts(images, images.shape[0])
+        local = local_map(patch, self.local_mode, self.patch_mean, self.patch_precision, self.memory_bank)
+        scores = [mahalanobis(emb, self.global_mean, self.global_precision), topk_mean(local, self.topk_ratio)]
+        fine_map = gaussian_map(fine, self.fine_mean, self.fine_precision) if fine is not None else None
+        return [*scores, topk_mean(fine_map, self.topk_ratio) if fine_map is not None else scores[1].new_ones(())]
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> InferenceBatch:
@@ -333,14 +373,20 @@ class FewShotContrastiveModel(DynamicBufferMixin, nn.Module):
         """
         if self.fusion == "local":
             # no global embedding on the hot path: the backbone stops after the deepest patch layer
-            patch_map = self._patch_map(self.scored_patch_features(images))
-            score = topk_mean(patch_map, self.topk_ratio)
+            patch_map, score = self._local_map(*self.scored_patch_features(images))
         else:
-            patch, emb = self.features(images)
-            # the standardised local map: its top-k mean is the standardised local score (the map is affine in it)
-            patch_map = (self._patch_map(patch) - self.score_shift[1]) / self.score_scale[1]
+            patch, fine, emb = self._parts(images, images.shape[0])
+            patch_map, local = self._local_map(patch, fine)
             g_score = mahalanobis(emb, self.global_mean, self.global_precision)
             g_score = (g_score - self.score_shift[0]) / self.score_scale[0]
-            score = fuse(g_score, topk_mean(patch_map, self.topk_ratio), self.fusion)
+            score = fuse(g_score, local, self.fusion)
         anomaly_map = F.interpolate(self.blur(patch_map), size=images.shape[-2:], mode="bilinear", align_corners=False)
         return InferenceBatch(pred_score=score, anomaly_map=anomaly_map)
+
+
+def _rows(patches: list[torch.Tensor], max_patches: int) -> torch.Tensor:
+    """The patch features of every view as rows ``(n, C)``, at most ``max_patches`` of them drawn at random."""
+    rows = torch.cat([patch.permute(0, 2, 3, 1).reshape(-1, patch.shape[1]) for patch in patches])
+    if rows.shape[0] > max_patches:
+        rows = rows[torch.randperm(rows.shape[0], device=rows.device)[:max_patches]]
+    return rows
