@@ -267,7 +267,7 @@ def test_two_scales_map_at_the_fine_resolution_reload_and_export(tmp_path):
     assert model.fine_precision.shape == (model.fine_dim, model.fine_dim) and model.fine_dim == 24 + 40
     normals, defects, defect_scores = _scores_a_bright_square_above_normals(model)
     with torch.no_grad():
-        patch, fine, _ = model._parts(defects[:1], 1)  # noqa: SLF001 - the maps' resolutions
+        patch, fine, _ = model._all_features(defects[:1])  # noqa: SLF001 - the maps' resolutions
     assert fine.shape[-1] == 2 * patch.shape[-1]
     fresh = FewShotContrastiveModel(score_mode="combined", fine_layers=(1, 2)).eval()
     fresh.load_state_dict(model.state_dict())

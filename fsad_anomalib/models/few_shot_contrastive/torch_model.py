@@ -241,18 +241,19 @@ class FewShotContrastiveModel(DynamicBufferMixin, nn.Module):
         return patch_features([feats[layer] for layer in self.layers]), fine_patch
 
     # ------------------------------------------------------------------ fit
+    def _all_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Patch features, fine patch features (``None`` with one scale) and embeddings of one backbone pass."""
+        feats = self.feature_extractor(self._normalised(images))
+        patch, emb = patch_and_global([feats[layer] for layer in self.layers], feats[self.global_layer])
+        fine = patch_features([feats[layer] for layer in self.fine_layers]) if self.two_scales else None
+        return patch, fine, emb
+
     @torch.no_grad()
     def _parts(self, images: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """Patch features, fine patch features (``None`` with one scale) and embeddings, batch by batch, one pass."""
-        patches, fines, embs = [], [], []
-        for start in range(0, images.shape[0], batch_size):
-            feats = self.feature_extractor(self._normalised(images[start : start + batch_size]))
-            patch, emb = patch_and_global([feats[layer] for layer in self.layers], feats[self.global_layer])
-            patches.append(patch)
-            embs.append(emb)
-            if self.two_scales:
-                fines.append(patch_features([feats[layer] for layer in self.fine_layers]))
-        return torch.cat(patches), torch.cat(fines) if fines else None, torch.cat(embs)
+        """:meth:`_all_features` batch by batch, concatenated."""
+        parts = [self._all_features(images[start : start + batch_size]) for start in range(0, len(images), batch_size)]
+        patch, fine, emb = (list(part) for part in zip(*parts, strict=True))
+        return torch.cat(patch), torch.cat(fine) if fine[0] is not None else None, torch.cat(emb)
 
     @torch.no_grad()
     def fit(
@@ -357,7 +358,7 @@ class FewShotContrastiveModel(DynamicBufferMixin, nn.Module):
 
     def _scores(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Raw global, local and (with two scales) fine image scores, unstandardised."""
-        patch, fine, emb = self._parts(images, images.shape[0])
+        patch, fine, emb = self._all_features(images)
         local = local_map(patch, self.local_mode, self.patch_mean, self.patch_precision, self.memory_bank)
         scores = [mahalanobis(emb, self.global_mean, self.global_precision), topk_mean(local, self.topk_ratio)]
         fine_map = gaussian_map(fine, self.fine_mean, self.fine_precision) if fine is not None else None
@@ -375,7 +376,7 @@ class FewShotContrastiveModel(DynamicBufferMixin, nn.Module):
             # no global embedding on the hot path: the backbone stops after the deepest patch layer
             patch_map, score = self._local_map(*self.scored_patch_features(images))
         else:
-            patch, fine, emb = self._parts(images, images.shape[0])
+            patch, fine, emb = self._all_features(images)  # one pass, no loop over the batch: it exports
             patch_map, local = self._local_map(patch, fine)
             g_score = mahalanobis(emb, self.global_mean, self.global_precision)
             g_score = (g_score - self.score_shift[0]) / self.score_scale[0]
