@@ -121,7 +121,13 @@ def test_explicit_arguments_override_auto(generated_root, tmp_path):
     engine = cpu_engine(tmp_path)
     engine.fit(model=model, datamodule=FewShot(folder_datamodule(generated_root), k_shot=3, seed=1))
     record = json.loads((Path(engine.trainer.default_root_dir) / "self_configuration.json").read_text())
-    assert record["chosen"] == {"layers": [2, 3], "local": "knn", "fusion": "local", "fine_tuned": False}
+    assert record["chosen"] == {
+        "layers": [2, 3],
+        "fine_layers": None,
+        "local": "knn",
+        "fusion": "local",
+        "fine_tuned": False,
+    }
     assert "table" not in record["selection"] and "fine_tuning" not in record
     with pytest.raises(ValueError, match="layers must be a non-empty sequence"):
         FewShotContrastiveModel(pre_trained=False, layers="auto")
