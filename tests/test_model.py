@@ -269,6 +269,8 @@ def test_two_scales_map_at_the_fine_resolution_reload_and_export(tmp_path):
     with torch.no_grad():
         patch, fine, _ = model._all_features(defects[:1])  # noqa: SLF001 - the maps' resolutions
     assert fine.shape[-1] == 2 * patch.shape[-1]
+    with pytest.raises(ValueError, match=r"fine_layers / global_layer \[9\]: backbone .* has no such feature layer"):
+        FewShotContrastiveModel(fine_layers=(9,))
     fresh = FewShotContrastiveModel(score_mode="combined", fine_layers=(1, 2)).eval()
     fresh.load_state_dict(model.state_dict())
     path = tmp_path / "two_scales.onnx"

@@ -90,7 +90,7 @@ def _layer_error(backbone: str, name: str, layers: Sequence[int | str]) -> Value
         f"{i} ({module}, stride {stride})" for i, (module, stride) in enumerate(zip(modules, reductions, strict=True))
     )
     return ValueError(
-        f"layers / global_layer {missing}: backbone '{backbone}' has no such feature layer; it has "
+        f"layers / fine_layers / global_layer {missing}: backbone '{backbone}' has no such feature layer; it has "
         f"{listing} (give the index or the name)."
     )
 

@@ -344,25 +344,29 @@ class FewShotContrastiveModel(DynamicBufferMixin, nn.Module):
         return shift_.to(self.score_shift), scale.to(self.score_scale)
 
     # ------------------------------------------------------------------ score
+    def _raw_maps(self, patch: torch.Tensor, fine: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The unstandardised local map of ``layers`` and the fine scale's Mahalanobis map (``None`` with one scale)."""
+        patch_map = local_map(patch, self.local_mode, self.patch_mean, self.patch_precision, self.memory_bank)
+        return patch_map, gaussian_map(fine, self.fine_mean, self.fine_precision) if fine is not None else None
+
     def _local_map(self, patch: torch.Tensor, fine: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """The local anomaly map and score; two scales are each standardised, then averaged (at the fine size)."""
-        patch_map = local_map(patch, self.local_mode, self.patch_mean, self.patch_precision, self.memory_bank)
-        if fine is None:
-            patch_map = (patch_map - self.score_shift[1]) / self.score_scale[1]
-            return patch_map, topk_mean(patch_map, self.topk_ratio)
+        patch_map, fine_map = self._raw_maps(patch, fine)
         coarse = (patch_map - self.score_shift[1]) / self.score_scale[1]
-        fine_map = (gaussian_map(fine, self.fine_mean, self.fine_precision) - self.score_shift[2]) / self.score_scale[2]
+        if fine_map is None:
+            return coarse, topk_mean(coarse, self.topk_ratio)
+        fine_map = (fine_map - self.score_shift[2]) / self.score_scale[2]
         score = 0.5 * (topk_mean(coarse, self.topk_ratio) + topk_mean(fine_map, self.topk_ratio))
         coarse = F.interpolate(coarse, size=fine_map.shape[-2:], mode="bilinear", align_corners=False)
         return 0.5 * (coarse + fine_map), score
 
     def _scores(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """Raw global, local and (with two scales) fine image scores, unstandardised."""
+        """Raw global, local and fine image scores, unstandardised (the fine one 1 with one scale)."""
         patch, fine, emb = self._all_features(images)
-        local = local_map(patch, self.local_mode, self.patch_mean, self.patch_precision, self.memory_bank)
-        scores = [mahalanobis(emb, self.global_mean, self.global_precision), topk_mean(local, self.topk_ratio)]
-        fine_map = gaussian_map(fine, self.fine_mean, self.fine_precision) if fine is not None else None
-        return [*scores, topk_mean(fine_map, self.topk_ratio) if fine_map is not None else scores[1].new_ones(())]
+        patch_map, fine_map = self._raw_maps(patch, fine)
+        local = topk_mean(patch_map, self.topk_ratio)
+        fine_score = topk_mean(fine_map, self.topk_ratio) if fine_map is not None else local.new_ones(())
+        return [mahalanobis(emb, self.global_mean, self.global_precision), local, fine_score]
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> InferenceBatch:
