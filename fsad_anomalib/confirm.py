@@ -27,6 +27,7 @@ from typing import Any
 
 import anomalib.models as anomalib_models
 import torch
+from anomalib.data import ImageBatch
 from anomalib.data.utils import read_image
 from anomalib.data.utils.image import get_image_filenames_from_dir
 from lightning import LightningModule
@@ -35,7 +36,9 @@ from fsad_anomalib import models as our_models
 from fsad_anomalib.models.few_shot_contrastive.torch_model import NotFittedError
 from fsad_anomalib.post_processing.bounds import check_rate, conformal_bound, conformal_minimum
 from fsad_anomalib.post_processing.evidence import score_batch
-from fsad_anomalib.post_processing.normal_threshold import NormalThresholdPostProcessor
+from fsad_anomalib.post_processing.growth import DEFAULT_FOLDS
+from fsad_anomalib.post_processing.growth import grow as grow_model
+from fsad_anomalib.post_processing.normal_threshold import REFERENCES_KEY, NormalThresholdPostProcessor
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +68,7 @@ def _images(folder: Path) -> list[Path]:
         raise ValueError(msg) from error
 
 
-def _batches(paths: Sequence[Path]) -> Iterator[torch.Tensor]:
+def _batches(paths: Sequence[Path]) -> Iterator[ImageBatch]:
     """One image at a time (good parts need not share a size; the model's pre-processor resizes them)."""
     for path in paths:
         try:
@@ -73,12 +76,16 @@ def _batches(paths: Sequence[Path]) -> Iterator[torch.Tensor]:
         except Exception as error:
             msg = f"--images: cannot read {path} as an image ({type(error).__name__}: {error})."
             raise ValueError(msg) from error
-        yield image[None]
+        yield ImageBatch(image=image[None], image_path=[str(path)])
 
 
 @torch.no_grad()
 def confirm(
-    model: LightningModule, images: torch.Tensor | Iterable[Any], false_reject_rate: float | None = None
+    model: LightningModule,
+    images: torch.Tensor | Iterable[Any],
+    false_reject_rate: float | None = None,
+    grow: bool = False,
+    folds: int = DEFAULT_FOLDS,
 ) -> dict[str, Any]:
     """Reset the image and pixel thresholds from N further **good** parts (no defective ones), as the line runs.
 
@@ -94,14 +101,20 @@ def confirm(
         images (torch.Tensor | Iterable): Good parts: a ``(N, 3, H, W)`` tensor in [0, 1], or batches of them
             (tensors, or anomalib batches such as a datamodule's dataloader yields, labels ignored).
         false_reject_rate (float | None): A new target rate; defaults to the current one.
+        grow (bool): Also add the parts to the model's references (its Gaussians and memory bank; configuration and
+            weights stay) and set the threshold from cross-fitted scores of all K + N images
+            (:func:`~fsad_anomalib.post_processing.growth.grow`). A part the current model rejects far above the
+            others is not added but listed in the record's ``grown.flagged``. Needs the training images, which the
+            post-processor keeps (trained in this process, or loaded by :func:`confirm_checkpoint`).
+        folds (int): Folds of the cross-fitted scores when growing. Defaults to 5.
 
     Returns:
         dict[str, Any]: The new calibration record (also the post-processor's ``calibration``).
 
     Raises:
         TypeError: ``model`` has no NormalThresholdPostProcessor.
-        ValueError: The images are not image batches, fewer than 2 give finite scores, or the rate is not in
-            (0, 0.5).
+        ValueError: The images are not image batches, fewer than 2 give finite scores, the rate is not in
+            (0, 0.5), or ``grow`` without the training images.
     """
     post = getattr(model, "post_processor", None)
     if not isinstance(post, NormalThresholdPostProcessor):
@@ -109,7 +122,14 @@ def confirm(
         raise TypeError(msg)
     rate = post.false_reject_rate if false_reject_rate is None else false_reject_rate
     check_rate(rate)
-    scores, maxima = _score_good_parts(model, images)
+    if grow and post.references is None:
+        msg = (
+            "confirm(model, images, grow=True): the model's training images are not at hand (the post-processor "
+            "keeps them from training, and checkpoints written since this version carry them); load the "
+            "checkpoint with confirm_checkpoint (python -m fsad_anomalib.confirm --grow), or retrain."
+        )
+        raise ValueError(msg)
+    scores, maxima, parts, names = _score_good_parts(model, images, keep=grow)
     finite = scores[torch.isfinite(scores)]
     if finite.numel() < scores.numel():
         logger.warning(
@@ -129,16 +149,22 @@ def confirm(
             needed,
             100 * rate,
         )
-    image = conformal_bound(finite, float(rate))
     previous = {key: post.calibration[key] for key in ("k_shot", "image", "pixel") if key in post.calibration}
     record: dict[str, Any] = {
         "k_shot": post.calibration.get("k_shot"),
         "false_reject_rate": float(rate),
         "confirmed_on": int(finite.numel()),
-        "estimator": image["estimator"],
         "from_training": previous,
-        "image": {**image, "lowest": float(finite.min())},
     }
+    if grow:
+        grown = grow_model(model, post.references, parts, scores, names, float(rate), folds)
+        post.references = grown.pop("references")
+        record.update(grown)
+        post.adopt(record)
+        _log_growth(record)
+        return record
+    image = conformal_bound(finite, float(rate))
+    record.update({"estimator": image["estimator"], "image": {**image, "lowest": float(finite.min())}})
     finite_maxima = maxima[torch.isfinite(maxima)]
     if finite_maxima.numel() >= 2:
         record["pixel"] = {**conformal_bound(finite_maxima, float(rate)), "lowest": float(finite_maxima.min())}
@@ -153,15 +179,35 @@ def confirm(
     return record
 
 
+def _log_growth(record: dict[str, Any]) -> None:
+    grown = record["grown"]
+    logger.info(
+        "Grown: %d references + %d good parts; image threshold %.6g for a %.1f %% false-reject rate (%s, %d folds)",
+        grown["references"],
+        grown["added"],
+        record["image"]["threshold"],
+        100 * record["false_reject_rate"],
+        record["estimator"],
+        grown["folds"],
+    )
+    for flag in grown["flagged"]:
+        logger.warning(
+            "Not added: %s scores %.6g, above the threshold %.6g and far above the other parts: it may be defective.",
+            flag["part"],
+            flag["score"],
+            flag["threshold"],
+        )
+
+
 def _score_good_parts(
-    model: LightningModule, images: torch.Tensor | Iterable[Any]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Raw image scores and anomaly-map maxima of good parts, through the model's pre-processor and torch model."""
+    model: LightningModule, images: torch.Tensor | Iterable[Any], keep: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, list[str]]:
+    """Raw image scores, anomaly-map maxima, the pre-processed images (``keep``) and names of good parts."""
     batches = [images] if isinstance(images, torch.Tensor) else images
     was_training = model.training
     model.eval()
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    scores, maxima = [], []
+    scores, maxima, kept, names = [], [], [], []
     try:
         for index, batch in enumerate(batches):
             tensor = batch if isinstance(batch, torch.Tensor) else getattr(batch, "image", None)
@@ -179,18 +225,31 @@ def _score_good_parts(
             batch_scores, batch_maxima = score_batch(model.model, tensor)
             scores.append(batch_scores)
             maxima.append(batch_maxima)
+            paths = getattr(batch, "image_path", None) or [f"#{len(names) + i}" for i in range(len(tensor))]
+            names.extend(str(path) for path in paths)
+            if keep:
+                kept.append(tensor.detach().cpu())
     finally:
         model.train(was_training)
     if not scores:
         msg = "confirm(model, images): no images given."
         raise ValueError(msg)
-    return torch.cat(scores), torch.cat(maxima)
+    return torch.cat(scores), torch.cat(maxima), torch.cat(kept) if keep else None, names
 
 
 def confirm_checkpoint(
-    model_name: str, ckpt: str | Path, images: str | Path, output: str | Path, false_reject_rate: float | None = None
+    model_name: str,
+    ckpt: str | Path,
+    images: str | Path,
+    output: str | Path,
+    false_reject_rate: float | None = None,
+    grow: bool = False,
+    folds: int = DEFAULT_FOLDS,
 ) -> dict:
-    """Load ``ckpt``, confirm its threshold on the good parts in ``images`` and write ``output``; return the record."""
+    """Load ``ckpt``, confirm its threshold on the good parts in ``images`` (and ``grow``), write ``output``.
+
+    Returns the record.
+    """
     ckpt, output = Path(ckpt), Path(output)
     if not ckpt.is_file():
         msg = f"--ckpt {ckpt}: no such file."
@@ -203,9 +262,15 @@ def confirm_checkpoint(
     model = cls.load_from_checkpoint(ckpt, map_location="cpu")
     if not isinstance(model.post_processor, NormalThresholdPostProcessor):  # a stock model trained with ours
         model = cls.load_from_checkpoint(ckpt, map_location="cpu", post_processor=NormalThresholdPostProcessor())
-    record = confirm(model, _batches(paths), false_reject_rate=false_reject_rate)
     checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False)
+    if checkpoint.get(REFERENCES_KEY) is not None:
+        model.post_processor.references = checkpoint[REFERENCES_KEY].float()
+    elif grow:
+        msg = f"--ckpt {ckpt}: keeps no training images to grow from (written by an earlier version); retrain it."
+        raise ValueError(msg)
+    record = confirm(model, _batches(paths), false_reject_rate=false_reject_rate, grow=grow, folds=folds)
     checkpoint["state_dict"] = model.state_dict()
+    checkpoint[REFERENCES_KEY] = model.post_processor.references.half()
     checkpoint["anomalib_post_processor_config"] = model.post_processor.checkpoint_config()
     # Lightning also keeps each callback's state, the post-processor's buffers included, and restores it after the
     # model's state_dict when a trainer resumes from the file (anomalib test / predict --ckpt_path): replace it too
@@ -235,16 +300,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--false-reject-rate", type=float, default=None, help="a new target rate in (0, 0.5); default: the checkpoint's"
     )
+    parser.add_argument(
+        "--grow",
+        action="store_true",
+        help="also add the good parts to the model's references and set the threshold from cross-fitted scores of "
+        "all its images (a part the model rejects far above the others is listed, not added)",
+    )
+    parser.add_argument("--folds", type=int, default=DEFAULT_FOLDS, help="folds of the cross-fitted scores (--grow)")
     args = parser.parse_args(argv)
+    if args.folds < 2:
+        parser.error(f"--folds {args.folds}: expected an integer of at least 2.")
     try:
-        record = confirm_checkpoint(args.model, args.ckpt, args.images, args.output, args.false_reject_rate)
+        record = confirm_checkpoint(
+            args.model, args.ckpt, args.images, args.output, args.false_reject_rate, args.grow, args.folds
+        )
     except (ValueError, NotFittedError) as error:
         parser.error(str(error))
-    image = record["image"]
+    image, rate = record["image"], 100 * record["false_reject_rate"]
+    if not args.grow:
+        print(
+            f"image threshold {image['threshold']:.6g} for a {rate:g} % false-reject rate, from "
+            f"{record['confirmed_on']} good parts ({record['estimator']}); written to {args.output}"
+        )
+        return 0
+    grown = record["grown"]
     print(
-        f"image threshold {image['threshold']:.6g} for a {100 * record['false_reject_rate']:g} % false-reject rate, "
-        f"from {record['confirmed_on']} good parts ({record['estimator']}); written to {args.output}"
+        f"grown: {grown['references']} training images + {grown['added']} good parts; image threshold "
+        f"{image['threshold']:.6g} for a {rate:g} % false-reject rate ({record['estimator']}, {grown['folds']} folds); "
+        f"written to {args.output}"
     )
+    for flag in grown["flagged"]:
+        print(
+            f"NOT ADDED: {flag['part']} scores {flag['score']:.6g}, above the current threshold "
+            f"{flag['threshold']:.6g} and far above the other good parts (beyond Q3 + 3 IQR of their scores): it may "
+            "be defective. Look at it; if it is good, run --grow again with it in a folder of its own."
+        )
     return 0
 
 

@@ -41,10 +41,12 @@ def _blocks(section: str, language: str) -> list[str]:
     return re.findall(rf"```{language}\n(.*?)```", section, flags=re.DOTALL)
 
 
-def _good_parts(folder: Path, n: int = 20, size: int = 96) -> Path:
-    """Good parts the model never saw: the generator's normals with another seed."""
-    generated = make_dataset(folder.parent / "more", n_train=n, n_test=1, size=size, seed=7)
+def _good_parts(folder: Path, n: int = 20, size: int = 96, seed: int = 7, defective: int = 0) -> Path:
+    """Good parts the model never saw: the generator's normals with another seed (and ``defective`` bad ones)."""
+    generated = make_dataset(folder.parent / f"more_{seed}", n_train=n, n_test=max(1, defective), size=size, seed=seed)
     shutil.copytree(generated / "train" / "good", folder)
+    for index in range(defective):  # a defective part slipped in among the good ones
+        shutil.copy(generated / "test" / "bad" / f"{index:03d}.png", folder / f"slipped_in_{index}.png")
     return folder
 
 
@@ -54,10 +56,16 @@ def line(tmp_path_factory: pytest.TempPathFactory) -> dict:
     work = tmp_path_factory.mktemp("line")
     product = make_dataset(work / "data" / "product", n_train=6, n_test=6, size=96)
     good_parts = _good_parts(work / "data" / "good_parts")
+    more_good_parts = _good_parts(work / "data" / "more_good_parts", n=30, seed=11, defective=1)
     (work / "configs").symlink_to(REPO / "configs")
     section = _section((REPO / "README.md").read_text())
     script = _blocks(section, "bash")[0]  # the sequence; the benchmark commands below it have their own tests
-    places = {"/path/to/product": product, "/path/to/new_parts": product / "test", "/path/to/good_parts": good_parts}
+    places = {
+        "/path/to/product": product,
+        "/path/to/new_parts": product / "test",
+        "/path/to/good_parts": good_parts,
+        "/path/to/more_good_parts": more_good_parts,
+    }
     for placeholder, path in places.items():
         script = script.replace(placeholder, str(path))
     lines, predicted = [], 0
@@ -110,9 +118,9 @@ def test_training_writes_a_fitted_checkpoint_on_every_train_good_image(line: dic
 
 
 def test_predict_writes_a_label_per_image_and_the_confirmed_checkpoint_labels_the_same_parts(line: dict) -> None:
-    first, confirmed = _predictions(line["work"])
+    first, confirmed, grown = _predictions(line["work"])
     images = sorted(str(p) for p in (line["product"] / "test").rglob("*.png"))
-    for table in (first, confirmed):
+    for table in (first, confirmed, grown):
         assert sorted(row["image_path"] for row in table) == images
         assert {row["label"] for row in table} <= {"OK", "NG"}
         for row in table:
@@ -121,10 +129,30 @@ def test_predict_writes_a_label_per_image_and_the_confirmed_checkpoint_labels_th
     # the generated defects are obvious: every bad part NG, before and after confirmation. The thresholds promise a
     # 5 % false-reject rate on average (confirmed on 20 good parts: the largest of their scores, which a new good part
     # passes with probability 1/21), so one of the six good parts may be rejected, not more
-    for table in (first, confirmed):
+    for table in (first, confirmed, grown):
         assert all(row["label"] == "NG" for row in table if "/bad/" in row["image_path"])
         assert sum(row["label"] == "NG" for row in table if "/good/" in row["image_path"]) <= 1
     assert confirmed[0]["raw_threshold"] != first[0]["raw_threshold"]  # confirmation moved the threshold
+    assert grown[0]["raw_threshold"] != confirmed[0]["raw_threshold"]  # and growing moved it again
+
+
+def test_growing_adds_the_good_parts_and_lists_the_defective_one_slipped_in(line: dict) -> None:
+    """The README's --grow: 6 training images + 30 good parts, one defective part among them listed, not added."""
+    from fsad_anomalib.models import FewShotContrastive
+
+    printed = line["run"].stdout + line["run"].stderr
+    assert "grown: 6 training images + 30 good parts" in printed, line["log"]
+    not_added = [row for row in printed.splitlines() if row.startswith("NOT ADDED: ")]
+    assert len(not_added) == 1 and "slipped_in_0.png" in not_added[0] and "it may be defective" in not_added[0]
+    model = FewShotContrastive.load_from_checkpoint(line["work"] / "grown.ckpt", map_location="cpu")
+    record = model.post_processor.calibration
+    assert record["estimator"] == "cross-conformal order statistic" and record["k_shot"] == 6
+    grown = record["grown"]
+    assert (grown["references"], grown["added"], grown["folds"]) == (6, 30, 5)
+    assert [flag["part"].rsplit("/", 1)[-1] for flag in grown["flagged"]] == ["slipped_in_0.png"]
+    assert len(record["image"]["scores"]) == 36  # every image scored out of sample, by a model fitted without it
+    references = torch.load(line["work"] / "grown.ckpt", map_location="cpu", weights_only=False)["fsad_references"]
+    assert references.shape == (36, 3, 64, 64)  # the next --grow starts from all of them
 
 
 def test_exported_models_label_as_the_checkpoint_through_anomalibs_inferencers(line: dict, monkeypatch) -> None:

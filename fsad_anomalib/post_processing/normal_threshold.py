@@ -55,7 +55,10 @@ from fsad_anomalib.post_processing.evidence import VIEWS_BELOW, Refittable, can_
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["NormalThresholdPostProcessor"]
+__all__ = ["REFERENCES_KEY", "NormalThresholdPostProcessor"]
+
+# where checkpoints keep the images the model is fitted on
+REFERENCES_KEY = "fsad_references"
 
 
 class NormalThresholdPostProcessor(PostProcessor):
@@ -98,6 +101,8 @@ class NormalThresholdPostProcessor(PostProcessor):
         self._images: dict[str, torch.Tensor] = {}
         self._snapshot: LightningModule | None = None
         self._calibrated = False
+        # the images the model is fitted on, as it saw them: checkpoints keep them, so that it can grow on the line
+        self.references: torch.Tensor | None = None
 
     @property
     def _checkpoint_config_keys(self) -> tuple[str, ...]:
@@ -169,6 +174,18 @@ class NormalThresholdPostProcessor(PostProcessor):
         del trainer
         self._calibrate_once(pl_module)
 
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Keep the reference images in the checkpoint (half precision), for growth on the line."""
+        del trainer, pl_module
+        if self.references is not None:
+            checkpoint[REFERENCES_KEY] = self.references.detach().cpu().half()
+
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Restore the reference images a checkpoint keeps."""
+        del trainer, pl_module
+        if checkpoint.get(REFERENCES_KEY) is not None:
+            self.references = checkpoint[REFERENCES_KEY].float()
+
     def on_validation_batch_end(self, *args: Any, **kwargs: Any) -> None:  # noqa: ANN401
         """Validation batches do not move a threshold set on the normals."""
 
@@ -206,7 +223,7 @@ class NormalThresholdPostProcessor(PostProcessor):
         finally:
             pl_module.train(was_training)
             self._snapshot = None  # the copy is only needed for the refits
-            self._images = {}
+            self._images, self.references = {}, images
 
     # ------------------------------------------------------------------ the threshold
     def _refit(self, images: torch.Tensor) -> nn.Module:

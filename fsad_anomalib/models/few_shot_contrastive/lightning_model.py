@@ -222,13 +222,18 @@ class FewShotContrastive(AnomalibModule):  # noqa: PLR0904 - Lightning's hooks a
         write_record(self.self_configuration, self._trainer)
         self._fitted_at_step = self.global_step
 
-    def refit(self, images: torch.Tensor) -> FewShotContrastiveModel:
-        """A copy of the fitted torch model, refitted on ``images`` alone (choice and weights kept)."""
+    def refit(self, images: torch.Tensor, rescale: bool = True) -> FewShotContrastiveModel:
+        """A copy of the fitted torch model, refitted on ``images`` alone (configuration and weights kept).
+
+        The fused parts' scales are set anew from held-out evidence of ``images``, as training sets them; with
+        ``rescale=False`` they are kept, so that the refit scores on the deployed model's scale with its references
+        alone changed (the cross-fitted scores of a grown model).
+        """
         self._fit_if_needed()
         self._require_fitted("refit")
         with torch.inference_mode(False):
             clone = copy.deepcopy(self.model)
-            clone.fit(images.to(self.device).clone(), self.views)
+            clone.fit(images.to(self.device).clone(), self.views, rescale=rescale)
         return clone.eval()
 
     def _fit_if_needed(self) -> None:

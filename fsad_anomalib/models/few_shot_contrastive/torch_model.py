@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,18 +20,14 @@ from fsad_anomalib.models.components.held_out import (
     FUSIONS,
     KNN_MODES,
     LOCAL_MODES,
-    folds_for,
     fuse,
     gaussian_map,
     local_map,
-    part_scores,
-    standardisation,
     topk_mean,
 )
 from fsad_anomalib.models.components.sampling import greedy_coreset
+from fsad_anomalib.models.few_shot_contrastive.scales import held_out_scales
 from fsad_anomalib.models.few_shot_contrastive.self_configuration import candidates_for
-
-logger = logging.getLogger(__name__)
 
 __all__ = ["FewShotContrastiveModel", "NotFittedError"]
 
@@ -249,7 +244,9 @@ class FewShotContrastiveModel(DynamicBufferMixin, nn.Module):
         return patch, fine, emb
 
     @torch.no_grad()
-    def _parts(self, images: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    def batched_parts(
+        self, images: torch.Tensor, batch_size: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """:meth:`_all_features` batch by batch, concatenated."""
         parts = [self._all_features(images[start : start + batch_size]) for start in range(0, len(images), batch_size)]
         patch, fine, emb = (list(part) for part in zip(*parts, strict=True))
@@ -257,12 +254,19 @@ class FewShotContrastiveModel(DynamicBufferMixin, nn.Module):
 
     @torch.no_grad()
     def fit(
-        self, images: torch.Tensor, views: Views | None = None, batch_size: int = 32, max_patches: int = 200_000
+        self,
+        images: torch.Tensor,
+        views: Views | None = None,
+        batch_size: int = 32,
+        max_patches: int = 200_000,
+        rescale: bool = True,
     ) -> dict[str, float]:
         """Fit the Gaussians, memory bank and parts' scales on the K normal images.
 
         The current configuration's Gaussians (and memory bank) on the ``views`` of the K normal images
         ``(K, 3, H, W)`` in [0, 1] (default: the images alone), and the parts' scales on held-out normal evidence.
+        ``rescale=False`` keeps the parts' scales as they are: a refit on fewer images (for the threshold's
+        held-out scores) then scores as the deployed model does, with its references alone changed.
         """
         views = views or Views()
         if images.ndim != 4 or images.shape[0] < 1:
@@ -270,7 +274,7 @@ class FewShotContrastiveModel(DynamicBufferMixin, nn.Module):
             raise ValueError(msg)
         was_training = self.training
         self.eval()
-        per_view = [self._parts(view, batch_size) for view in views.of(images)]  # per view: (K, ...) features
+        per_view = [self.batched_parts(view, batch_size) for view in views.of(images)]  # per view: (K, ...) features
         g = torch.cat([emb for _, _, emb in per_view])
         p = _rows([patch for patch, _, _ in per_view], max_patches)
         self.global_mean, self.global_precision, g_shrink = fit_gaussian(g)
@@ -284,9 +288,9 @@ class FewShotContrastiveModel(DynamicBufferMixin, nn.Module):
         else:
             self.memory_bank = p.new_zeros(0, p.shape[1])
         self.is_fitted = torch.tensor(True, device=self.is_fitted.device)
-        self.score_shift, self.score_scale = self._held_out_standardisation(
-            images, per_view, views, batch_size, max_patches
-        )
+        if rescale:
+            shift_, scale = held_out_scales(self, images, per_view, views, batch_size, max_patches)
+            self.score_shift, self.score_scale = shift_.to(self.score_shift), scale.to(self.score_scale)
         self.train(was_training)
         names = ("global", "local", "fine")
         return {
@@ -298,50 +302,6 @@ class FewShotContrastiveModel(DynamicBufferMixin, nn.Module):
             **{f"{name}_shift": float(value) for name, value in zip(names, self.score_shift, strict=True)},
             **{f"{name}_scale": float(value) for name, value in zip(names, self.score_scale, strict=True)},
         }
-
-    def _held_out_standardisation(
-        self,
-        images: torch.Tensor,
-        per_view: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]],
-        views: Views,
-        batch_size: int,
-        max_patches: int,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each part's mean and standard deviation on normal evidence its fit did not see, where parts are fused.
-
-        A normal image scores low against a model fitted on itself, and the parts unevenly so (a memory bank
-        scores its own patches 0). Each of the K images (all its views) is held out in turn, the parts are fitted on
-        the others and the held-out views are scored; with K = 1 the fit keeps the first view and each other view
-        the symmetries allow is held out. Standardising by the spread as well as the level keeps a part whose
-        normals vary a lot from raising false alarms on its own. A part alone keeps shift 0 and scale 1.
-        """
-        shift_ = torch.zeros(3, device=self.score_scale.device)
-        scale = torch.ones(3, device=self.score_scale.device)
-        if self.fusion == "global" or (self.fusion == "local" and not self.two_scales):
-            return shift_, scale
-        k, total = images.shape[0], views.held_out(images)
-        if k >= 2:
-            stacked = [torch.stack(part) if part[0] is not None else None for part in zip(*per_view, strict=True)]
-        elif total < 2:
-            logger.warning(
-                "FewShotContrastive: one image, one view and no flip or turn allowed leave no normal "
-                "evidence to hold out; each part is divided by its score on the training image, or by "
-                "1 where that is 0 (one embedding, a memory bank of its own patches)."
-            )
-            values = torch.stack([part.mean() for part in self._scores(images)]).to(scale)
-            return shift_, torch.where(values > 1e-3, values, torch.ones_like(values))
-        else:
-            every = self._parts(torch.cat(list(views.of(images, total))), batch_size)
-            stacked = [part[:, None] if part is not None else None for part in every]
-        normal_patch, normal_fine, normal_global = stacked
-        folds = folds_for(total, k, views.n)
-        options = {"topk_ratio": self.topk_ratio, "coreset_ratio": self.coreset_ratio, "max_patches": max_patches}
-        scores = part_scores(folds, normal_patch, normal_global, local_modes=(self.local_mode,), **options)
-        shift_[:2], scale[:2] = standardisation(scores["normal"]["global"], scores["normal"][self.local_mode])
-        if normal_fine is not None:
-            fine = part_scores(folds, normal_fine, normal_global, local_modes=("patch",), **options)["normal"]["patch"]
-            shift_[2], scale[2] = (value[1] for value in standardisation(fine, fine))
-        return shift_.to(self.score_shift), scale.to(self.score_scale)
 
     # ------------------------------------------------------------------ score
     def _raw_maps(self, patch: torch.Tensor, fine: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -360,7 +320,7 @@ class FewShotContrastiveModel(DynamicBufferMixin, nn.Module):
         coarse = F.interpolate(coarse, size=fine_map.shape[-2:], mode="bilinear", align_corners=False)
         return 0.5 * (coarse + fine_map), score
 
-    def _scores(self, images: torch.Tensor) -> list[torch.Tensor]:
+    def raw_part_scores(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Raw global, local and fine image scores, unstandardised (the fine one 1 with one scale)."""
         patch, fine, emb = self._all_features(images)
         patch_map, fine_map = self._raw_maps(patch, fine)

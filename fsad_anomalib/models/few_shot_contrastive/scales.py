@@ -1,0 +1,60 @@
+"""The fused parts' scales: each part's level and spread on normal evidence its fit did not see."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from fsad_anomalib.data.views import Views
+from fsad_anomalib.models.components.held_out import folds_for, part_scores, standardisation
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["held_out_scales"]
+
+
+def held_out_scales(
+    model: nn.Module,
+    images: torch.Tensor,
+    per_view: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]],
+    views: Views,
+    batch_size: int,
+    max_patches: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each part's mean and standard deviation on normal evidence its fit did not see, where parts are fused.
+
+    A normal image scores low against a model fitted on itself, and the parts unevenly so (a memory bank
+    scores its own patches 0). Each of the K images (all its views) is held out in turn, the parts are fitted on
+    the others and the held-out views are scored; with K = 1 the fit keeps the first view and each other view
+    the symmetries allow is held out. Standardising by the spread as well as the level keeps a part whose
+    normals vary a lot from raising false alarms on its own. A part alone keeps shift 0 and scale 1.
+    """
+    shift_ = torch.zeros(3, device=model.score_scale.device)
+    scale = torch.ones(3, device=model.score_scale.device)
+    if model.fusion == "global" or (model.fusion == "local" and not model.two_scales):
+        return shift_, scale
+    k, total = images.shape[0], views.held_out(images)
+    if k >= 2:
+        stacked = [torch.stack(part) if part[0] is not None else None for part in zip(*per_view, strict=True)]
+    elif total < 2:
+        logger.warning(
+            "FewShotContrastive: one image, one view and no flip or turn allowed leave no normal "
+            "evidence to hold out; each part is divided by its score on the training image, or by "
+            "1 where that is 0 (one embedding, a memory bank of its own patches)."
+        )
+        values = torch.stack([part.mean() for part in model.raw_part_scores(images)]).to(scale)
+        return shift_, torch.where(values > 1e-3, values, torch.ones_like(values))
+    else:
+        every = model.batched_parts(torch.cat(list(views.of(images, total))), batch_size)
+        stacked = [part[:, None] if part is not None else None for part in every]
+    normal_patch, normal_fine, normal_global = stacked
+    folds = folds_for(total, k, views.n)
+    options = {"topk_ratio": model.topk_ratio, "coreset_ratio": model.coreset_ratio, "max_patches": max_patches}
+    scores = part_scores(folds, normal_patch, normal_global, local_modes=(model.local_mode,), **options)
+    shift_[:2], scale[:2] = standardisation(scores["normal"]["global"], scores["normal"][model.local_mode])
+    if normal_fine is not None:
+        fine = part_scores(folds, normal_fine, normal_global, local_modes=("patch",), **options)["normal"]["patch"]
+        shift_[2], scale[2] = (value[1] for value in standardisation(fine, fine))
+    return shift_, scale

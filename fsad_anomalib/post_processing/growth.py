@@ -1,0 +1,123 @@
+"""Grow a trained model with confirmed good parts, and set its threshold by cross-conformal prediction.
+
+A few-shot model lacks normals; the good parts a line confirms are exactly those. Growing adds them to the model's
+references (its Gaussians and memory bank: the configuration and any fine-tuned weights stay) and sets the
+threshold from **out-of-sample** scores of all K + N images: the images are split into a few folds, and each fold
+is scored by the model refitted without it (cross-conformal prediction, Vovk 2015). No image scores itself, and
+the threshold is the conformal order statistic of those scores, so the promise stays distribution-free. Each fold
+model holds a fifth fewer references than the grown one, so its scores run slightly high and the threshold errs on
+the safe side (fewer false rejects than the target).
+
+A part that the current model rejects and that lies far above the other offered parts (Tukey's far-out fence,
+the upper quartile plus three inter-quartile ranges) is not added: it may be a defective part among the good ones.
+It is listed in the record, for a person to look at.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from lightning import LightningModule
+from torch import nn
+
+from fsad_anomalib.post_processing.bounds import conformal_bound, conformal_minimum
+from fsad_anomalib.post_processing.evidence import Refittable, refit_copy, score_batch
+
+__all__ = ["DEFAULT_FOLDS", "cross_fitted_scores", "far_out", "grow"]
+
+DEFAULT_FOLDS = 5
+
+
+def far_out(scores: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Which ``scores`` lie above ``threshold`` and beyond the far-out fence of all of them (Q3 + 3 IQR).
+
+    Needs at least 4 finite scores for quartiles; with fewer nothing is flagged.
+    """
+    finite = scores[torch.isfinite(scores)].double()
+    if finite.numel() < 4:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    q1, q3 = torch.quantile(finite, 0.25).item(), torch.quantile(finite, 0.75).item()
+    fence = q3 + 3.0 * (q3 - q1)
+    return torch.isfinite(scores) & (scores > threshold) & (scores > fence)
+
+
+def cross_fitted_scores(
+    images: torch.Tensor, refit: Callable[[torch.Tensor], nn.Module], folds: int, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image scores and anomaly-map maxima of ``images``, each from the model ``refit`` on the other folds.
+
+    The images are shuffled with ``seed`` and dealt into ``folds`` folds of (almost) equal size.
+    """
+    n = images.shape[0]
+    if not 2 <= folds <= n:
+        msg = f"folds must be in [2, {n}] for {n} images, got {folds}."
+        raise ValueError(msg)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    scores, maxima = torch.empty(n), torch.empty(n)
+    for fold in range(folds):
+        held = order[fold::folds]
+        kept = order[torch.isin(order, held, invert=True)]
+        scores[held], maxima[held] = score_batch(refit(images[kept]), images[held])
+    return scores, maxima
+
+
+def _refitters(
+    model: LightningModule,
+) -> tuple[Callable[[torch.Tensor], nn.Module], Callable[[torch.Tensor], nn.Module]]:
+    """How to fit the grown model, and how to fit a fold model on the grown model's scale."""
+    if isinstance(model, Refittable):
+        keeps_scale = "rescale" in inspect.signature(model.refit).parameters
+        return model.refit, (lambda x: model.refit(x, rescale=False)) if keeps_scale else model.refit
+    return (lambda x: refit_copy(model, x)), (lambda x: refit_copy(model, x))
+
+
+def grow(
+    model: LightningModule,
+    references: torch.Tensor,
+    parts: torch.Tensor,
+    scores: torch.Tensor,
+    names: Sequence[str],
+    false_reject_rate: float,
+    folds: int = DEFAULT_FOLDS,
+) -> dict[str, Any]:
+    """Add the good ``parts`` (pre-processed, scored ``scores`` by the current model) to the model's references.
+
+    The model's torch model is replaced by one fitted on ``references`` and the parts not flagged; returns the
+    threshold record (``image``, ``pixel``) from the cross-fitted scores of all of them, with ``grown``: how many
+    references and parts, which parts were flagged and why, the folds and the estimator.
+    """
+    current = float(model.post_processor.image_threshold)
+    flagged = far_out(scores, current) if torch.isfinite(torch.tensor(current)) else torch.zeros_like(scores).bool()
+    added = parts[~flagged & torch.isfinite(scores)]
+    everything = torch.cat([references.to(added), added])
+    folds = min(folds, everything.shape[0])
+    fit, fit_fold = _refitters(model)
+    grown = fit(everything)
+    model.model = grown.eval() if isinstance(grown, nn.Module) else grown
+    fold_scores, fold_maxima = cross_fitted_scores(everything, fit_fold, folds)
+    estimator = (
+        "cross-conformal order statistic"
+        if fold_scores.numel() >= conformal_minimum(false_reject_rate)
+        else "cross-fitted normal prediction bound"
+    )
+    record: dict[str, Any] = {
+        "estimator": estimator,
+        "image": {**conformal_bound(fold_scores, false_reject_rate), "lowest": float(fold_scores.min())},
+        "grown": {
+            "references": int(references.shape[0]),
+            "added": int(added.shape[0]),
+            "flagged": [
+                {"part": names[i], "score": float(scores[i]), "threshold": current} for i in torch.where(flagged)[0]
+            ],
+            "folds": folds,
+            "fence": "above the current threshold and beyond Q3 + 3 IQR of the offered parts' scores",
+        },
+        "references": everything.cpu(),
+    }
+    finite_maxima = fold_maxima[torch.isfinite(fold_maxima)]
+    if finite_maxima.numel() >= 2:
+        record["pixel"] = {**conformal_bound(finite_maxima, false_reject_rate), "lowest": float(finite_maxima.min())}
+    return record
