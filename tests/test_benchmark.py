@@ -430,8 +430,9 @@ def test_benchmark_runs_on_an_anomalib_datamodule_config(generated_root, tmp_pat
 
 
 def test_benchmark_confirms_thresholds_on_further_pool_normals(generated_root, tmp_path, capsys):
-    """--confirm N: each run's threshold is confirmed on N pool normals outside its support set (never test images),
-    its rates on the same test scores are recorded and tabled; more than the pool holds fails that run, by name.
+    """--confirm N --grow: each run's threshold is confirmed on N pool normals outside its support set (never test
+    images), its rates on the same test scores are recorded and tabled; then the model grows by them and is tested
+    again; more than the pool holds fails that run, by name.
     """
     from fsad_anomalib.benchmark.__main__ import main
 
@@ -453,6 +454,7 @@ def test_benchmark_confirms_thresholds_on_further_pool_normals(generated_root, t
             "--no-timing",
             "--confirm",
             "8",
+            "--grow",
             "--output",
             str(out),
         ])
@@ -461,6 +463,10 @@ def test_benchmark_confirms_thresholds_on_further_pool_normals(generated_root, t
     rows = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
     assert len(rows) == 2
     for row in rows:
+        grown = row["grown"]  # K = 2 + 8 pool normals, each scored by a model fitted without it (5 folds)
+        assert (grown["n"], grown["added"], grown["flagged"], grown["folds"]) == (8, 8, 0, 5)
+        assert grown["estimator"] == "cross-fitted normal prediction bound"  # 10 scores < 19
+        assert grown["image_AUROC"] > 0.9 and grown["at"]["0.05"]["detection_rate"] > 0.5
         confirmed = row["confirmed"]
         assert confirmed["n"] == 8 and confirmed["estimator"] == "normal prediction bound"  # 8 < 19 parts
         assert set(confirmed["at"]) == {"0.01", "0.05"}
@@ -473,6 +479,10 @@ def test_benchmark_confirms_thresholds_on_further_pool_normals(generated_root, t
     assert "| Folder toy | 2 | 5 % | PatchCore | 2 |" in results
     assert "| Folder toy | 2 | 5 % | PatchCore, confirmed on 8 | 2 |" in results
     assert results.index("| 5 % | PatchCore |") < results.index("| 5 % | PatchCore, confirmed on 8 |")
+    assert results.index("| 5 % | PatchCore, confirmed on 8 |") < results.index("| 5 % | PatchCore, grown by 8 |")
+    before = sum(row["image_AUROC"] for row in rows) / 2
+    after = sum(row["grown"]["image_AUROC"] for row in rows) / 2
+    assert f"| Folder toy | 2 | PatchCore | 8 | 2 | {before:.3f} | {after:.3f} | {after - before:+.3f} |" in results
     # 12 pool normals, 2 in the support set: 11 more cannot be drawn
     too_many = tmp_path / "too_many"
     main([
@@ -613,6 +623,7 @@ def test_benchmark_refuses_a_wrong_set_before_the_first_run(argv, expected, tmp_
         (["--eval-batch-size", "0"], "argument --eval-batch-size: expected an integer >= 1, got '0'"),
         (["--false-reject-rate", "5"], "argument --false-reject-rate: expected a rate in (0, 0.5), e.g. 0.05"),
         (["--confirm", "1"], "argument --confirm: expected an integer >= 2, got '1'"),
+        (["--grow"], "--grow grows each model by the --confirm N pool normals: give --confirm N as well."),
     ],
 )
 def test_benchmark_numeric_options_are_checked_up_front(argv, expected, tmp_path, capsys):

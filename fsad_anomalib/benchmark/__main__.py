@@ -212,6 +212,12 @@ def _parser() -> argparse.ArgumentParser:
         help="also confirm each run's threshold on N further normals of the training pool (neither "
         "support nor test images), as a line would on its first good parts; results.md tables both",
     )
+    parser.add_argument(
+        "--grow",
+        action="store_true",
+        help="with --confirm N: then grow each model by those N normals (python -m fsad_anomalib.confirm --grow) "
+        "and test it again; results.md tables its AUROC and rates",
+    )
     parser.add_argument("--eval-batch-size", type=int_at_least(1), default=32)
     parser.add_argument(
         "--accelerator",
@@ -273,6 +279,8 @@ def _checked(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple
     """Every option checked before any run: the sets' labels, ``--data`` configs, method configs, per-set args."""
     if args.ray_address and args.executor != "ray":
         parser.error("--ray-address joins a Ray cluster: give --executor ray as well.")
+    if args.grow and not args.confirm:
+        parser.error("--grow grows each model by the --confirm N pool normals: give --confirm N as well.")
     method_configs = {} if args.report_only else _method_configs(parser, args)
     names = [item.partition("=")[0] for item in args.method_config]
     unknown = [method for method in args.methods if method not in METHODS and method not in names]
@@ -344,6 +352,7 @@ def _rows(
         ray_address=args.ray_address,
         cpus_per_run=args.cpus_per_run,
         confirm=args.confirm,
+        grow=args.grow,
     )
 
 

@@ -54,6 +54,7 @@ class Task:
     method_config: Any = None  # a MethodConfig for a --method-config method
     cpus_per_run: int | None = None
     confirm: int = 0  # confirm the threshold on this many further pool normals (0: not)
+    grow: bool = False  # then grow the model by them and test it again
 
     @property
     def key(self) -> tuple:

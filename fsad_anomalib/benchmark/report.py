@@ -105,23 +105,25 @@ def threshold_table(rows: list[dict[str, Any]], methods: list[str] | None = None
                     "false_reject_rate": at["false_reject_rate"],
                     "detection_rate": at["detection_rate"],
                 })
-            confirmed = row.get("confirmed")
-            if isinstance(confirmed, dict) and "at" in confirmed:  # the same run, its threshold confirmed on N normals
-                name = f"{row['method']}, confirmed on {confirmed['n']}"
-                for target, at in confirmed["at"].items():
-                    groups[row["dataset"], row["category"], row["k_shot"], float(target), name].append({
-                        **record,
-                        "false_reject_rate": at["false_reject_rate"],
-                        "detection_rate": at["detection_rate"],
-                    })
+            # the same run, its threshold confirmed on N normals; then the model grown by them (new test scores)
+            for kind, label in (("confirmed", "confirmed on"), ("grown", "grown by")):
+                later = row.get(kind)
+                if isinstance(later, dict) and "at" in later:
+                    name = f"{row['method']}, {label} {later['n']}"
+                    for target, at in later["at"].items():
+                        groups[row["dataset"], row["category"], row["k_shot"], float(target), name].append({
+                            **record,
+                            "false_reject_rate": at["false_reject_rate"],
+                            "detection_rate": at["detection_rate"],
+                        })
     if not groups:
         return []
     names = methods or sorted({key[4] for key in groups})
     order = {name: index for index, name in enumerate(names)}
-    for key in groups:  # a confirmed row right after its method's
-        base = key[4].partition(", confirmed on ")[0]
+    for key in groups:  # the confirmed and grown rows right after their method's
+        base = key[4].partition(", ")[0]
         if key[4] != base and key[4] not in order:
-            order[key[4]] = order.get(base, len(names)) + 0.5
+            order[key[4]] = order.get(base, len(names)) + (0.5 if ", confirmed on " in key[4] else 0.75)
     lines = [
         "| set | K | target | method | runs | false rejects | detected | oracle F1: false rejects | detected |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -181,9 +183,33 @@ def write_table(rows: list[dict[str, Any]], path: str | Path, methods: list[str]
             "",
             *thresholds,
         ]
+    grown = growth_table(rows)
+    if grown:
+        title = "Image AUROC before and after growing each model by the same N pool normals (--grow):"
+        lines += ["", title, "", *grown]
     text = "\n".join(lines) + "\n"
     Path(path).write_text(text, encoding="utf-8")
     return text
+
+
+def growth_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Markdown rows: per set, K, method and N, the mean image AUROC of the K-image model and of the grown one."""
+    groups: dict[tuple, list[tuple[float, float]]] = defaultdict(list)
+    for row in rows:
+        grown = row.get("grown")
+        if isinstance(grown, dict) and _has_value(grown.get("image_AUROC")) and _has_value(row.get("image_AUROC")):
+            key = (row["dataset"], row["category"], row["k_shot"], row["method"], grown["n"])
+            groups[key].append((row["image_AUROC"], grown["image_AUROC"]))
+    if not groups:
+        return []
+    lines = ["| set | K | method | N | runs | K images | grown | grown - K images |", "|---" * 8 + "|"]
+    for (dataset, category, k, method, n), pairs in sorted(groups.items()):
+        before, after = (sum(pair[i] for pair in pairs) / len(pairs) for i in (0, 1))
+        lines.append(
+            f"| {dataset} {category} | {k} | {method} | {n} | {len(pairs)} | {before:.3f} | {after:.3f} | "
+            f"{after - before:+.3f} |"
+        )
+    return lines
 
 
 EXACT_SIGN_FLIP_PAIRS = 20

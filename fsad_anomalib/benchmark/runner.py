@@ -29,7 +29,7 @@ from fsad_anomalib.backbones import resolve_backbone
 from fsad_anomalib.benchmark.executors import EXECUTORS, Task, ray_executor, serial_executor
 from fsad_anomalib.benchmark.methods import FSC_VARIANTS, METHODS, build_method, method_callbacks
 from fsad_anomalib.benchmark.sets import test_label_counts
-from fsad_anomalib.benchmark.thresholds import confirmation_record, threshold_record
+from fsad_anomalib.benchmark.thresholds import confirmation_record, growth_record, threshold_record
 from fsad_anomalib.data import FewShot
 
 logger = logging.getLogger(__name__)
@@ -166,6 +166,7 @@ def run_benchmark(
     ray_address: str | None = None,
     cpus_per_run: int | None = None,
     confirm: int = 0,
+    grow: bool = False,
 ) -> list[dict[str, Any]]:
     """Run every (datamodule, K, seed, method) not yet in ``output/runs.jsonl`` and return all rows.
 
@@ -182,6 +183,8 @@ def run_benchmark(
     ``false_reject_rate``, does on the test set (beside anomalib's oracle F1 threshold learned on it). With
     ``confirm=N`` the threshold is then confirmed on N further normals of the training pool (never the support set or
     the test set; :func:`fsad_anomalib.confirm.confirm`) and its rates on the same test scores are recorded too.
+    With ``grow`` as well, the model then grows by those N normals (``confirm(..., grow=True)``) and is tested again:
+    its AUROC and rates are recorded under ``grown``.
     """
     if executor not in EXECUTORS:
         msg = f"executor must be one of {EXECUTORS}, got '{executor}'."
@@ -214,6 +217,7 @@ def run_benchmark(
             method_configs.get(m),
             cpus_per_run,
             confirm,
+            grow,
         )
         for label in datamodules
         for k in k_shots
@@ -306,6 +310,15 @@ def run_one(task: Task) -> dict[str, Any]:
         engine.fit(model=model, datamodule=few_shot)
         train_s = time.perf_counter() - start
         metrics = engine.test(model=model, datamodule=few_shot, verbose=False)[0]
+        threshold = threshold_record(model.post_processor, false_reject_rate)
+        # the held-out normal scores and bounds behind it, to study the estimator offline without rerunning
+        calibration = dict(getattr(model.post_processor, "calibration", {}) or {})
+        # the threshold confirmed on `confirm` further pool normals, and what it does on the same test scores; then
+        # the model grown by them, tested again
+        confirmed = (
+            confirmation_record(model, few_shot, task.confirm, seed, false_reject_rate) if task.confirm else None
+        )
+        grown = growth_record(model, few_shot, engine, task.confirm, seed, false_reject_rate) if task.grow else None
     test_normal, test_anomalous = test_label_counts(few_shot)
     row: dict[str, Any] = {
         "dataset": dataset,
@@ -327,13 +340,13 @@ def run_one(task: Task) -> dict[str, Any]:
         "model_args": task.fsc_args if method in FSC_VARIANTS else method_config.spec if method_config else {},
         # the feature layers a stock or configured model read (FewShotContrastive's are in self_configuration)
         "layers": None if method in FSC_VARIANTS else _layers_of(model),
-        "threshold": threshold_record(model.post_processor, false_reject_rate),
-        # the held-out normal scores and bounds behind it, to study the estimator offline without rerunning
-        "calibration": dict(getattr(model.post_processor, "calibration", {}) or {}),
+        "threshold": threshold,
+        "calibration": calibration,
     }
-    # the threshold confirmed on `confirm` further pool normals, and what it does on the same test scores
-    if task.confirm:
-        row["confirmed"] = confirmation_record(model, few_shot, task.confirm, seed, false_reject_rate)
+    if confirmed is not None:
+        row["confirmed"] = confirmed
+    if grown is not None:
+        row["grown"] = grown
     record = getattr(model, "self_configuration", None)
     if record:  # FewShotContrastive: what it chose from the K normals, and the fine-tuning decision's evidence
         decision = {k: v for k, v in record.get("fine_tuning", {}).items() if k != "families"}

@@ -14,7 +14,14 @@ from fsad_anomalib.data import FewShot
 from fsad_anomalib.data.few_shot import sample_support_set
 from fsad_anomalib.post_processing import NormalThresholdPostProcessor
 
-__all__ = ["RECORDED_RATES", "confirmation_record", "decision_rates", "oracle_f1_threshold", "threshold_record"]
+__all__ = [
+    "RECORDED_RATES",
+    "confirmation_record",
+    "decision_rates",
+    "growth_record",
+    "oracle_f1_threshold",
+    "threshold_record",
+]
 
 
 def decision_rates(scores: list[float], labels: list[int], threshold: float) -> dict[str, float]:
@@ -110,3 +117,28 @@ def confirmation_record(model: Any, few_shot: FewShot, n: int, seed: int, target
     record = confirm(model, confirmation_images(few_shot, n, seed), false_reject_rate=target)
     at = _rates_at(post, scores, labels, target, float(post.threshold_at(target)))
     return {"n": n, "estimator": record["estimator"], "at": at}
+
+
+def growth_record(model: Any, few_shot: FewShot, engine: Any, n: int, seed: int, target: float) -> dict[str, Any]:  # noqa: ANN401
+    """The model grown by the ``n`` pool normals of :func:`confirmation_record`, tested again on the test set.
+
+    Its image AUROC, the rates of its cross-conformal threshold (and at the recorded targets) on the new test scores,
+    and what growing added and flagged.
+    """
+    post = model.post_processor
+    if not isinstance(post, NormalThresholdPostProcessor):
+        return {"n": n, "error": f"{type(post).__name__} sets no threshold from normals to grow"}
+    record = confirm(model, confirmation_images(few_shot, n, seed), false_reject_rate=target, grow=True)
+    post.raw_scores, post.gt_labels = [], []  # the grown model's test scores only
+    metrics = engine.test(model=model, datamodule=few_shot, verbose=False)[0]
+    scores, labels = list(post.raw_scores), list(post.gt_labels)
+    grown = record["grown"]
+    return {
+        "n": n,
+        "added": grown["added"],
+        "flagged": len(grown["flagged"]),
+        "folds": grown["folds"],
+        "estimator": record["estimator"],
+        "image_AUROC": float(metrics.get("image_AUROC", float("nan"))),
+        "at": _rates_at(post, scores, labels, target, float(post.threshold_at(target))),
+    }
