@@ -184,17 +184,6 @@ def test_anomalib_f1_threshold_stays_available(generated_root, tmp_path):
     assert type(model.post_processor) is PostProcessor and torch.isfinite(model.post_processor.image_threshold)
 
 
-def test_k_equals_one_gives_a_finite_threshold_and_a_warning(generated_root, tmp_path, caplog):
-    seed_everything(0)
-    datamodule = FewShot(folder_datamodule(generated_root, val_split_mode="none"), k_shot=1, seed=0)
-    model = FewShotContrastive(image_size=SIZE)
-    with caplog.at_level(logging.WARNING, logger="fsad_anomalib.post_processing.normal_threshold"):
-        cpu_engine(tmp_path).fit(model=model, datamodule=datamodule)
-    assert math.isfinite(float(model.post_processor.image_threshold))
-    assert model.post_processor.calibration["views"] == 8  # one image, scored in its 7 other flips and turns
-    assert any("rests on one image" in record.getMessage() for record in caplog.records)
-
-
 def test_padim_gets_a_threshold_and_its_checkpoint_loads_into_the_stock_post_processor(generated_root, tmp_path):
     """Any memory-bank model: PaDiM refitted leave-one-out; its checkpoint's threshold reaches a stock PaDiM."""
     seed_everything(0)
@@ -424,3 +413,27 @@ def test_confirm_command_takes_a_stock_patchcore_checkpoint(generated_root, tmp_
     confirmed = Patchcore.load_from_checkpoint(out, post_processor=NormalThresholdPostProcessor())
     assert confirmed.post_processor.calibration["confirmed_on"] == 19
     assert float(confirmed.post_processor.image_threshold) != pytest.approx(float(model.post_processor.image_threshold))
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_one_or_two_normals_give_a_threshold_that_detects_a_clear_defect(k, generated_root, tmp_path, caplog):
+    """The default model at K = 1 and 2 on vertical stripes, a part that a 90-degree turn changes: each held-out
+    view is scored by a fit that has seen that orientation, so the threshold labels most of the generated defects
+    NG and most good test parts OK (scored against the fit's own orientation alone it sat above every test image).
+    """
+    seed_everything(0)
+    datamodule = FewShot(folder_datamodule(generated_root, val_split_mode="none"), k_shot=k, seed=0)
+    model = FewShotContrastive(image_size=SIZE)
+    engine = cpu_engine(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="fsad_anomalib.post_processing.normal_threshold"):
+        engine.fit(model=model, datamodule=datamodule)
+    warned = "rests on one image (each half scored against the other" if k == 1 else "rests on 2 images"
+    assert any(warned in record.getMessage() for record in caplog.records)
+    calibration = model.post_processor.calibration
+    assert calibration["views"] == 8 and len(calibration["held_out_scores"]) == 16  # 8 views x 2 halves or images
+    assert torch.isfinite(model.post_processor.image_threshold)
+    predictions = engine.predict(model=model, dataloaders=datamodule.test_dataloader())
+    labels = torch.cat([batch.pred_label.flatten() for batch in predictions])
+    truth = torch.cat([batch.gt_label.flatten() for batch in predictions])
+    detected, rejected = float(labels[truth == 1].float().mean()), float(labels[truth == 0].float().mean())
+    assert detected >= 0.75 and rejected <= 0.25, (detected, rejected)

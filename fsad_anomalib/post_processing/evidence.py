@@ -82,28 +82,32 @@ def held_out_scores(
 ) -> dict[str, Any]:
     """Held-out image scores and anomaly-map maxima of the K normal ``images``.
 
+    Each image is scored by the model refitted without it (past ``MAX_FOLDS`` images, without its group). Below
+    ``VIEWS_BELOW`` images each held-out image is also scored in every flip and turn the symmetries allow, each view
+    by the model refitted on the *same view* of the other images, so that the fit has seen that orientation, as the
+    deployed model has seen the line's. With one image, the image's halves stand in for two images: in each view,
+    each half is scored by the model fitted on the other half (a local score reads patches wherever they are).
+
     Returns ``scores`` and ``maxima`` (NaN where the model gives no map) of every held-out view, ``n`` (how many
-    independent images they come from) and ``views`` (how many views of each were scored).
+    scores they are) and ``views`` (how many views of each image were scored).
     """
     k = images.shape[0]
     n_views = 1 if k >= VIEWS_BELOW else symmetries.count(square=images.shape[-1] == images.shape[-2])
-    views = Views(n_views, symmetries)
+    views = list(Views(n_views, symmetries).of(images))
+    scores, maxima = [], []
     if k == 1:
-        if n_views < 2:
-            msg = (
-                "one training image and no flip or turn allowed (pass NormalThresholdPostProcessor(symmetries="
-                "[...]) for the symmetries your product has) leave no normal evidence to hold out"
-            )
-            raise ValueError(msg)
-        scores, maxima = score_batch(refit(images), torch.cat(list(views.of(images)))[1:])
-        return {"scores": scores, "maxima": maxima, "n": n_views - 1, "views": n_views}
-    # each image's views scored by the model refitted without it (past MAX_FOLDS images, without its group)
-    scores, maxima = torch.empty(k, n_views), torch.empty(k, n_views)
+        for view in views:
+            half = view.shape[-1] // 2
+            left, right = view[..., :half], view[..., half : 2 * half]
+            for fit, held in ((left, right), (right, left)):
+                part = score_batch(refit(fit), held)
+                scores.append(part[0])
+                maxima.append(part[1])
+        return {"scores": torch.cat(scores), "maxima": torch.cat(maxima), "n": 2 * n_views, "views": n_views}
     for group in held_out_groups(k):
         kept = torch.tensor([i for i in range(k) if i not in group])
-        held = images[torch.tensor(group)]
-        part = score_batch(refit(images[kept]), torch.cat(list(views.of(held))))
-        # views.of yields view by view (all held images, then the next view): back to image by image
-        scores[group] = part[0].view(n_views, len(group)).T
-        maxima[group] = part[1].view(n_views, len(group)).T
-    return {"scores": scores.flatten(), "maxima": maxima.flatten(), "n": k * n_views, "views": n_views}
+        for view in views:
+            part = score_batch(refit(view[kept]), view[torch.tensor(group)])
+            scores.append(part[0])
+            maxima.append(part[1])
+    return {"scores": torch.cat(scores), "maxima": torch.cat(maxima), "n": k * n_views, "views": n_views}

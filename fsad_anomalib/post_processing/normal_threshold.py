@@ -6,8 +6,9 @@ normalisation from a validation set that holds anomalies. A few-shot user has K 
 
 1. **Held-out evidence.** A training image scores near zero against a memory bank or Gaussian fitted on itself, so
    each of the K images is scored by the model refitted on the other K - 1 (leave-one-out). Below
-   ``VIEWS_BELOW`` images, each held-out image is also scored in the flips and turns the product allows; with
-   K = 1 the model is fitted on the image and scored on its flips and turns alone.
+   ``VIEWS_BELOW`` images, each held-out image is also scored in the flips and turns the product allows, each view
+   against the model refitted on the same view of the others; with K = 1 each half of the image (in each view) is
+   scored against the model fitted on the other half.
 2. **A small-sample bound.** The threshold is the one-sided normal *prediction bound* of the held-out scores
    (log scores where all are positive, since distances are skewed to the right)::
 
@@ -279,10 +280,10 @@ class NormalThresholdPostProcessor(PostProcessor):
             self._set(self._pixel_threshold, self.pixel_min, self.pixel_max, pixel["threshold"], float(finite.min()))
         if k == 1:
             logger.warning(
-                "NormalThresholdPostProcessor: the threshold rests on one image (scored in %d flips and "
-                "turns): its false-reject rate is a rough guess. Train on more normal images for a "
-                "threshold you can defend.",
-                n_views - 1,
+                "NormalThresholdPostProcessor: the threshold rests on one image (each half scored against the "
+                "other, in %d flips and turns): its false-reject rate is a rough guess. Train on more normal "
+                "images for a threshold you can defend.",
+                n_views,
             )
         elif k < VIEWS_BELOW:
             logger.warning(
