@@ -126,3 +126,31 @@ def test_growing_adds_good_parts_flags_a_defective_one_and_labels_as_before(meth
     assert bool(labels_now[labels == 1].all())
     again = confirm(model, parts[:8], grow=True)
     assert again["grown"]["references"] == 24 and again["grown"]["added"] == 8
+
+
+def test_a_patchcore_checkpoint_grows_through_the_command(generated_root, tmp_path, capsys):
+    """The command with ``--model Patchcore --grow``: the checkpoint training wrote keeps its 4 images, the grown one
+    keeps all 16 and loads into a stock Patchcore with the grown memory bank and the new threshold.
+    """
+    from fsad_anomalib.confirm import main
+
+    seed_everything(0)
+    model = Patchcore(backbone="resnet18", pre_trained=False, layers=["layer2", "layer3"], visualizer=False,
+                      pre_processor=Patchcore.configure_pre_processor(image_size=(SIZE, SIZE)),
+                      post_processor=NormalThresholdPostProcessor())  # fmt: skip
+    datamodule = FewShot(folder_datamodule(generated_root, val_split_mode="none"), k_shot=4, seed=0)
+    cpu_engine(tmp_path / "run").fit(model=model, datamodule=datamodule)
+    (ckpt,) = (tmp_path / "run").rglob("*.ckpt")
+    assert torch.load(ckpt, map_location="cpu", weights_only=False)["fsad_references"].shape == (4, 3, SIZE, SIZE)
+    good = make_dataset(tmp_path / "line", n_train=12, n_test=1, size=SIZE, seed=9) / "train" / "good"
+    grown_path = tmp_path / "grown.ckpt"
+    argv = ["--model", "Patchcore", "--ckpt", str(ckpt), "--images", str(good), "--output", str(grown_path), "--grow"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "grown: 4 training images + 12 good parts" in printed and "NOT ADDED" not in printed
+    assert torch.load(grown_path, map_location="cpu", weights_only=False)["fsad_references"].shape[0] == 16
+    post = NormalThresholdPostProcessor()
+    grown = Patchcore.load_from_checkpoint(grown_path, map_location="cpu", post_processor=post)
+    assert grown.model.memory_bank.shape[0] > model.model.memory_bank.shape[0]  # 16 images' patches, not 4
+    assert grown.post_processor.calibration["grown"]["added"] == 12
+    assert float(post.image_threshold) == pytest.approx(post.calibration["image"]["threshold"], rel=1e-6)
