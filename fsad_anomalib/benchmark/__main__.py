@@ -18,7 +18,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from fsad_anomalib.benchmark.cli import int_at_least, json_object, parse_json_object, quiet_logs
+from fsad_anomalib.benchmark.cli import int_at_least, json_object, parse_json_object, quiet_logs, rate
 from fsad_anomalib.benchmark.executors import EXECUTORS
 from fsad_anomalib.benchmark.method_config import MethodConfig
 from fsad_anomalib.benchmark.methods import FSC_VARIANTS, METHODS, build_method, few_shot_contrastive_args, stock_layers
@@ -112,17 +112,6 @@ def _method_configs(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     return configs
 
 
-def _rate(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0.0 < value < 0.5:
-        msg = f"expected a rate in (0, 0.5), e.g. 0.05 for 5 % of good parts rejected, got '{text}'"
-        raise argparse.ArgumentTypeError(msg)
-    return value
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m fsad_anomalib.benchmark",
@@ -199,7 +188,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--false-reject-rate",
-        type=_rate,
+        type=rate,
         default=0.05,
         help="each method's OK/NG threshold is set from its K normals for this target share of good "
         "parts rejected; results.md tables the rates it gives on the test set (default 0.05)",

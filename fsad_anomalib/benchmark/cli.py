@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["build_from_spec", "int_at_least", "json_object", "parse_json_object", "quiet_logs", "read_yaml"]
+__all__ = ["build_from_spec", "int_at_least", "json_object", "parse_json_object", "quiet_logs", "rate", "read_yaml"]
 
 
 def read_yaml(path: Path, error: Callable[[str], Exception]) -> Any:  # noqa: ANN401
@@ -63,6 +63,18 @@ def int_at_least(minimum: int):  # noqa: ANN201
         return value
 
     return parse
+
+
+def rate(text: str) -> float:
+    """An argparse type: a false-reject rate in (0, 0.5)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 < value < 0.5:
+        msg = f"expected a rate in (0, 0.5), e.g. 0.05 for 5 % of good parts rejected, got '{text}'"
+        raise argparse.ArgumentTypeError(msg)
+    return value
 
 
 def build_from_spec(base: type, spec: dict[str, Any], what: str, error: Callable[[str], Exception]) -> Any:  # noqa: ANN401
