@@ -126,6 +126,8 @@ def test_growing_adds_good_parts_flags_a_defective_one_and_labels_as_before(meth
     assert bool(labels_now[labels == 1].all())
     again = confirm(model, parts[:8], grow=True)
     assert again["grown"]["references"] == 24 and again["grown"]["added"] == 8
+    exported = torch.load(model.to_torch(tmp_path / "export"), map_location="cpu", weights_only=False)["model"]
+    assert exported.post_processor.references is None  # the line's model carries no training images
 
 
 def test_a_patchcore_checkpoint_grows_through_the_command(generated_root, tmp_path, capsys):

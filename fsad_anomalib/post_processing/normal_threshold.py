@@ -181,6 +181,10 @@ class NormalThresholdPostProcessor(PostProcessor):
         if self.references is not None:
             checkpoint[REFERENCES_KEY] = self.references.detach().cpu().half()
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Copies and pickles (``--export_type torch``) leave the training images out: checkpoints keep them."""
+        return {**super().__getstate__(), "references": None, "_images": {}, "_snapshot": None}
+
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         """Restore the reference images a checkpoint keeps."""
         del trainer, pl_module
