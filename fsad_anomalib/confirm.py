@@ -38,7 +38,7 @@ from fsad_anomalib.post_processing.bounds import check_rate, conformal_bound, co
 from fsad_anomalib.post_processing.evidence import score_batch
 from fsad_anomalib.post_processing.growth import DEFAULT_FOLDS
 from fsad_anomalib.post_processing.growth import grow as grow_model
-from fsad_anomalib.post_processing.normal_threshold import REFERENCES_KEY, NormalThresholdPostProcessor
+from fsad_anomalib.post_processing.normal_threshold import NormalThresholdPostProcessor
 
 logger = logging.getLogger(__name__)
 
@@ -157,9 +157,7 @@ def confirm(
         "from_training": previous,
     }
     if grow:
-        grown = grow_model(model, post.references, parts, scores, names, float(rate), folds)
-        post.references = grown.pop("references")
-        record.update(grown)
+        record.update(grow_model(model, post.references, parts, scores, names, float(rate), folds))
         post.adopt(record)
         _log_growth(record)
         return record
@@ -263,14 +261,13 @@ def confirm_checkpoint(
     if not isinstance(model.post_processor, NormalThresholdPostProcessor):  # a stock model trained with ours
         model = cls.load_from_checkpoint(ckpt, map_location="cpu", post_processor=NormalThresholdPostProcessor())
     checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False)
-    if checkpoint.get(REFERENCES_KEY) is not None:
-        model.post_processor.references = checkpoint[REFERENCES_KEY].float()
-    elif grow:
+    model.post_processor.on_load_checkpoint(None, model, checkpoint)  # the training images it keeps, if any
+    if grow and model.post_processor.references is None:
         msg = f"--ckpt {ckpt}: keeps no training images to grow from (written by an earlier version); retrain it."
         raise ValueError(msg)
     record = confirm(model, _batches(paths), false_reject_rate=false_reject_rate, grow=grow, folds=folds)
     checkpoint["state_dict"] = model.state_dict()
-    checkpoint[REFERENCES_KEY] = model.post_processor.references.half()
+    model.post_processor.on_save_checkpoint(None, model, checkpoint)
     checkpoint["anomalib_post_processor_config"] = model.post_processor.checkpoint_config()
     # Lightning also keeps each callback's state, the post-processor's buffers included, and restores it after the
     # model's state_dict when a trainer resumes from the file (anomalib test / predict --ckpt_path): replace it too

@@ -23,12 +23,18 @@ import torch
 from lightning import LightningModule
 from torch import nn
 
-from fsad_anomalib.post_processing.bounds import conformal_bound, conformal_minimum
+from fsad_anomalib.post_processing.bounds import conformal_bound
 from fsad_anomalib.post_processing.evidence import Refittable, refit_copy, score_batch
 
 __all__ = ["DEFAULT_FOLDS", "cross_fitted_scores", "far_out", "grow"]
 
 DEFAULT_FOLDS = 5
+
+# conformal_bound's estimator, named for out-of-sample scores that come from folds
+CROSS_FITTED = {
+    "split-conformal order statistic": "cross-conformal order statistic",
+    "normal prediction bound": "cross-fitted normal prediction bound",
+}
 
 
 def far_out(scores: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -85,12 +91,13 @@ def grow(
 ) -> dict[str, Any]:
     """Add the good ``parts`` (pre-processed, scored ``scores`` by the current model) to the model's references.
 
-    The model's torch model is replaced by one fitted on ``references`` and the parts not flagged; returns the
+    The model's torch model is replaced by one fitted on ``references`` and the parts not flagged, and they become
+    the post-processor's ``references``; returns the
     threshold record (``image``, ``pixel``) from the cross-fitted scores of all of them, with ``grown``: how many
     references and parts, which parts were flagged and why, the folds and the estimator.
     """
     current = float(model.post_processor.image_threshold)
-    flagged = far_out(scores, current) if torch.isfinite(torch.tensor(current)) else torch.zeros_like(scores).bool()
+    flagged = far_out(scores, current)  # no threshold yet (NaN): nothing lies above it
     added = parts[~flagged & torch.isfinite(scores)]
     everything = torch.cat([references.to(added), added])
     folds = min(folds, everything.shape[0])
@@ -98,14 +105,10 @@ def grow(
     grown = fit(everything)
     model.model = grown.eval() if isinstance(grown, nn.Module) else grown
     fold_scores, fold_maxima = cross_fitted_scores(everything, fit_fold, folds)
-    estimator = (
-        "cross-conformal order statistic"
-        if fold_scores.numel() >= conformal_minimum(false_reject_rate)
-        else "cross-fitted normal prediction bound"
-    )
+    image = conformal_bound(fold_scores, false_reject_rate)  # it falls back to the prediction bound below 1/rate - 1
     record: dict[str, Any] = {
-        "estimator": estimator,
-        "image": {**conformal_bound(fold_scores, false_reject_rate), "lowest": float(fold_scores.min())},
+        "estimator": CROSS_FITTED[image["estimator"]],
+        "image": {**image, "lowest": float(fold_scores.min())},
         "grown": {
             "references": int(references.shape[0]),
             "added": int(added.shape[0]),
@@ -115,8 +118,8 @@ def grow(
             "folds": folds,
             "fence": "above the current threshold and beyond Q3 + 3 IQR of the offered parts' scores",
         },
-        "references": everything.cpu(),
     }
+    model.post_processor.references = everything.cpu()
     finite_maxima = fold_maxima[torch.isfinite(fold_maxima)]
     if finite_maxima.numel() >= 2:
         record["pixel"] = {**conformal_bound(finite_maxima, false_reject_rate), "lowest": float(finite_maxima.min())}

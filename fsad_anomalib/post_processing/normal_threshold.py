@@ -175,7 +175,9 @@ class NormalThresholdPostProcessor(PostProcessor):
         del trainer
         self._calibrate_once(pl_module)
 
-    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+    def on_save_checkpoint(
+        self, trainer: Trainer | None, pl_module: LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         """Keep the reference images in the checkpoint (half precision), for growth on the line."""
         del trainer, pl_module
         if self.references is not None:
@@ -185,7 +187,9 @@ class NormalThresholdPostProcessor(PostProcessor):
         """Copies and pickles (``--export_type torch``) leave the training images out: checkpoints keep them."""
         return {**super().__getstate__(), "references": None, "_images": {}, "_snapshot": None}
 
-    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+    def on_load_checkpoint(
+        self, trainer: Trainer | None, pl_module: LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         """Restore the reference images a checkpoint keeps."""
         del trainer, pl_module
         if checkpoint.get(REFERENCES_KEY) is not None:
