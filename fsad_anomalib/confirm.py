@@ -141,7 +141,7 @@ def confirm(
         msg = f"confirm(model, images) needs at least 2 good parts with finite scores, got {finite.numel()}."
         raise ValueError(msg)
     needed = conformal_minimum(rate)
-    if finite.numel() < needed:
+    if finite.numel() < needed and not grow:  # growing counts the K training images too (growth.grow says)
         logger.warning(
             "Confirmation: %d good parts are fewer than the %d a distribution-"
             "free threshold at %.1f %% needs; using the normal prediction bound of their scores.",

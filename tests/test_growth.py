@@ -156,3 +156,25 @@ def test_a_patchcore_checkpoint_grows_through_the_command(generated_root, tmp_pa
     assert grown.model.memory_bank.shape[0] > model.model.memory_bank.shape[0]  # 16 images' patches, not 4
     assert grown.post_processor.calibration["grown"]["added"] == 12
     assert float(post.image_threshold) == pytest.approx(post.calibration["image"]["threshold"], rel=1e-6)
+
+
+def test_growing_refuses_a_threshold_from_non_finite_scores():
+    """A model whose refits score NaN gets no NaN threshold: the error says how many scores were finite."""
+    from fsad_anomalib.post_processing.growth import grow
+
+    class _NaN(nn.Module):
+        def forward(self, images: torch.Tensor) -> InferenceBatch:
+            return InferenceBatch(pred_score=torch.full((images.shape[0],), float("nan")))
+
+    class _Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.post_processor, self.model = NormalThresholdPostProcessor(), _NaN()
+
+        def refit(self, images: torch.Tensor) -> nn.Module:
+            del images
+            return _NaN()
+
+    parts = torch.rand(6, 1, 1, 1)
+    with pytest.raises(ValueError, match="0 of the 10 images gave a finite score"):
+        grow(_Model(), torch.rand(4, 1, 1, 1), parts, torch.rand(6), [str(i) for i in range(6)], 0.05)

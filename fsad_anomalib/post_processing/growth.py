@@ -16,6 +16,7 @@ It is listed in the record, for a person to look at.
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -23,8 +24,10 @@ import torch
 from lightning import LightningModule
 from torch import nn
 
-from fsad_anomalib.post_processing.bounds import conformal_bound
+from fsad_anomalib.post_processing.bounds import conformal_bound, conformal_minimum
 from fsad_anomalib.post_processing.evidence import Refittable, refit_copy, score_batch
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_FOLDS", "cross_fitted_scores", "far_out", "grow"]
 
@@ -105,10 +108,24 @@ def grow(
     grown = fit(everything)
     model.model = grown.eval() if isinstance(grown, nn.Module) else grown
     fold_scores, fold_maxima = cross_fitted_scores(everything, fit_fold, folds)
-    image = conformal_bound(fold_scores, false_reject_rate)  # it falls back to the prediction bound below 1/rate - 1
+    finite = fold_scores[torch.isfinite(fold_scores)]
+    if finite.numel() < 2:  # never a NaN threshold
+        msg = (
+            f"confirm(model, images, grow=True): {finite.numel()} of the {fold_scores.numel()} images gave a finite "
+            "score under the model refitted without them; at least 2 are needed for a threshold."
+        )
+        raise ValueError(msg)
+    if finite.numel() < fold_scores.numel():
+        logger.warning("Growing: %d of %d cross-fitted scores are NaN or infinite and are left out.",
+                       fold_scores.numel() - finite.numel(), fold_scores.numel())  # fmt: skip
+    if finite.numel() < conformal_minimum(false_reject_rate):
+        logger.warning("Growing: %d images are fewer than the %d a distribution-free threshold at %.1f %% needs; "
+                       "using the normal prediction bound of their scores.", finite.numel(),
+                       conformal_minimum(false_reject_rate), 100 * false_reject_rate)  # fmt: skip
+    image = conformal_bound(finite, false_reject_rate)  # it falls back to the prediction bound below 1/rate - 1
     record: dict[str, Any] = {
         "estimator": CROSS_FITTED[image["estimator"]],
-        "image": {**image, "lowest": float(fold_scores.min())},
+        "image": {**image, "lowest": float(finite.min())},
         "grown": {
             "references": int(references.shape[0]),
             "added": int(added.shape[0]),
