@@ -178,3 +178,36 @@ def test_growing_refuses_a_threshold_from_non_finite_scores():
     parts = torch.rand(6, 1, 1, 1)
     with pytest.raises(ValueError, match="0 of the 10 images gave a finite score"):
         grow(_Model(), torch.rand(4, 1, 1, 1), parts, torch.rand(6), [str(i) for i in range(6)], 0.05)
+
+
+def test_the_readme_threshold_example_runs_as_written(generated_root, tmp_path):
+    """README "The OK/NG decision": its Python block, run line for line. The only change: ``Patchcore(...)`` builds
+    the small offline PatchCore of these tests and trains it (the README's "after training") on K = 4 images.
+    """
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    section = text[text.index("## The OK/NG decision") :]
+    code = re.findall(r"```python\n(.*?)```", section, flags=re.DOTALL)[0]
+    assert "from anomalib.models import Patchcore\n" in code
+    code = code.replace("from anomalib.models import Patchcore\n", "")
+
+    def trained_patchcore(post_processor: NormalThresholdPostProcessor) -> Patchcore:
+        seed_everything(0)
+        model = Patchcore(backbone="resnet18", pre_trained=False, layers=["layer2", "layer3"], visualizer=False,
+                          pre_processor=Patchcore.configure_pre_processor(image_size=(SIZE, SIZE)),
+                          post_processor=post_processor)  # fmt: skip
+        datamodule = FewShot(folder_datamodule(generated_root, val_split_mode="none"), k_shot=4, seed=0)
+        cpu_engine(tmp_path / "run").fit(model=model, datamodule=datamodule)
+        return model
+
+    line = make_dataset(tmp_path / "line", n_train=30, n_test=1, size=SIZE, seed=3)
+    good = FewShot(folder_datamodule(line, val_split_mode="none"), k_shot=30, seed=0)
+    good.setup()
+    images = torch.cat([batch.image for batch in good.train_dataloader()])
+    namespace = {"Patchcore": trained_patchcore, "good_parts": images[:20], "more_good_parts": images[20:]}
+    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - the README's own example
+    post = namespace["model"].post_processor
+    assert post.false_reject_rate == 0.02 and post.calibration["grown"]["added"] == 10
+    assert post.calibration["grown"]["references"] == 4 and post.references.shape[0] == 14
