@@ -171,8 +171,8 @@ def test_growing_refuses_a_threshold_from_non_finite_scores():
             super().__init__()
             self.post_processor, self.model = NormalThresholdPostProcessor(), _NaN()
 
-        def refit(self, images: torch.Tensor) -> nn.Module:
-            del images
+        def refit(self, images: torch.Tensor, rescale: bool = True) -> nn.Module:
+            del images, rescale
             return _NaN()
 
     parts = torch.rand(6, 1, 1, 1)

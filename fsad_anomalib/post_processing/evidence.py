@@ -28,12 +28,13 @@ VIEWS_BELOW = 4
 class Refittable(Protocol):
     """A model that refits itself for held-out scores.
 
-    ``refit(images)`` returns a scorer (a torch module whose
-    forward gives an ``InferenceBatch``) fitted on ``images`` alone.
+    ``refit(images, rescale=True)`` returns a scorer (a torch module whose forward gives an ``InferenceBatch``)
+    fitted on ``images`` alone; ``rescale=False`` keeps the deployed model's score scale where the model has one
+    (a grown model's fold models score on it).
     """
 
-    def refit(self, images: torch.Tensor) -> nn.Module:
-        """A scorer fitted on ``images``."""
+    def refit(self, images: torch.Tensor, rescale: bool = True) -> nn.Module:
+        """A scorer fitted on ``images``, on its own scale or (``rescale=False``) on the deployed model's."""
         ...
 
 

@@ -15,7 +15,6 @@ It is listed in the record, for a person to look at.
 
 from __future__ import annotations
 
-import inspect
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -78,8 +77,7 @@ def _refitters(
 ) -> tuple[Callable[[torch.Tensor], nn.Module], Callable[[torch.Tensor], nn.Module]]:
     """How to fit the grown model, and how to fit a fold model on the grown model's scale."""
     if isinstance(model, Refittable):
-        keeps_scale = "rescale" in inspect.signature(model.refit).parameters
-        return model.refit, (lambda x: model.refit(x, rescale=False)) if keeps_scale else model.refit
+        return model.refit, lambda x: model.refit(x, rescale=False)
     return (lambda x: refit_copy(model, x)), (lambda x: refit_copy(model, x))
 
 
