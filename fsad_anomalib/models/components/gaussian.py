@@ -2,12 +2,7 @@
 
 Few-shot statistics are degenerate: K * N_A samples in hundreds of dimensions give a singular sample
 covariance. The Ledoit-Wolf estimator (scikit-learn's) shrinks it towards ``mu * I`` (``mu`` the mean eigenvalue) by the
-analytically optimal amount. Ledoit-Wolf estimates that amount from the dispersion of the samples' outer products,
-which two samples cannot give (centred, they are ``x`` and ``-x``): at ``n = 2`` it returns no shrinkage, the
-covariance is the floor's and held-out distances come out tens of times larger than at ``n = 3``. At ``n = 2`` the
-Oracle Approximating Shrinkage estimator (Chen et al., also scikit-learn's) is used instead; its shrinkage is a
-closed form in ``n`` and the sample covariance, about 2/3 there, so the scale moves smoothly from two samples to
-three. A floor of ``eps * mu`` on the diagonal (and ``eps`` absolute when all
+analytically optimal amount; a floor of ``eps * mu`` on the diagonal (and ``eps`` absolute when all
 samples coincide) keeps the result positive definite in every case, so the precision matrix exists and
 scores are finite. Computed in float64.
 """
@@ -15,7 +10,7 @@ scores are finite. Computed in float64.
 from __future__ import annotations
 
 import torch
-from sklearn.covariance import ledoit_wolf, oas
+from sklearn.covariance import ledoit_wolf
 
 __all__ = ["SUBSPACE_VARIANCE", "fit_gaussian", "fit_subspace", "mahalanobis"]
 
@@ -40,8 +35,7 @@ def fit_gaussian(x: torch.Tensor, eps: float = 1e-3) -> tuple[torch.Tensor, torc
     if x64.shape[0] < 2:
         cov, shrinkage = x64.new_zeros(x64.shape[1], x64.shape[1]), 1.0
     else:
-        estimator = oas if x64.shape[0] == 2 else ledoit_wolf  # see the module docstring
-        cov_np, shrinkage = estimator(x64.cpu().numpy())  # scikit-learn's, in float64 on the CPU
+        cov_np, shrinkage = ledoit_wolf(x64.cpu().numpy())  # scikit-learn's Ledoit-Wolf, in float64 on the CPU
         cov, shrinkage = torch.from_numpy(cov_np).to(x64.device), float(shrinkage)
     p = cov.shape[0]
     mu = float(torch.trace(cov) / p)
