@@ -33,11 +33,11 @@ def _tensor(image: np.ndarray) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def default_run(generated_root, tmp_path_factory):
-    """The default FewShotContrastive, every choice "auto", trained once on K = 4 generated normals."""
+    """The default FewShotContrastive, every choice "auto", trained once on K = 5 generated normals."""
     seed_everything(0)
     root = tmp_path_factory.mktemp("default")
     model = FewShotContrastive(image_size=IMAGE_SIZE)
-    datamodule = FewShot(folder_datamodule(generated_root), k_shot=4, seed=0)
+    datamodule = FewShot(folder_datamodule(generated_root), k_shot=5, seed=0)
     engine = cpu_engine(root)
     engine.fit(model=model, datamodule=datamodule)
     return {"model": model, "root": root, "engine": engine}
@@ -76,16 +76,16 @@ def test_default_catches_a_local_defect_and_a_whole_image_shift(default_run):
 def test_auto_writes_its_choice_and_evidence_and_keeps_them_in_the_checkpoint(default_run, tmp_path):
     model, _root = default_run["model"], default_run["root"]
     record = json.loads((Path(default_run["engine"].trainer.default_root_dir) / "self_configuration.json").read_text())
-    assert record["k_shot"] == 4 and record["seed"] == 0
+    assert record["k_shot"] == 5 and record["seed"] == 0
     table = record["selection"]["table"]
-    # K >= 2: every local scoring, each fused with the global score
+    # K >= 5: every local scoring, each fused with the global score
     assert [(row["local"], row["fusion"]) for row in table] == [("knn_patch", "max"), ("patch", "max"), ("knn", "max")]
     assert all(0 <= row["score"] <= 1 and set(row["families"]) == set(SHIFT_FAMILIES) for row in table)
     chosen = record["chosen"]
     assert chosen == {**model.model.describe(), "fine_tuned": chosen["fine_tuned"]}
     decision = record["fine_tuning"]
     assert decision["fine_tuned"] == (decision["fine_tuned_score"] > decision["frozen_score"] + FINE_TUNING_MARGIN)
-    assert "cutpaste" not in decision["families"] and decision["tuned_on"] + decision["judged_on"] == 4
+    assert "cutpaste" not in decision["families"] and decision["tuned_on"] + decision["judged_on"] == 5
     # the checkpoint keeps the choice: a model rebuilt from it scores as the trained one
     path = tmp_path / "model.ckpt"
     default_run["engine"].trainer.save_checkpoint(path)

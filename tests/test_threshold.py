@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
 
@@ -73,20 +74,16 @@ def test_a_model_it_cannot_refit_is_refused_before_training():
 
 def test_false_reject_rate_on_real_fresh_normals_is_near_its_target(tmp_path):
     """PatchCore (offline EfficientNet-Lite0 weights) on the ELPV mono development set (100 normals that no support
-    set holds, never the test set): 6 support sets of K = 4, the benchmark's own runs, a 5 % target.
+    set holds, never the test set): 6 support sets of K = 4 at a 5 % target, through the README's command for the
+    development grid (``--evaluation dev``).
     """
-    from fsad_anomalib.benchmark.runner import run_benchmark
-    from fsad_anomalib.data import ELPV
+    from fsad_anomalib.benchmark.__main__ import main
 
-    rows = run_benchmark(
-        {"ELPV/mono": lambda: ELPV("mono", evaluation="dev", val_split_mode="none", eval_batch_size=32)},
-        k_shots=[4],
-        seeds=range(6),
-        methods=["PatchCore"],
-        output=tmp_path,
-        time_inference=False,
-        progress=lambda _line: None,
-    )
+    out = tmp_path / "threshold_dev"
+    argv = ["--sets", "ELPV/mono", "--k", "4", "--seeds", *map(str, range(6)), "--methods", "PatchCore"]
+    assert main([*argv, "--evaluation", "dev", "--no-timing", "--output", str(out)]) == 0
+    rows = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
+    assert {row["evaluation"] for row in rows} == {"dev"} and (out / "results.md").exists()
     rates = [row["threshold"]["false_reject_rate"] for row in rows]
     assert len(rates) == 6 and len({row["threshold"]["threshold"] for row in rows}) == 6
     # single support sets scatter widely (a few images need not show how much normals vary); their mean does not
@@ -135,6 +132,8 @@ def test_without_a_validation_split_it_trains_tests_and_predicts_with_labels(def
     assert not datamodule.val_dataloader()  # no validation data at all
     calibration = model.post_processor.calibration
     assert calibration["k_shot"] == 4 and len(calibration["held_out_scores"]) == 4
+    # below K = 5 the local part alone, standardised, so that each refit's held-out score is on its own level
+    assert model.model.fusion == "local" and model.model.score_scale[1] > 0 and model.model.score_shift[1] != 0
     assert math.isfinite(calibration["image"]["threshold"]) and math.isfinite(calibration["pixel"]["threshold"])
     metrics = engine.test(model=model, datamodule=datamodule, verbose=False)[0]
     assert metrics["image_AUROC"] > 0.9 and "image_F1Score" in metrics

@@ -12,7 +12,12 @@ from fsad_anomalib.models.components.held_out import folds_for, part_scores, sta
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["held_out_scales"]
+__all__ = ["MIN_IMAGES_LOCAL_ALONE", "held_out_scales"]
+
+# a local part alone is standardised from this many images on, where its held-out evidence is other images (one
+# image would hold out its own flips and turns, evidence of another kind); a refit on fewer keeps the deployed
+# model's standardisation (FewShotContrastive.refit)
+MIN_IMAGES_LOCAL_ALONE = 2
 
 
 def held_out_scales(
@@ -29,13 +34,16 @@ def held_out_scales(
     scores its own patches 0). Each of the K images (all its views) is held out in turn, the parts are fitted on
     the others and the held-out views are scored; with K = 1 the fit keeps the first view and each other view
     the symmetries allow is held out. Standardising by the spread as well as the level keeps a part whose
-    normals vary a lot from raising false alarms on its own. A part alone keeps shift 0 and scale 1.
+    normals vary a lot from raising false alarms on its own. From ``MIN_IMAGES_LOCAL_ALONE`` images the local part
+    is standardised even alone: a refit on fewer images (the threshold's held-out evidence) then scores on its own
+    held-out level, not above the deployed model's. Otherwise a part alone keeps shift 0 and scale 1.
     """
     shift_ = torch.zeros(3, device=model.score_scale.device)
     scale = torch.ones(3, device=model.score_scale.device)
-    if model.fusion == "global" or (model.fusion == "local" and not model.two_scales):
-        return shift_, scale
     k, total = images.shape[0], views.held_out(images)
+    alone = model.fusion == "local" and not model.two_scales
+    if model.fusion == "global" or (alone and k < MIN_IMAGES_LOCAL_ALONE):
+        return shift_, scale
     if k >= 2:
         stacked = [torch.stack(part) if part[0] is not None else None for part in zip(*per_view, strict=True)]
     elif total < 2:

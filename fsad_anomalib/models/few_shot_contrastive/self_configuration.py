@@ -43,9 +43,11 @@ MODE_PARTS = {
 # fused with the global score by the larger of the two standardised parts ("max"), or alone ("local")
 AUTO_LOCAL = ("knn_patch", "patch", "knn")
 AUTO_FUSIONS = ("max", "local")
-# "auto" fuses the global part from this many images on: leave-one-out over fewer fits the global Gaussian on one
-# or two embeddings, and its held-out spread says little about the final model's
-MIN_IMAGES_FOR_GLOBAL = 4
+# "auto" fuses the global part from this many images on. Its standardisation comes from leave-one-out (a Gaussian on
+# K - 1 embeddings), and the threshold's held-out evidence from refits on K - 1 images that standardise themselves
+# the same way (K - 2 embeddings): with fewer than 3, the Gaussian is degenerate (Ledoit-Wolf shrinks nothing at 2)
+# and its held-out level says nothing about the deployed model's
+MIN_IMAGES_FOR_GLOBAL = 5
 # a candidate replaces the prior (the first) only when its objective is higher by more than this: the objective
 # rests on a few normals and synthetic anomalies, and a small lead is noise
 SELECTION_MARGIN = 0.02
@@ -200,11 +202,11 @@ def select(model: torch.nn.Module, images: torch.Tensor, views: Views, seed: int
         candidates = [c for c in candidates if (c[1] == "local") != with_global]
         if not with_global:
             logger.info(
-                "FewShotContrastive: K = %d: the global part needs %d images (leave-one-out then fits its "
-                "Gaussian on %d); the local score is used alone.",
+                "FewShotContrastive: K = %d: the global part needs %d images (the threshold's leave-one-out refits "
+                "then standardise a Gaussian fitted on %d embeddings); the local score is used alone.",
                 len(images),
                 MIN_IMAGES_FOR_GLOBAL,
-                MIN_IMAGES_FOR_GLOBAL - 1,
+                MIN_IMAGES_FOR_GLOBAL - 2,
             )
     if len(candidates) == 1:
         model.configure(*candidates[0])

@@ -131,9 +131,9 @@ class FewShotContrastiveModel(DynamicBufferMixin, nn.Module):
         self.register_buffer("fine_precision", torch.eye(self.fine_dim))
         # knn scorings: coreset of the training patches (its size follows the checkpoint, see DynamicBufferMixin)
         self.register_buffer("memory_bank", torch.zeros(0, self.patch_dim))
-        # where parts are fused (global with local, the two local scales), each is standardised, (score - shift) /
-        # scale, by the mean and standard deviation of its scores on held-out normal evidence; a part alone keeps
-        # shift 0 and scale 1. Order: global, local (``layers``), fine (``fine_layers``)
+        # where parts are fused (global with local, the two local scales), and the local part alone from K = 2, each
+        # is standardised, (score - shift) / scale, by the mean and standard deviation of its scores on held-out
+        # normal evidence; otherwise shift 0 and scale 1 (scales.py). Order: global, local, fine
         self.register_buffer("score_shift", torch.zeros(3))
         self.register_buffer("score_scale", torch.ones(3))
         self.register_buffer("is_fitted", torch.tensor(False))
