@@ -127,12 +127,16 @@ def test_benchmark_end_to_end_and_resume(generated_root, tmp_path):
             "--compare",
             "FewShotContrastive",
             "frozen",
+            "--compare",  # given twice, as the README's results command does: one table per pair
+            "frozen",
+            "FewShotContrastive",
             "--output",
             str(out),
         ])
         == 0
     )
     report = (out / "results.md").read_text()
+    assert "mean FewShotContrastive - frozen" in report and "mean frozen - FewShotContrastive" in report
     auroc = {(r["method"], r["k_shot"]): r["image_AUROC"] for r in rows}
     for k in (1, 2):
         diff = auroc["FewShotContrastive", k] - auroc["frozen", k]

@@ -134,6 +134,7 @@ def test_without_a_validation_split_it_trains_tests_and_predicts_with_labels(def
     assert calibration["k_shot"] == 4 and len(calibration["held_out_scores"]) == 4
     # below K = 5 the local part alone, standardised, so that each refit's held-out score is on its own level
     assert model.model.fusion == "local" and model.model.score_scale[1] > 0 and model.model.score_shift[1] != 0
+    assert (float(model.model.score_shift[0]), float(model.model.score_scale[0])) == (0.0, 1.0)  # no global part
     assert math.isfinite(calibration["image"]["threshold"]) and math.isfinite(calibration["pixel"]["threshold"])
     metrics = engine.test(model=model, datamodule=datamodule, verbose=False)[0]
     assert metrics["image_AUROC"] > 0.9 and "image_F1Score" in metrics

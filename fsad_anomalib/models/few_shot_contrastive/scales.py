@@ -62,6 +62,8 @@ def held_out_scales(
     options = {"topk_ratio": model.topk_ratio, "coreset_ratio": model.coreset_ratio, "max_patches": max_patches}
     scores = part_scores(folds, normal_patch, normal_global, local_modes=(model.local_mode,), **options)
     shift_[:2], scale[:2] = standardisation(scores["normal"]["global"], scores["normal"][model.local_mode])
+    if alone:  # the global part is not scored: it keeps shift 0 and scale 1, as the record and buffers say
+        shift_[0], scale[0] = 0.0, 1.0
     if normal_fine is not None:
         fine = part_scores(folds, normal_fine, normal_global, local_modes=("patch",), **options)["normal"]["patch"]
         shift_[2], scale[2] = (value[1] for value in standardisation(fine, fine))
