@@ -432,6 +432,14 @@ def test_benchmark_runs_on_an_anomalib_datamodule_config(generated_root, tmp_pat
     for table, metric in ((image, "image_AUROC"), (pixel, "pixel_AUROC")):
         assert f"| Folder toy | frozen | {rows[0][metric]:.3f} +- 0.000 |" in table
 
+    # a run with --include-runs trains only what those folders lack: here PatchCore's run is taken from `out`
+    again = tmp_path / "again"
+    args = ["--data", config, "--k", "2", "--seeds", "0", "--image-size", "64", "--no-timing", "--output", str(again)]
+    assert main([*args, "--methods", "PatchCore", "--include-runs", str(out)]) == 0
+    assert "and 1 in --include-runs folders; 0 to run" in capsys.readouterr().out
+    assert not (again / "runs.jsonl").exists() or not (again / "runs.jsonl").read_text().strip()
+    assert f"| Folder toy | PatchCore | {rows[1]['image_AUROC']:.3f} +- 0.000 |" in (again / "results.md").read_text()
+
 
 def test_benchmark_confirms_thresholds_on_further_pool_normals(generated_root, tmp_path, capsys):
     """--confirm N --grow: each run's threshold is confirmed on N pool normals outside its support set (never test

@@ -247,7 +247,8 @@ def _parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="also put the runs of these earlier output folders in the table and plots, where --output "
         "has no run of the same set, K, seed and method (e.g. stock PatchCore/PaDiM rows, which no "
-        "FewShotContrastive argument changes); nothing is copied into --output's runs.jsonl",
+        "FewShotContrastive argument changes); those runs are not run again, and nothing is copied into "
+        "--output's runs.jsonl",
     )
     parser.add_argument(
         "--compare",
@@ -342,6 +343,7 @@ def _rows(
         cpus_per_run=args.cpus_per_run,
         confirm=args.confirm,
         grow=args.grow,
+        held_elsewhere={run_key(r) for folder in args.include_runs for r in load_runs(folder) if "error" not in r},
     )
 
 

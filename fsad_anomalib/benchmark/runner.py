@@ -167,9 +167,12 @@ def run_benchmark(
     cpus_per_run: int | None = None,
     confirm: int = 0,
     grow: bool = False,
+    held_elsewhere: Iterable[tuple] = (),
 ) -> list[dict[str, Any]]:
     """Run every (datamodule, K, seed, method) not yet in ``output/runs.jsonl`` and return all rows.
 
+    Runs whose key (:func:`run_key`) is in ``held_elsewhere`` (the runs of other output folders that the report
+    takes in) are not run either.
     ``fsc_args`` go to every FewShotContrastive variant; ``set_fsc_args[label]`` override them on one set.
     ``method_configs`` maps a method name to a :class:`~fsad_anomalib.benchmark.method_config.MethodConfig` (any
     anomalib model); ``methods`` may name them beside the built-in ones. Each run trains and tests on one device
@@ -227,9 +230,13 @@ def run_benchmark(
     floor_file = output / "backbone_floor.json"
     if time_inference and not floor_file.exists():
         floor_file.write_text(json.dumps(backbone_floor(backbone, image_size), indent=2))
-    todo = [task for task in plan if task.key not in done]
+    elsewhere = set(held_elsewhere) - done
+    todo = [task for task in plan if task.key not in done and task.key not in elsewhere]
     if len(plan) > len(todo):
-        progress(f"{len(plan) - len(todo)} of {len(plan)} runs are already in {runs_file}; {len(todo)} to run")
+        there = len([task for task in plan if task.key in done])
+        held = len(plan) - len(todo) - there
+        others = f" and {held} in --include-runs folders" if held else ""
+        progress(f"{there} of {len(plan)} runs are already in {runs_file}{others}; {len(todo)} to run")
     position = {task.key: index for index, task in enumerate(plan, 1)}
 
     def head(task: Task) -> str:
