@@ -73,6 +73,19 @@ def test_default_catches_a_local_defect_and_a_whole_image_shift(default_run):
     assert model.fusion in {"max", "mean"}
 
 
+def test_threshold_refits_from_k5_score_on_the_deployed_scales(default_run):
+    """The K = 5 threshold's refits (on 4 images) keep the deployed parts' scales, references alone refitted."""
+    model = default_run["model"]
+    images = model.post_processor.references
+    assert images.shape[0] == 5 and model.post_processor.calibration["k_shot"] == 5
+    refit = model.refit(images[1:])
+    assert torch.equal(refit.score_shift, model.model.score_shift)
+    assert torch.equal(refit.score_scale, model.model.score_scale)
+    assert not torch.equal(refit.patch_mean, model.model.patch_mean)  # fitted on the 4 images alone
+    # on 3 images (the refits of K = 4) a refit standardises itself
+    assert not torch.equal(model.refit(images[2:]).score_shift, model.model.score_shift)
+
+
 def test_auto_writes_its_choice_and_evidence_and_keeps_them_in_the_checkpoint(default_run, tmp_path):
     model, _root = default_run["model"], default_run["root"]
     record = json.loads((Path(default_run["engine"].trainer.default_root_dir) / "self_configuration.json").read_text())

@@ -42,7 +42,7 @@ from fsad_anomalib.models.few_shot_contrastive.guards import (
     drop_pixel_metrics_without_masks,
     unfitted_message,
 )
-from fsad_anomalib.models.few_shot_contrastive.scales import MIN_IMAGES_LOCAL_ALONE
+from fsad_anomalib.models.few_shot_contrastive.scales import MIN_IMAGES_DEPLOYED_SCALES, MIN_IMAGES_LOCAL_ALONE
 from fsad_anomalib.models.few_shot_contrastive.self_configuration import configure, write_record
 from fsad_anomalib.models.few_shot_contrastive.torch_model import FewShotContrastiveModel, NotFittedError
 from fsad_anomalib.post_processing import NormalThresholdPostProcessor
@@ -226,14 +226,15 @@ class FewShotContrastive(AnomalibModule):  # noqa: PLR0904 - Lightning's hooks a
     def refit(self, images: torch.Tensor, rescale: bool = True) -> FewShotContrastiveModel:
         """A copy of the fitted torch model, refitted on ``images`` alone (configuration and weights kept).
 
-        The parts' scales are set anew from held-out evidence of ``images``, as training sets them, where that
-        evidence is other images (from ``MIN_IMAGES_LOCAL_ALONE``); with ``rescale=False``, or on one image, they are
-        kept, so that the refit scores on the deployed model's scale with its references alone changed (the
-        cross-fitted scores of a grown model; the threshold's refits at K = 2).
+        On 2 or 3 images (``MIN_IMAGES_LOCAL_ALONE`` to ``MIN_IMAGES_DEPLOYED_SCALES``, the threshold's refits at
+        K = 3 and 4) the parts' scales are set anew from held-out evidence of ``images``, as training sets them;
+        otherwise, or with ``rescale=False``, they are kept, so that the refit scores on the deployed model's scale
+        with its references alone changed (the cross-fitted scores of a grown model; the threshold's refits at K = 2
+        and from K = 5).
         """
         self._fit_if_needed()
         self._require_fitted("refit")
-        rescale = rescale and len(images) >= MIN_IMAGES_LOCAL_ALONE
+        rescale = rescale and MIN_IMAGES_LOCAL_ALONE <= len(images) < MIN_IMAGES_DEPLOYED_SCALES
         with torch.inference_mode(False):
             clone = copy.deepcopy(self.model)
             clone.fit(images.to(self.device).clone(), self.views, rescale=rescale)

@@ -12,12 +12,18 @@ from fsad_anomalib.models.components.held_out import folds_for, part_scores, sta
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MIN_IMAGES_LOCAL_ALONE", "held_out_scales"]
+__all__ = ["MIN_IMAGES_DEPLOYED_SCALES", "MIN_IMAGES_LOCAL_ALONE", "held_out_scales"]
 
 # a local part alone is standardised from this many images on, where its held-out evidence is other images (one
 # image would hold out its own flips and turns, evidence of another kind); a refit on fewer keeps the deployed
 # model's standardisation (FewShotContrastive.refit)
 MIN_IMAGES_LOCAL_ALONE = 2
+# a refit on this many images or more (the threshold's refits from K = 5) keeps the deployed model's scales: the
+# deployed scales come from the same leave-one-out fits that give the refits' held-out scores, while a refit's own come
+# from fits on one image fewer (noisy: a support set without one odd image gave held-out scores so tight that its
+# threshold rejected a quarter of good parts). On 2-3 images a refit standardises itself: from 3 to 4 references the
+# held-out level falls too far for the deployed scales to hold
+MIN_IMAGES_DEPLOYED_SCALES = 4
 
 
 def held_out_scales(
