@@ -305,15 +305,25 @@ def _checked(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple
     return labels, data_configs, method_configs, set_args
 
 
+def _included(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[dict]:
+    """The runs that did not fail in the --include-runs folders, read once."""
+    for folder in args.include_runs:
+        if not (Path(folder) / "runs.jsonl").exists():
+            parser.error(f"--include-runs: {Path(folder) / 'runs.jsonl'} does not exist.")
+    return [r for folder in args.include_runs for r in load_runs(folder) if "error" not in r]
+
+
 def _rows(
-    parser: argparse.ArgumentParser, args: argparse.Namespace, data_configs: list, method_configs: dict, set_args: dict
+    parser: argparse.ArgumentParser,
+    args: argparse.Namespace,
+    data_configs: list,
+    method_configs: dict,
+    set_args: dict,
+    included: list[dict],
 ) -> list[dict]:
     """The runs: those already in --output (--report-only), or the benchmark's."""
     builders: dict[str, Any] = {label: partial(builtin_datamodule, label, args) for label in args.sets}
     builders.update({config.label: config for config in data_configs})
-    for folder in args.include_runs:
-        if not (Path(folder) / "runs.jsonl").exists():
-            parser.error(f"--include-runs: {Path(folder) / 'runs.jsonl'} does not exist.")
     if args.report_only:
         runs_file = Path(args.output) / "runs.jsonl"
         if runs_file.exists():
@@ -343,11 +353,11 @@ def _rows(
         cpus_per_run=args.cpus_per_run,
         confirm=args.confirm,
         grow=args.grow,
-        held_elsewhere={run_key(r) for folder in args.include_runs for r in load_runs(folder) if "error" not in r},
+        held_elsewhere={run_key(r) for r in included},
     )
 
 
-def _report(args: argparse.Namespace, rows: list[dict], labels: list[str]) -> str:
+def _report(args: argparse.Namespace, rows: list[dict], labels: list[str], included: list[dict]) -> str:
     """results.md (the table, where the runs come from, the paired comparisons, failed runs) and the plots."""
     wanted = {tuple(label.partition("/")[::2]) for label in labels}
 
@@ -364,9 +374,7 @@ def _report(args: argparse.Namespace, rows: list[dict], labels: list[str]) -> st
     failed = [r for r in own if "error" in r]
     own = [r for r in own if "error" not in r]
     failed = [r for r in failed if run_key(r) not in {run_key(row) for row in own}]  # not run again since
-    rows = merge_runs(
-        own, *([r for r in load_runs(folder) if requested(r) and "error" not in r] for folder in args.include_runs)
-    )
+    rows = merge_runs(own, [r for r in included if requested(r)])
     table = write_table(rows, f"{args.output}/results.md", methods=args.methods)
     sections = []  # below the table: where the runs come from, then the paired comparisons
     if len(rows) > len(own):
@@ -390,8 +398,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     labels, data_configs, method_configs, set_args = _checked(parser, args)
-    rows = _rows(parser, args, data_configs, method_configs, set_args)
-    print(_report(args, rows, labels))
+    included = _included(parser, args)
+    rows = _rows(parser, args, data_configs, method_configs, set_args, included)
+    print(_report(args, rows, labels, included))
     return 0
 
 

@@ -233,7 +233,7 @@ def run_benchmark(
     elsewhere = set(held_elsewhere) - done
     todo = [task for task in plan if task.key not in done and task.key not in elsewhere]
     if len(plan) > len(todo):
-        there = len([task for task in plan if task.key in done])
+        there = sum(task.key in done for task in plan)
         held = len(plan) - len(todo) - there
         others = f" and {held} in --include-runs folders" if held else ""
         progress(f"{there} of {len(plan)} runs are already in {runs_file}{others}; {len(todo)} to run")

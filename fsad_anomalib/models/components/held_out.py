@@ -154,11 +154,13 @@ def part_scores(
     topk_ratio: float = 0.01,
     coreset_ratio: float = 0.1,
     max_patches: int = 200_000,
+    with_global: bool = True,
 ) -> dict[str, dict[str, torch.Tensor]]:
     """Held-out global and local image scores of normals and synthetic anomalies, fold by fold.
 
-    In each fold a global Gaussian, a patch Gaussian and (for ``knn`` modes) a coreset memory bank are fitted on
-    the fold's ``fit`` views, as the model fits them, and the fold's held-out normals and anomalies are scored.
+    In each fold a global Gaussian (``with_global``), a patch Gaussian (modes that use it) and (for ``knn`` modes)
+    a coreset memory bank are fitted on the fold's ``fit`` views, as the model fits them, and the fold's held-out
+    normals and anomalies are scored.
 
     Args:
         folds (Sequence[Fold]): The splits.
@@ -170,20 +172,24 @@ def part_scores(
         topk_ratio (float): Fraction of the patches whose mean is the image score.
         coreset_ratio (float): Memory-bank fraction of the fitted patches (``knn`` modes).
         max_patches (int): At most this many patches in each fit.
+        with_global (bool): Score the global part too (not needed where only a local part is scored).
 
     Returns:
-        dict[str, dict[str, torch.Tensor]]: ``{"normal": {...}, "anomaly": {...}}``, each mapping ``"global"`` and
-        every local mode to the concatenated scores of all folds (anomalies in the folds' order).
+        dict[str, dict[str, torch.Tensor]]: ``{"normal": {...}, "anomaly": {...}}``, each mapping ``"global"`` (with
+        ``with_global``) and every local mode to the concatenated scores of all folds (anomalies in the folds' order).
     """
     out: dict[str, dict[str, list[torch.Tensor]]] = {"normal": {}, "anomaly": {}}
-    keys = ["global", *local_modes]
+    keys = (["global"] if with_global else []) + list(local_modes)
+    gaussian_modes = {"patch", "knn_patch"} & set(local_modes)
     for part in out.values():
         for key in keys:
             part[key] = []
     for fold in folds:
-        g_mean, g_precision, _ = fit_gaussian(normal_global[fold.fit])
+        if with_global:
+            g_mean, g_precision, _ = fit_gaussian(normal_global[fold.fit])
         rows = _fit_patches(normal_patch[fold.fit], max_patches)
-        p_mean, p_precision, _ = fit_gaussian(rows)
+        if gaussian_modes:
+            p_mean, p_precision, _ = fit_gaussian(rows)
         subspace = fit_subspace(rows) if "subspace" in local_modes else None
         bank = None
         if any(mode in KNN_MODES for mode in local_modes):
@@ -193,8 +199,9 @@ def part_scores(
             index = torch.tensor(fold.anomalies, device=anomaly_patch.device)
             queries["anomaly"] = (anomaly_patch[index], anomaly_global[index])
         for name, (patch, emb) in queries.items():
-            out[name]["global"].append(mahalanobis(emb, g_mean, g_precision))
-            gauss = gaussian_map(patch, p_mean, p_precision)
+            if with_global:
+                out[name]["global"].append(mahalanobis(emb, g_mean, g_precision))
+            gauss = gaussian_map(patch, p_mean, p_precision) if gaussian_modes else None
             knn = nearest_map(patch, bank) if bank is not None else None
             for mode in local_modes:
                 if mode == "patch":

@@ -66,11 +66,14 @@ def held_out_scales(
     normal_patch, normal_fine, normal_global = stacked
     folds = folds_for(total, k, views.n)
     options = {"topk_ratio": model.topk_ratio, "coreset_ratio": model.coreset_ratio, "max_patches": max_patches}
-    scores = part_scores(folds, normal_patch, normal_global, local_modes=(model.local_mode,), **options)
-    shift_[:2], scale[:2] = standardisation(scores["normal"]["global"], scores["normal"][model.local_mode])
+    mode = model.local_mode
+    scores = part_scores(folds, normal_patch, normal_global, local_modes=(mode,), with_global=not alone, **options)
+    local = scores["normal"][mode]
+    shift_[:2], scale[:2] = standardisation(scores["normal"].get("global", local), local)
     if alone:  # the global part is not scored: it keeps shift 0 and scale 1, as the record and buffers say
         shift_[0], scale[0] = 0.0, 1.0
     if normal_fine is not None:
+        options["with_global"] = False
         fine = part_scores(folds, normal_fine, normal_global, local_modes=("patch",), **options)["normal"]["patch"]
         shift_[2], scale[2] = (value[1] for value in standardisation(fine, fine))
     return shift_, scale
