@@ -76,6 +76,44 @@ def test_resnet18_sweep_of_patchcore_padim_and_fewshotcontrastive(generated_root
         )
 
 
+def test_a_dinov2_sweep_runs_fewshotcontrastive_beside_anomalydino(generated_root, tmp_path, capsys):
+    """--backbone vit_small_patch14_dinov2 --no-pretrained: FewShotContrastive, AnomalyDINO (fine-tuned too), PatchCore
+    and PaDiM on the same ViT blocks, side by side.
+    """
+    from fsad_anomalib.benchmark.__main__ import main
+
+    out = tmp_path / "bench"
+    methods = ["FewShotContrastive", "AnomalyDINO", "AnomalyDINO+fine-tuning", "PatchCore", "PaDiM"]
+    argv = ["--data", _data_config(tmp_path / "toy.yaml", generated_root), "--k", "2", "--seeds", "0"]
+    argv += ["--backbone", "vit_small_patch14_dinov2", "--no-pretrained", "--image-size", "64", "--no-timing"]
+    argv += ["--model-args", '{"fine_tuning": false}', "--methods", *methods, "--output", str(out)]
+    argv += ["--compare", "FewShotContrastive", "AnomalyDINO"]
+    assert main(argv) == 0
+    rows = {r["method"]: r for r in load_runs(out)}
+    assert sorted(rows) == sorted(methods)
+    for method, row in rows.items():
+        assert "error" not in row, (method, row.get("error"))
+        assert row["non_finite_scores"] == 0 and row["image_AUROC"] > 0.5, method  # bright blobs, random weights
+    assert rows["PatchCore"]["layers"] == ["blocks.5", "blocks.8"]
+    assert rows["PaDiM"]["layers"] == ["blocks.4", "blocks.5", "blocks.8"]
+    assert "FewShotContrastive against AnomalyDINO, paired by support set" in (out / "results.md").read_text()
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # AnomalyDINO alone on a CNN: nothing runs, and the command says why
+        main([
+            "--sets",
+            "ELPV/mono",
+            "--k",
+            "1",
+            "--backbone",
+            "resnet18",
+            "--methods",
+            "AnomalyDINO",
+            "--output",
+            str(tmp_path / "none"),
+        ])
+    assert "AnomalyDINO skipped: AnomalyDINO runs on DINOv2 ViTs only" in capsys.readouterr().err
+
+
 def test_a_method_config_runs_beside_the_built_in_methods(generated_root, tmp_path, capsys):
     """--method-config Dfm=FILE: stock anomalib DFM, trained and tested on the same support sets and tables."""
     from fsad_anomalib.benchmark.__main__ import main

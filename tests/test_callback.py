@@ -12,6 +12,7 @@ from fsad_anomalib.benchmark.methods import build_method
 from fsad_anomalib.callbacks import ContrastiveFineTuning
 from fsad_anomalib.data import FewShot
 from fsad_anomalib.data.views import Symmetries, resolve_symmetries
+from fsad_anomalib.fine_tuning import find_feature_extractor
 
 from .conftest import cpu_engine, folder_datamodule
 
@@ -38,6 +39,26 @@ def test_callback_changes_only_the_feature_extractor(method):
     assert not any("running_" in k for k in changed)
     # requires_grad flags are restored as they were
     assert [p.requires_grad for p in model.model.feature_extractor.parameters()] == flags
+
+
+@pytest.mark.parametrize("method", ["AnomalyDINO", "FewShotContrastive"])
+def test_a_vit_is_fine_tuned_in_its_second_half_of_blocks(method):
+    """Anomalib's AnomalyDINO (its encoder at model.feature_encoder) and FewShotContrastive on a DINOv2 ViT: blocks
+    5-11 and the final norm of a 12-block ViT change; the patch and position embeddings, tokens and blocks 0-4 do not.
+    """
+    seed_everything(0)
+    model = build_method(method, "vit_small_patch14_dinov2", image_size=56, pre_trained=False)
+    network = find_feature_extractor(model)
+    before = {k: v.clone() for k, v in network.state_dict().items()}
+    flags = [p.requires_grad for p in network.parameters()]
+    ContrastiveFineTuning(steps=2).fine_tune(model, torch.rand(2, 3, 56, 56))
+    changed = {
+        k.split(".")[0] + ("." + k.split(".")[1] if k.startswith("blocks.") else "")
+        for k, v in network.state_dict().items()
+        if not torch.equal(v, before[k])
+    }
+    assert changed == {f"blocks.{i}" for i in range(5, 12)} | {"norm"}, sorted(changed)
+    assert [p.requires_grad for p in network.parameters()] == flags
 
 
 def test_larger_support_sets_are_fine_tuned_in_random_batches_of_batch_size():

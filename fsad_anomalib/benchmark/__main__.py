@@ -21,7 +21,14 @@ from typing import Any
 from fsad_anomalib.benchmark.cli import int_at_least, json_object, parse_json_object, quiet_logs, rate
 from fsad_anomalib.benchmark.executors import EXECUTORS
 from fsad_anomalib.benchmark.method_config import MethodConfig
-from fsad_anomalib.benchmark.methods import FSC_VARIANTS, METHODS, build_method, few_shot_contrastive_args, stock_layers
+from fsad_anomalib.benchmark.methods import (
+    FSC_VARIANTS,
+    METHODS,
+    anomaly_dino_encoder,
+    build_method,
+    few_shot_contrastive_args,
+    stock_layers,
+)
 from fsad_anomalib.benchmark.report import failed_table, paired_table, write_plots, write_table
 from fsad_anomalib.benchmark.runner import load_runs, merge_runs, run_benchmark, run_key
 from fsad_anomalib.benchmark.sets import SETS_HELP, DataConfig, builtin_datamodule
@@ -139,10 +146,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--methods",
         nargs="+",
-        default=list(METHODS),
+        default=None,
         metavar="METHOD",
         help=f"built-in methods ({', '.join(METHODS)}) and --method-config names (default: every "
-        "built-in one; each --method-config method runs whether listed or not)",
+        "built-in one that runs on --backbone, AnomalyDINO on DINOv2 ViTs only; each --method-config method runs "
+        "whether listed or not)",
     )
     parser.add_argument(
         "--method-config",
@@ -265,6 +273,19 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _on_this_backbone(args: argparse.Namespace, methods: list[str]) -> list[str]:
+    """``methods`` without AnomalyDINO where ``--backbone`` is no DINOv2 ViT: said when --methods names it."""
+    dino = [method for method in methods if method.removesuffix("+fine-tuning") == "AnomalyDINO"]
+    try:
+        if dino:
+            anomaly_dino_encoder(args.backbone)
+    except ValueError as exc:
+        if args.methods is not None:  # named: say why it does not run (the default list leaves it out quietly)
+            print(f"{', '.join(dino)} skipped: {exc}", file=sys.stderr, flush=True)
+        return [method for method in methods if method not in dino]
+    return methods
+
+
 def _checked(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple:
     """Every option checked before any run: the sets' labels, ``--data`` configs, method configs, per-set args."""
     if args.ray_address and args.executor != "ray":
@@ -273,12 +294,14 @@ def _checked(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple
         parser.error("--grow grows each model by the --confirm N pool normals: give --confirm N as well.")
     method_configs = {} if args.report_only else _method_configs(parser, args)
     names = [item.partition("=")[0] for item in args.method_config]
-    unknown = [method for method in args.methods if method not in METHODS and method not in names]
+    unknown = [method for method in args.methods or [] if method not in METHODS and method not in names]
     if unknown:
         parser.error(
             f"--methods: unknown {', '.join(unknown)} (built-in: {', '.join(METHODS)}; or a --method-config NAME)."
         )
-    args.methods = list(dict.fromkeys([*args.methods, *names]))
+    args.methods = _on_this_backbone(args, list(dict.fromkeys([*(args.methods or METHODS), *names])))
+    if not args.methods:
+        parser.error(f"--methods: none of them runs on --backbone {args.backbone}.")
     labels, data_configs = _sets_and_data(parser, args)
     logging.basicConfig(level=logging.ERROR)
     quiet_logs()

@@ -3,26 +3,31 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from functools import lru_cache
 from typing import Any
 
-import timm
-import torch
 from anomalib.metrics import AUROC, Evaluator
-from anomalib.models import Padim, Patchcore
+from anomalib.models import AnomalyDINO, Padim, Patchcore
+from anomalib.models.image.anomaly_dino import torch_model as anomaly_dino_torch
+from anomalib.models.image.anomaly_dino.torch_model import DINO_DEPTHS
 from anomalib.models.image.padim.torch_model import _N_FEATURES_DEFAULTS
 from anomalib.pre_processing import PreProcessor
+from torch import nn
 from torchvision.transforms.v2 import Compose, Normalize, Resize
 
 from fsad_anomalib.backbones import backbone_normalization, resolve_backbone
+from fsad_anomalib.backbones.layers import default_layers, feature_layout
 from fsad_anomalib.fine_tuning import ContrastiveFineTuning
 from fsad_anomalib.models import FewShotContrastive
+from fsad_anomalib.models.components.feature_extractor import snapped_size
 from fsad_anomalib.post_processing import NormalThresholdPostProcessor
 
 __all__ = [
     "FSC_VARIANTS",
     "METHODS",
+    "STOCK",
     "OrderPreservingPostProcessor",
+    "anomaly_dino",
+    "anomaly_dino_encoder",
     "build_method",
     "few_shot_contrastive_args",
     "feature_layer_names",
@@ -92,7 +97,8 @@ FSC_VARIANTS: dict[str, dict[str, Any] | bool] = {
     "L_Con": {"lambda_pp": 0.0, "synthesis": "none"},
     "L_Con+L_PP": {"synthesis": "none"},
 }
-METHODS = (*FSC_VARIANTS, "PatchCore", "PaDiM", "PatchCore+fine-tuning", "PaDiM+fine-tuning")
+STOCK = ("PatchCore", "PaDiM", "AnomalyDINO")
+METHODS = (*FSC_VARIANTS, *STOCK, *(f"{name}+fine-tuning" for name in STOCK))
 
 
 def few_shot_contrastive_args(name: str, fsc_args: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -133,24 +139,8 @@ def few_shot_contrastive_args(name: str, fsc_args: dict[str, Any] | None = None)
     return args
 
 
-# FewShotContrastive's default patch layers (timm feature depths): the stock methods read the same depths
-DEFAULT_DEPTHS = (2, 3)
-
-
-@lru_cache(maxsize=16)
-def _feature_info(backbone: str) -> tuple[tuple[str, ...], tuple[int, ...]]:
-
-    try:  # its random initialisation must not draw from the run's seeded stream (the first run would differ)
-        with torch.random.fork_rng(devices=[]):
-            network = timm.create_model(resolve_backbone(backbone), features_only=True, pretrained=False)
-    except (RuntimeError, ValueError, OSError) as exc:
-        msg = f"--backbone {backbone}: not a timm model with feature maps ({' '.join(str(exc).split())[:300]})."
-        raise ValueError(msg) from exc
-    return tuple(network.feature_info.module_name()), tuple(network.feature_info.channels())
-
-
 def feature_layer_names(backbone: str) -> tuple[str, ...]:
-    """The module names of a timm backbone's feature depths (``feature_info``), shallow to deep, without weights.
+    """The module names of a timm backbone's feature depths (``feature_info``; a ViT's blocks), shallow to deep.
 
     ``resnet18``: ``act1, layer1, layer2, layer3, layer4``; EfficientNet-Lite0: ``blocks.0, blocks.1, blocks.2,
     blocks.4, blocks.6``. ``offline:`` names and ``local-dir:`` folders are read from their config.
@@ -158,22 +148,27 @@ def feature_layer_names(backbone: str) -> tuple[str, ...]:
     Raises:
         ValueError: ``backbone`` is not a timm model with feature maps.
     """
-    return _feature_info(backbone)[0]
+    try:
+        return feature_layout(backbone).names
+    except ValueError as exc:
+        msg = f"--backbone {backbone}: {exc}"
+        raise ValueError(msg) from exc
 
 
 def stock_layers(backbone: str, layers: Sequence[int | str] | str | None = None) -> dict[str, list[str]]:
     """PatchCore's and PaDiM's layers on ``backbone``: FewShotContrastive's feature depths, by name.
 
     PatchCore reads FewShotContrastive's patch layers (``layers``, timm feature depths or module names; default and
-    ``"auto"``: depths 2 and 3, anomalib's ``layer2, layer3`` on a ResNet and ``blocks.2, blocks.4`` on
-    EfficientNet-Lite0); PaDiM one depth shallower as well (``layer1, layer2, layer3``, its anomalib default on a
-    ResNet). The names are resolved through timm's ``feature_info``, so any timm CNN works.
+    ``"auto"``: the stride-8 and stride-16 stages, anomalib's ``layer2, layer3`` on a ResNet and ``blocks.2,
+    blocks.4`` on EfficientNet-Lite0; a ViT's blocks at half and three quarters of its depth); PaDiM one depth
+    shallower as well (``layer1, layer2, layer3``, its anomalib default on a ResNet). The names are resolved through
+    timm's ``feature_info`` (:func:`~fsad_anomalib.backbones.layers.feature_layout`), so any timm CNN works.
 
     Raises:
         ValueError: A depth or name the backbone does not have.
     """
     names = list(feature_layer_names(backbone))
-    wanted = list(DEFAULT_DEPTHS) if layers is None or isinstance(layers, str) else list(layers)
+    wanted = default_layers(backbone)[0] if layers is None or isinstance(layers, str) else list(layers)
     depths = []
     for layer in wanted:
         if isinstance(layer, int) and 0 <= layer < len(names):
@@ -212,12 +207,15 @@ def build_method(  # noqa: ANN201
         args = {"visualizer": False, **components, **few_shot_contrastive_args(name, fsc_args)}
         return FewShotContrastive(backbone=backbone, image_size=image_size, pre_trained=pre_trained, **args)
     name = name.removesuffix("+fine-tuning")
-    if name not in {"PatchCore", "PaDiM"}:
+    if name not in STOCK:
         msg = f"Unknown method '{name}'. Known: {METHODS}."
         raise ValueError(msg)
     timm_name = resolve_backbone(backbone)
     mean, std = backbone_normalization(backbone)
-    pre = PreProcessor(transform=Compose([Resize((image_size, image_size), antialias=True), Normalize(mean, std)]))
+    size = snapped_size((image_size, image_size), feature_layout(backbone).patch_size)  # a ViT's: its patch multiple
+    pre = PreProcessor(transform=Compose([Resize(size, antialias=True), Normalize(mean, std)]))
+    if name == "AnomalyDINO":
+        return anomaly_dino(timm_name, pre_trained, pre_processor=pre, visualizer=False, **components)
     layers = stock_layers(backbone, (fsc_args or {}).get("layers"))[name]
     if name == "PatchCore":
         return Patchcore(
@@ -240,12 +238,54 @@ def build_method(  # noqa: ANN201
     )
 
 
+def anomaly_dino_encoder(backbone: str) -> str:
+    """The timm name AnomalyDINO takes for ``backbone``.
+
+    Raises:
+        ValueError: ``backbone`` is not a DINOv2 ViT AnomalyDINO knows (it reads the last block of the sizes in
+            ``DINO_DEPTHS``).
+    """
+    encoder = resolve_backbone(backbone)
+    if "dino" not in encoder or not any(size in encoder for size in DINO_DEPTHS):
+        msg = (
+            f"AnomalyDINO runs on DINOv2 ViTs only (--backbone vit_small_patch14_dinov2, or another of the "
+            f"{', '.join(DINO_DEPTHS)} sizes), not on '{backbone}'."
+        )
+        raise ValueError(msg)
+    return encoder
+
+
+def anomaly_dino(encoder: str, pre_trained: bool = True, **kwargs: Any) -> AnomalyDINO:  # noqa: ANN401
+    """Anomalib's AnomalyDINO on the DINOv2 ViT ``encoder`` (random weights with ``pre_trained=False``).
+
+    AnomalyDINO always asks timm for pretrained weights; without them (tests, smoke runs) its extractor is built with
+    random ones.
+
+    Raises:
+        ValueError: ``encoder`` is not a DINOv2 ViT AnomalyDINO knows (it reads the last block of the sizes in
+            ``DINO_DEPTHS``).
+    """
+    encoder = anomaly_dino_encoder(encoder)
+    if pre_trained:
+        return AnomalyDINO(encoder_name=encoder, **kwargs)
+    built = anomaly_dino_torch.TimmFeatureExtractor
+
+    def random_weights(*args: Any, **options: Any) -> nn.Module:  # noqa: ANN401 - TimmFeatureExtractor's own
+        return built(*args, **{**options, "pre_trained": False})
+
+    anomaly_dino_torch.TimmFeatureExtractor = random_weights
+    try:
+        return AnomalyDINO(encoder_name=encoder, **kwargs)
+    finally:
+        anomaly_dino_torch.TimmFeatureExtractor = built
+
+
 def _padim_features(backbone: str, layers: list[str]) -> int:
     """PaDiM's ``n_features`` on ``layers`` of ``backbone``.
 
     Anomalib's own choice for its backbones (100 on resnet18, 550 on wide_resnet50_2),
     else 100, and never more than the layers' channels hold together.
     """
-    names, channels = _feature_info(backbone)
-    total = sum(channels[names.index(layer)] for layer in layers)
+    layout = feature_layout(backbone)
+    total = sum(layout.channels[layout.names.index(layer)] for layer in layers)
     return min(_N_FEATURES_DEFAULTS.get(resolve_backbone(backbone), 100), total)

@@ -20,7 +20,7 @@ from fsad_anomalib.fine_tuning.views import ViewAugmentation
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ContrastiveFeatures", "ContrastiveFineTuning", "find_feature_extractor"]
+__all__ = ["ContrastiveFeatures", "ContrastiveFineTuning", "find_feature_extractor", "trained_parameters"]
 
 # the projection heads' output size (the paper's), and at most this many training images from a loader
 PROJECTION_DIM = 128
@@ -36,22 +36,50 @@ class ContrastiveFeatures(Protocol):
         ...
 
 
+def _extractor(pl_module: LightningModule) -> nn.Module:
+    """The model's ``TimmFeatureExtractor``: ``model.feature_extractor``, or AnomalyDINO's ``model.feature_encoder``."""
+    model = getattr(pl_module, "model", None)
+    for attribute in ("feature_extractor", "feature_encoder"):
+        extractor = getattr(model, attribute, None)
+        if getattr(extractor, "feature_extractor", None) is not None:
+            return extractor
+    msg = (
+        f"ContrastiveFineTuning needs a model with a TimmFeatureExtractor at model.feature_extractor or "
+        f"model.feature_encoder (PatchCore, PaDiM, AnomalyDINO, FewShotContrastive, ...); {type(pl_module).__name__} "
+        "has none."
+    )
+    raise TypeError(msg)
+
+
 def find_feature_extractor(pl_module: LightningModule) -> nn.Module:
-    """The timm network inside the model's ``TimmFeatureExtractor`` (``model.feature_extractor``).
+    """The timm network inside the model's ``TimmFeatureExtractor`` (at ``model.feature_extractor`` or ``encoder``).
 
     Raises:
-        TypeError: The model has no ``TimmFeatureExtractor`` at ``model.feature_extractor``.
+        TypeError: The model has no ``TimmFeatureExtractor`` there.
     """
-    model = getattr(pl_module, "model", None)
-    extractor = getattr(model, "feature_extractor", None)
-    inner = getattr(extractor, "feature_extractor", None)
-    if inner is None:
-        msg = (
-            f"ContrastiveFineTuning needs a model with a TimmFeatureExtractor at model.feature_extractor "
-            f"(PatchCore, PaDiM, FewShotContrastive, ...); {type(pl_module).__name__} has none."
-        )
-        raise TypeError(msg)
-    return inner
+    return _extractor(pl_module).feature_extractor
+
+
+def trained_parameters(network: nn.Module) -> tuple[list[nn.Parameter], str]:
+    """What fine-tuning trains in ``network``, and a sentence that says so.
+
+    A CNN: every weight (its BatchNorm statistics stay frozen: K images cannot estimate them). A ViT (a timm
+    network with ``patch_embed`` and ``blocks``): the second half of its blocks, from the block at half the depth
+    (FewShotContrastive's first default patch layer), and the final norm; the patch and position embeddings, the
+    class and register tokens and the first blocks stay as they are (a ViT has no BatchNorm).
+    """
+    blocks = getattr(network, "blocks", None)
+    if getattr(network, "patch_embed", None) is None or not isinstance(blocks, nn.Sequential | nn.ModuleList):
+        return list(network.parameters()), "every weight of the backbone, BatchNorm statistics frozen"
+    first = max(len(blocks) // 2 - 1, 0)
+    norm = getattr(network, "norm", None)
+    trained = [*blocks[first:].parameters(), *(norm.parameters() if isinstance(norm, nn.Module) else [])]
+    total = sum(p.numel() for p in network.parameters())
+    return trained, (
+        f"blocks {first}-{len(blocks) - 1} and the final norm of the ViT ({sum(p.numel() for p in trained) / 1e6:.1f} "
+        f"M of {total / 1e6:.1f} M weights); the patch and position embeddings, prefix tokens and blocks 0-{first - 1} "
+        "stay as they are"
+    )
 
 
 def _positive(name: str, value: float, strict: bool = True) -> None:
@@ -204,9 +232,17 @@ class ContrastiveFineTuning(HyperparametersMixin, Callback):
         model = getattr(pl_module, "model", None)
         if isinstance(model, ContrastiveFeatures):
             return lambda batch: model.contrastive_features(transform(batch))
+        extractor = _extractor(pl_module)
+
+        def maps_of(batch: torch.Tensor) -> list[torch.Tensor]:
+            if getattr(extractor, "_uses_intermediates", False):  # a ViT (AnomalyDINO's encoder): blocks as maps
+                return network.forward_intermediates(
+                    batch, indices=list(extractor.idx), norm=extractor.norm, output_fmt="NCHW", intermediates_only=True
+                )
+            return list(network(batch))
 
         def features(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            maps = network(transform(batch))
+            maps = maps_of(transform(batch))
             return patch_and_global(maps[:-1] if len(maps) > 1 else maps, maps[-1])
 
         return features
@@ -255,9 +291,11 @@ class ContrastiveFineTuning(HyperparametersMixin, Callback):
         for module in network.modules():  # K images cannot estimate BatchNorm statistics
             if isinstance(module, nn.modules.batchnorm._BatchNorm):  # noqa: SLF001
                 module.eval()
-        trained = list(network.parameters())
-        for parameter in trained:
-            parameter.requires_grad_(requires_grad=True)
+        trained, what = trained_parameters(network)
+        chosen = {id(parameter) for parameter in trained}
+        for parameter in network.parameters():
+            parameter.requires_grad_(requires_grad=id(parameter) in chosen)
+        logger.info("ContrastiveFineTuning: trains %s", what)
         optimizer = torch.optim.AdamW(
             [
                 {"params": trained, "lr": self.lr_backbone},

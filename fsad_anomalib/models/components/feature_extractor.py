@@ -20,8 +20,45 @@ from timm.models.mobilenetv3 import MobileNetV3Features
 from torch import nn
 
 from fsad_anomalib.backbones import IMAGENET_MEAN, IMAGENET_STD, OFFLINE_PREFIX, load_features_weights, resolve_backbone
+from fsad_anomalib.backbones.layers import default_layers, feature_layout
 
-__all__ = ["build_feature_extractor", "features_until"]
+__all__ = ["build_feature_extractor", "features_until", "resolve_layers", "snapped_size"]
+
+
+def snapped_size(size: Sequence[int], multiple: int) -> tuple[int, int]:
+    """``(H, W)`` rounded to the nearest multiples of ``multiple`` (at least one), e.g. a ViT's patch size."""
+    return tuple(max(multiple, round(int(side) / multiple) * multiple) for side in size)  # type: ignore[return-value]
+
+
+def resolve_layers(
+    backbone: str | nn.Module,
+    layers: Sequence[int | str] | None,
+    global_layer: int | str | None,
+    fine_layers: Sequence[int | str] | None = None,
+) -> tuple[list[int | str], int | str]:
+    """The patch layers and global layer: the backbone's defaults where ``None``, checked (with ``fine_layers``).
+
+    Defaults: :func:`~fsad_anomalib.backbones.layers.default_layers`. A layer is an index or a module name of
+    :func:`~fsad_anomalib.backbones.layers.feature_layout`; an ``nn.Module`` backbone needs both given (node names).
+
+    Raises:
+        ValueError: A layer the backbone does not have (the error lists those it has), or no layers.
+    """
+    if isinstance(layers, str) or (layers is not None and not layers):
+        msg = f"layers must be a non-empty sequence of feature layers (timm out_indices or names), got {layers!r}."
+        raise ValueError(msg)
+    if not isinstance(backbone, str):
+        if layers is None or global_layer is None:
+            msg = "an nn.Module backbone has no default feature layers: give layers and global_layer (node names)."
+            raise ValueError(msg)
+        return list(layers), global_layer
+    default_patch, default_global = default_layers(backbone)
+    layers = list(layers) if layers is not None else default_patch
+    global_layer = global_layer if global_layer is not None else default_global
+    error = _layer_error(backbone, [*layers, global_layer, *(fine_layers or [])])
+    if error is not None:
+        raise error
+    return layers, global_layer
 
 
 def _positions(extractor: TimmFeatureExtractor, layers: Sequence[int | str]) -> list[int]:
@@ -44,6 +81,13 @@ def features_until(
     """
     positions = _positions(extractor, layers)
     net = extractor.feature_extractor
+    if getattr(extractor, "_uses_intermediates", False):  # a ViT: the blocks after the deepest one are not run
+        indices = [extractor.idx[p] for p in positions]
+        maps = net.forward_intermediates(
+            inputs, indices=sorted(indices), norm=extractor.norm, stop_early=True, intermediates_only=True
+        )
+        by_index = dict(zip(sorted(indices), maps, strict=True))
+        return {layer: by_index[index] for layer, index in zip(layers, indices, strict=True)}
     if isinstance(net, EfficientNetFeatures | MobileNetV3Features) and net.feature_hooks is None:
         stages = sorted(net._stage_out_idx)  # noqa: SLF001  (output position -> stage, as in their forward)
         wanted = {stages[p]: layer for p, layer in zip(positions, layers, strict=True)}
@@ -74,24 +118,19 @@ def features_until(
     return {layer: feats[layer] for layer in layers}
 
 
-def _layer_error(backbone: str, name: str, layers: Sequence[int | str]) -> ValueError:
-    """The error for feature layers a timm backbone lacks, naming them and every layer it has (index, name, stride)."""
-    import timm
-
+def _layer_error(backbone: str, layers: Sequence[int | str]) -> ValueError | None:
+    """The error for feature layers a timm backbone lacks, naming them and every layer it has; ``None`` if none."""
     try:
-        info = timm.create_model(name, features_only=True, pretrained=False).feature_info
-        modules, reductions = info.module_name(), info.reduction()
-    except Exception as exc:  # noqa: BLE001 - only the message depends on it
+        layout = feature_layout(backbone)
+    except ValueError as exc:
         return ValueError(f"layers {list(layers)}: not all are feature layers of backbone '{backbone}' ({exc}).")
-    missing = [
-        layer for layer in layers if layer not in modules and not (isinstance(layer, int) and 0 <= layer < len(modules))
-    ]
-    listing = ", ".join(
-        f"{i} ({module}, stride {stride})" for i, (module, stride) in enumerate(zip(modules, reductions, strict=True))
-    )
+    known = [*range(len(layout.names)), *layout.names]
+    missing = [layer for layer in layers if isinstance(layer, bool) or layer not in known]
+    if not missing:
+        return None
     return ValueError(
         f"layers / fine_layers / global_layer {missing}: backbone '{backbone}' has no such feature layer; it has "
-        f"{listing} (give the index or the name)."
+        f"{layout.describe()} (give the index or the name)."
     )
 
 
@@ -111,7 +150,7 @@ def build_feature_extractor(
             if offline:
                 load_features_weights(extractor.feature_extractor, name)
         except IndexError as exc:  # timm's out_indices past the backbone's stages
-            raise _layer_error(backbone, name, layers) from exc
+            raise _layer_error(backbone, layers) or ValueError(f"layers {list(layers)}: {exc}") from exc
         except RuntimeError as exc:
             if "Unknown model" in str(exc) or "Invalid pretrained" in str(exc):
                 msg = f"backbone '{backbone}' is not a timm model name ({exc})."
@@ -131,7 +170,7 @@ def build_feature_extractor(
             )
             raise RuntimeError(msg) from exc
         if len(extractor.layers) < len(list(layers)):  # anomalib drops an unknown layer name with a warning
-            raise _layer_error(backbone, name, layers)
+            raise _layer_error(backbone, layers) or ValueError(f"layers {list(layers)}: not all were found.")
         # timm returns the features shallow to deep whatever order out_indices come in, and anomalib zips them
         # with the layers as given: list the layers by depth so that every name labels its own tensor
         # (layers=(2, 4), global_layer=3 would otherwise call blocks.6's output "3").

