@@ -18,20 +18,20 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from fsad_anomalib.benchmark.cli import int_at_least, json_object, parse_json_object, quiet_logs, rate
-from fsad_anomalib.benchmark.executors import EXECUTORS
+from fsad_anomalib.benchmark.cli import parse_json_object, quiet_logs
 from fsad_anomalib.benchmark.method_config import MethodConfig
 from fsad_anomalib.benchmark.methods import (
     FSC_VARIANTS,
     METHODS,
-    anomaly_dino_encoder,
     build_method,
     few_shot_contrastive_args,
+    methods_on,
     stock_layers,
 )
+from fsad_anomalib.benchmark.options import build_parser
 from fsad_anomalib.benchmark.report import failed_table, paired_table, write_plots, write_table
 from fsad_anomalib.benchmark.runner import load_runs, merge_runs, run_benchmark, run_key
-from fsad_anomalib.benchmark.sets import SETS_HELP, DataConfig, builtin_datamodule
+from fsad_anomalib.benchmark.sets import DataConfig, builtin_datamodule
 
 
 def _sets_and_data(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[list[str], list[DataConfig]]:
@@ -119,173 +119,6 @@ def _method_configs(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     return configs
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m fsad_anomalib.benchmark",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument(
-        "--sets",
-        nargs="+",
-        default=None,
-        help=f"named sets: {SETS_HELP} (default: the three offline sets, unless --data is given)",
-    )
-    parser.add_argument(
-        "--data",
-        nargs="+",
-        default=[],
-        metavar="FILE",
-        help="anomalib datamodule configs, each a set of its own: the 'data:' section of a file "
-        "`anomalib train --config` reads (class_path and init_args; a FewShot wrapper is unwrapped, "
-        "--k and --seeds draw the support sets), or class_path and init_args alone. Other sections "
-        "are ignored: FewShotContrastive's arguments come from --model-args",
-    )
-    parser.add_argument("--k", nargs="+", type=int_at_least(1), default=[1, 2, 4, 8, 16])
-    parser.add_argument("--seeds", nargs="+", type=int_at_least(0), default=[0, 1, 2])
-    parser.add_argument(
-        "--methods",
-        nargs="+",
-        default=None,
-        metavar="METHOD",
-        help=f"built-in methods ({', '.join(METHODS)}) and --method-config names (default: every "
-        "built-in one that runs on --backbone, AnomalyDINO on DINOv2 ViTs only; each --method-config method runs "
-        "whether listed or not)",
-    )
-    parser.add_argument(
-        "--method-config",
-        nargs="+",
-        default=[],
-        metavar="NAME=FILE",
-        help="any anomalib model as a method named NAME: the 'model:' section of a file `anomalib "
-        "train --config` reads (class_path and init_args), or those two keys alone; trained and "
-        "tested on the same support sets, post-processing and metrics as the built-in methods",
-    )
-    parser.add_argument("--output", default="benchmark_results")
-    parser.add_argument(
-        "--backbone",
-        default="offline:tf_efficientnet_lite0",
-        help="any timm CNN (resnet18, wide_resnet50_2, ...) or offline:<arch>; PatchCore and PaDiM "
-        "read the feature depths FewShotContrastive reads, by name through timm's feature_info",
-    )
-    parser.add_argument(
-        "--no-pretrained",
-        dest="pretrained",
-        action="store_false",
-        help="random backbone weights for every built-in method (no download: tests, smoke runs)",
-    )
-    parser.add_argument("--image-size", type=int_at_least(32), default=256)
-    parser.add_argument(
-        "--model-args", type=json_object, default="{}", help="JSON dict of FewShotContrastive arguments"
-    )
-    parser.add_argument(
-        "--set-model-args",
-        nargs="+",
-        default=[],
-        metavar="SET=JSON",
-        help="FewShotContrastive arguments for one set only, over --model-args, "
-        "e.g. 'Textile/local={\"layers\": [1, 2]}'",
-    )
-    parser.add_argument("--no-timing", action="store_true", help="skip inference timing per run")
-    parser.add_argument(
-        "--evaluation",
-        choices=["test", "dev"],
-        default="test",
-        help="offline sets: score on the test set, on the development set (images the test set "
-        "never uses) to choose settings",
-    )
-    parser.add_argument(
-        "--false-reject-rate",
-        type=rate,
-        default=0.05,
-        help="each method's OK/NG threshold is set from its K normals for this target share of good "
-        "parts rejected; results.md tables the rates it gives on the test set (default 0.05)",
-    )
-    parser.add_argument(
-        "--confirm",
-        type=int_at_least(2),
-        default=0,
-        metavar="N",
-        help="also confirm each run's threshold on N further normals of the training pool (neither "
-        "support nor test images), as a line would on its first good parts; results.md tables both",
-    )
-    parser.add_argument(
-        "--grow",
-        action="store_true",
-        help="with --confirm N: then grow each model by those N normals (python -m fsad_anomalib.confirm --grow) "
-        "and test it again; results.md tables its AUROC and rates",
-    )
-    parser.add_argument("--eval-batch-size", type=int_at_least(1), default=32)
-    parser.add_argument(
-        "--accelerator",
-        default="auto",
-        help="Lightning accelerator of every run (auto, cpu, gpu, ...); one device per run",
-    )
-    parser.add_argument(
-        "--executor",
-        choices=EXECUTORS,
-        default="serial",
-        help="serial: one run after another, each in a process of its own; ray: every run a Ray "
-        "task (one GPU each where the cluster has GPUs, else --cpus-per-run CPUs; needs the "
-        "'distributed' extra)",
-    )
-    parser.add_argument(
-        "--ray-address",
-        default=None,
-        help="--executor ray: the cluster to join ('auto' for the one `ray start` set up on this "
-        "node, or host:port); without it a local cluster starts on this machine",
-    )
-    parser.add_argument(
-        "--cpus-per-run",
-        type=int_at_least(1),
-        default=None,
-        help="torch threads of each run, and the CPUs a Ray task asks for (default: torch's own "
-        "thread count; on Ray, 1). Rows are the same on both executors for the same value",
-    )
-    parser.add_argument(
-        "--report-only",
-        action="store_true",
-        help="run nothing: write results.md and the plots from the runs already in --output (and "
-        "--include-runs; with --include-runs, --output may hold no runs: a summary folder)",
-    )
-    parser.add_argument(
-        "--include-runs",
-        nargs="+",
-        default=[],
-        metavar="DIR",
-        help="also put the runs of these earlier output folders in the table and plots, where --output "
-        "has no run of the same set, K, seed and method (e.g. stock PatchCore/PaDiM rows, which no "
-        "FewShotContrastive argument changes); those runs are not run again, and nothing is copied into "
-        "--output's runs.jsonl",
-    )
-    parser.add_argument(
-        "--compare",
-        nargs=2,
-        action="append",
-        default=[],
-        metavar=("METHOD", "OTHER"),
-        help="also table METHOD against OTHER run by run on the same support sets (mean difference, "
-        "in how many pairs METHOD is ahead, level or behind, and the p-value of a two-sided "
-        "sign-flip test); may be given more than once",
-    )
-    parser.add_argument("--mvtec-root", default="./datasets/MVTecAD")
-    parser.add_argument("--visa-root", default="./datasets/visa")
-    return parser
-
-
-def _on_this_backbone(args: argparse.Namespace, methods: list[str]) -> list[str]:
-    """``methods`` without AnomalyDINO where ``--backbone`` is no DINOv2 ViT: said when --methods names it."""
-    dino = [method for method in methods if method.removesuffix("+fine-tuning") == "AnomalyDINO"]
-    try:
-        if dino:
-            anomaly_dino_encoder(args.backbone)
-    except ValueError as exc:
-        if args.methods is not None:  # named: say why it does not run (the default list leaves it out quietly)
-            print(f"{', '.join(dino)} skipped: {exc}", file=sys.stderr, flush=True)
-        return [method for method in methods if method not in dino]
-    return methods
-
-
 def _checked(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple:
     """Every option checked before any run: the sets' labels, ``--data`` configs, method configs, per-set args."""
     if args.ray_address and args.executor != "ray":
@@ -299,7 +132,10 @@ def _checked(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple
         parser.error(
             f"--methods: unknown {', '.join(unknown)} (built-in: {', '.join(METHODS)}; or a --method-config NAME)."
         )
-    args.methods = _on_this_backbone(args, list(dict.fromkeys([*(args.methods or METHODS), *names])))
+    methods, skipped = methods_on(args.backbone, list(dict.fromkeys([*(args.methods or METHODS), *names])))
+    if skipped and args.methods is not None:  # named: say why they do not run (the default list leaves them quietly)
+        print(skipped, file=sys.stderr, flush=True)
+    args.methods = methods
     if not args.methods:
         parser.error(f"--methods: none of them runs on --backbone {args.backbone}.")
     labels, data_configs = _sets_and_data(parser, args)
@@ -418,7 +254,7 @@ def _report(args: argparse.Namespace, rows: list[dict], labels: list[str], inclu
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and write runs.jsonl, results.md and PNG plots: parser, checks, run and report."""
-    parser = _parser()
+    parser = build_parser(__doc__)
     args = parser.parse_args(argv)
     labels, data_configs, method_configs, set_args = _checked(parser, args)
     included = _included(parser, args)

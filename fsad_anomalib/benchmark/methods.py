@@ -30,6 +30,7 @@ __all__ = [
     "anomaly_dino_encoder",
     "build_method",
     "few_shot_contrastive_args",
+    "methods_on",
     "feature_layer_names",
     "method_callbacks",
     "ranking_components",
@@ -253,6 +254,17 @@ def anomaly_dino_encoder(backbone: str) -> str:
         )
         raise ValueError(msg)
     return encoder
+
+
+def methods_on(backbone: str, methods: list[str]) -> tuple[list[str], str]:
+    """``methods`` that run on ``backbone`` (AnomalyDINO on DINOv2 ViTs only), and why the others do not, or ""."""
+    dino = [method for method in methods if method.removesuffix("+fine-tuning") == "AnomalyDINO"]
+    try:
+        if dino:
+            anomaly_dino_encoder(backbone)
+    except ValueError as exc:
+        return [method for method in methods if method not in dino], f"{', '.join(dino)} skipped: {exc}"
+    return methods, ""
 
 
 def anomaly_dino(encoder: str, pre_trained: bool = True, **kwargs: Any) -> AnomalyDINO:  # noqa: ANN401
