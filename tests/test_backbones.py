@@ -148,3 +148,11 @@ def test_weights_saved_for_an_air_gapped_machine_load_back(tmp_path, monkeypatch
     with pytest.raises(SystemExit):  # offline (HF_HUB_OFFLINE=1 in the tests): a clear error, last
         main(argv)
     assert "pretrained weights could not be fetched" in capsys.readouterr().err
+
+
+def test_the_benchmarks_backbone_floor_times_a_vit() -> None:
+    """The benchmark's bare-backbone time on a ViT: whole network, image size snapped to the patch size."""
+    from fsad_anomalib.benchmark.runner import backbone_floor
+
+    floor = backbone_floor("vit_small_patch14_dinov2", IMAGE_SIZE, repeats=1)
+    assert floor["ms_b1"] > 0 and floor["ms_b32"] > 0

@@ -26,11 +26,13 @@ from lightning.pytorch import Callback, seed_everything
 from torch.utils.benchmark import Timer
 
 from fsad_anomalib.backbones import resolve_backbone
+from fsad_anomalib.backbones.layers import feature_layout
 from fsad_anomalib.benchmark.executors import EXECUTORS, Task, ray_executor, serial_executor
 from fsad_anomalib.benchmark.methods import FSC_VARIANTS, METHODS, build_method, method_callbacks
 from fsad_anomalib.benchmark.sets import test_label_counts
 from fsad_anomalib.benchmark.thresholds import confirmation_record, growth_record, threshold_record
 from fsad_anomalib.data import FewShot
+from fsad_anomalib.models.components.feature_extractor import snapped_size
 
 logger = logging.getLogger(__name__)
 
@@ -65,13 +67,16 @@ def time_forward(
 
 
 def backbone_floor(backbone: str, image_size: int, repeats: int = 7) -> dict[str, float]:
-    """Bare backbone forward (timm features, no scoring): the floor for every method using it."""
+    """Bare backbone forward (timm features, no scoring): the floor for every method using it.
+
+    A ViT runs whole, on the image size snapped to its patch size (as the methods run it).
+    """
     # the time does not depend on the weights: random ones, never a download
-    net = timm.create_model(resolve_backbone(backbone), pretrained=False, features_only=True, exportable=True).eval()
-    return {
-        "ms_b1": time_forward(net, 1, image_size, repeats),
-        "ms_b32": time_forward(net, 32, image_size, max(2, repeats // 3)),
-    }
+    patch = feature_layout(backbone).patch_size
+    size = snapped_size((image_size, image_size), patch)[0]
+    options = {"dynamic_img_size": True} if patch > 1 else {"features_only": True, "exportable": True}
+    net = timm.create_model(resolve_backbone(backbone), pretrained=False, **options).eval()
+    return {"ms_b1": time_forward(net, 1, size, repeats), "ms_b32": time_forward(net, 32, size, max(2, repeats // 3))}
 
 
 class NonFiniteScoreCounter(Callback):
