@@ -23,6 +23,22 @@ from sklearn.metrics import roc_auc_score
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
+# The files that take longest (minutes each), longest first. pytest-xdist hands whole files to its two workers in
+# collection order; a long file handed out last would leave the other worker idle while it runs.
+SLOWEST_FILES = (
+    "test_readme_workflow.py",
+    "test_threshold.py",
+    "test_benchmark_generality.py",
+    "test_backbones.py",
+    "test_cli_configs.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Collect the slowest files first; the other files, and the tests within each file, keep their order."""
+    rank = {name: i for i, name in enumerate(SLOWEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
 
 def auroc(normal: torch.Tensor, anomalous: torch.Tensor) -> float:
     """Image AUROC of anomalous against normal scores (scikit-learn)."""
