@@ -332,13 +332,13 @@ def test_a_killed_sweep_resumes(generated_root, tmp_path):
 
 
 def test_a_ray_sweep_equals_the_serial_one(generated_root, tmp_path):
-    """A local Ray cluster of 2 CPUs, 4 runs: the driver's runs.jsonl holds the serial sweep's rows, timings aside;
-    4 more runs, of a set that cannot be built, are recorded as failed and the sweep goes on.
+    """A local Ray cluster of 2 CPUs, 2 runs: the driver's runs.jsonl holds the serial sweep's rows, timings aside;
+    2 more runs, of a set that cannot be built, are recorded as failed and the sweep goes on.
     """
     sets = {"generated/toy": lambda: folder_datamodule(generated_root, val_split_mode="none")}
     common = {
         "k_shots": [1, 2],
-        "seeds": [0, 1],
+        "seeds": [0],
         "methods": ["PatchCore"],
         "image_size": 64,
         "time_inference": False,
@@ -360,10 +360,10 @@ def test_a_ray_sweep_equals_the_serial_one(generated_root, tmp_path):
         executor="ray",
         **{**common, "progress": printed.append},
     )
-    assert printed[0] == "8 runs as Ray tasks on a local Ray cluster"
-    assert any("(8/8 done in " in line for line in printed) and any(" left)" in line for line in printed)
+    assert printed[0] == "4 runs as Ray tasks on a local Ray cluster"
+    assert any("(4/4 done in " in line for line in printed) and any(" left)" in line for line in printed)
     failed = [r for r in ray_rows if "error" in r]
-    assert len(failed) == 4 and all(r["error"] == "OSError: the data folder went away" for r in failed)
+    assert len(failed) == 2 and all(r["error"] == "OSError: the data folder went away" for r in failed)
     assert any(": FAILED, OSError: the data folder went away" in line for line in printed)
     key = lambda r: (r["k_shot"], r["seed"])  # noqa: E731
     assert sorted(key(r) for r in ray_rows if "error" not in r) == sorted(map(key, serial))
