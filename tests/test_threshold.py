@@ -18,6 +18,7 @@ from fsad_anomalib.confirm import confirm
 from fsad_anomalib.data import FewShot
 from fsad_anomalib.models import FewShotContrastive
 from fsad_anomalib.post_processing import NormalThresholdPostProcessor, conformal_bound, prediction_bound
+from fsad_anomalib.post_processing.bounds import bound_at
 
 from .conftest import cpu_engine, folder_datamodule, make_dataset
 
@@ -56,6 +57,25 @@ def test_prediction_bound_refuses_a_single_sample():
         prediction_bound(torch.tensor([1.0]), 0.05)
     # negative scores (a standardised score) are bounded on their own scale
     assert prediction_bound(torch.tensor([-1.0, 0.5, 0.2]), 0.05)["transform"] == "identity"
+
+
+def test_a_score_with_a_floor_is_bounded_as_the_distance_above_it_at_every_rate():
+    """A standardised distance, (d - shift) / scale, is bounded as d is: in logarithms of its distance above the
+    floor (its value at d = 0), at the run's rate and at any other read from the record.
+    """
+    distances = torch.tensor([31.6, 29.3, 27.8, 26.6], dtype=torch.float64)
+    shift, scale = 28.8, 2.88
+    scores, floor = (distances - shift) / scale, -shift / scale
+    for rate in (0.05, 0.01):
+        on_distances = prediction_bound(distances, rate)["threshold"]
+        record = prediction_bound(scores, rate, floor=floor)
+        assert record["transform"] == "log" and record["floor"] == pytest.approx(floor)
+        assert record["threshold"] == pytest.approx((on_distances - shift) / scale)
+        other = 0.06 - rate  # 0.01 <-> 0.05
+        expected = (prediction_bound(distances, other)["threshold"] - shift) / scale
+        assert bound_at(record, other) == pytest.approx(expected)
+    # a floor some score does not clear is not one: the scores are bounded on their own scale
+    assert prediction_bound(scores, 0.05, floor=float(scores.min()))["transform"] == "identity"
 
 
 @pytest.mark.parametrize("rate", [0.0, 0.5, -0.1, True, "5%"])
@@ -146,6 +166,28 @@ def test_without_a_validation_split_it_trains_tests_and_predicts_with_labels(def
     assert labels.dtype == torch.bool and torch.equal(labels, scores > 0.5)
     assert float(labels[truth == 1].float().mean()) > 0.8 and float(labels[truth == 0].float().mean()) < 0.5
     assert bool(((scores >= 0) & (scores <= 1)).all()) and masks.dtype == torch.bool
+
+
+def test_four_normals_step_their_refits_to_the_deployed_scale_and_bound_above_the_floor(default_without_validation):
+    """K = 4: each refit on 3 images scores on the deployed model's scale, its level moved down to a fit on 4 (not
+    up); the bound reads the held-out scores' distance above the score's floor, which no normal image goes below.
+    """
+    run = default_without_validation
+    model, post = run["model"], run["model"].post_processor
+    floor = model.score_floor()
+    assert floor is not None and floor < 0
+    record = post.calibration["image"]
+    assert record["transform"] == "log" and record["floor"] == pytest.approx(floor)
+    assert min(post.calibration["held_out_scores"]) > floor and record["threshold"] > floor
+    deployed = model.model
+    refit = model.refit(post.references[:3].to(model.device))
+    step = float(deployed.score_shift[1] / refit.score_shift[1])
+    assert 0 < step <= 1
+    assert float(refit.score_scale[1]) == pytest.approx(float(deployed.score_scale[1]) / step)
+    model.eval()
+    with torch.no_grad():
+        scores = model(torch.stack([run["datamodule"].test_data[i].image for i in range(6)])).pred_score
+    assert bool((scores > floor).all())
 
 
 def test_checkpoint_carries_the_threshold(default_without_validation):

@@ -25,7 +25,9 @@ def _transformed(scores: torch.Tensor, transform: str) -> torch.Tensor:
     return values.log() if transform == "log" else values
 
 
-def prediction_bound(scores: torch.Tensor, false_reject_rate: float, n_effective: int | None = None) -> dict[str, Any]:
+def prediction_bound(
+    scores: torch.Tensor, false_reject_rate: float, n_effective: int | None = None, floor: float | None = None
+) -> dict[str, Any]:
     """The one-sided normal prediction bound of ``scores`` at ``false_reject_rate``.
 
     Args:
@@ -33,24 +35,28 @@ def prediction_bound(scores: torch.Tensor, false_reject_rate: float, n_effective
         false_reject_rate (float): The target probability that a new normal score lies above the bound.
         n_effective (int | None): The number of independent samples behind ``scores`` (the images, where several
             views of one image were scored); defaults to ``scores.numel()``.
+        floor (float | None): The lowest score the model can give (a standardised distance's value at distance 0),
+            where it has one: the bound is then computed on the scores' distance above it, as on raw distances.
 
     Returns:
         dict[str, Any]: ``threshold`` (float) and what it was computed from: ``transform`` (``log`` where all
-        scores are positive, else ``identity``), ``mean`` and ``std`` in that space, ``n``, ``t``.
+        scores lie above ``floor`` (default 0), else ``identity``), ``floor``, ``mean`` and ``std`` in that space,
+        ``n``, ``t``.
     """
     values = scores.detach().double().flatten().cpu()
     n = int(n_effective or values.numel())
     if values.numel() < 2 or n < 2:
         msg = f"a prediction bound needs at least 2 held-out scores from 2 samples, got {values.numel()} from {n}."
         raise ValueError(msg)
-    transform = transform_of(values)
-    x = _transformed(values, transform)
+    offset = float(floor) if floor is not None and bool((values > floor).all()) else 0.0
+    transform = transform_of(values - offset)
+    x = _transformed(values - offset, transform)
     mean, std = float(x.mean()), float(x.std())
     # scores that agree to the last digits would give a bound at the mean: keep a floor of 1 % of the level
     std = max(std, 0.01 * max(abs(mean), 1e-12)) if transform == "identity" else max(std, 1e-3)
     t = float(stats.t.ppf(1.0 - false_reject_rate, df=n - 1))
-    threshold = _bound_value(mean, std, n, t, transform)
-    return {"threshold": threshold, "transform": transform, "mean": mean, "std": std, "n": n, "t": t}
+    threshold = _bound_value(mean, std, n, t, transform) + offset
+    return {"threshold": threshold, "transform": transform, "floor": offset, "mean": mean, "std": std, "n": n, "t": t}
 
 
 def _bound_value(mean: float, std: float, n: int, t: float, transform: str) -> float:
@@ -96,7 +102,8 @@ def bound_at(record: dict[str, Any], false_reject_rate: float) -> float:
         scores = torch.tensor(record["scores"], dtype=torch.float64)
         return float(conformal_bound(scores, false_reject_rate)["threshold"])
     t = float(stats.t.ppf(1.0 - false_reject_rate, df=int(record["n"]) - 1))
-    return _bound_value(float(record["mean"]), float(record["std"]), int(record["n"]), t, str(record["transform"]))
+    value = _bound_value(float(record["mean"]), float(record["std"]), int(record["n"]), t, str(record["transform"]))
+    return value + float(record.get("floor", 0.0))
 
 
 def check_rate(false_reject_rate: Any) -> None:  # noqa: ANN401

@@ -228,7 +228,7 @@ class NormalThresholdPostProcessor(PostProcessor):
         refit = pl_module.refit if isinstance(pl_module, Refittable) else self._refit
         was_training = pl_module.training
         try:
-            self.calibrate(images, refit)
+            self.calibrate(images, refit, floor=getattr(pl_module, "score_floor", None))
         finally:
             pl_module.train(was_training)
             self._snapshot = None  # the copy is only needed for the refits
@@ -242,10 +242,16 @@ class NormalThresholdPostProcessor(PostProcessor):
             raise RuntimeError(msg)
         return refit_copy(self._snapshot, images)
 
-    def calibrate(self, images: torch.Tensor, refit: Callable[[torch.Tensor], nn.Module]) -> dict[str, Any]:
+    def calibrate(
+        self,
+        images: torch.Tensor,
+        refit: Callable[[torch.Tensor], nn.Module],
+        floor: Callable[[], float | None] | None = None,
+    ) -> dict[str, Any]:
         """Set the image and pixel thresholds and the normalisation from held-out scores of the normal ``images``.
 
-        ``refit(images)`` returns a scorer fitted on ``images``. The record of what was computed is kept in
+        ``refit(images)`` returns a scorer fitted on ``images``; ``floor()``, where the model has one
+        (``score_floor``), the lowest score the fitted model can give. The record of what was computed is kept in
         ``calibration`` (and in checkpoints).
         """
         k = images.shape[0]
@@ -269,6 +275,7 @@ class NormalThresholdPostProcessor(PostProcessor):
             self.calibration = {"k_shot": k, "error": text}
             return self.calibration
         scores, maxima, n_scores, n_views = evidence["scores"], evidence["maxima"], evidence["n"], evidence["views"]
+        floor = floor() if floor is not None else None  # the model is fitted by now (the refits fit it first)
         record: dict[str, Any] = {
             "k_shot": k,
             "false_reject_rate": self.false_reject_rate,
@@ -276,13 +283,13 @@ class NormalThresholdPostProcessor(PostProcessor):
             "estimator": "normal prediction bound",
             "held_out_scores": scores.tolist(),
         }
-        image = self._bound(scores, n_scores, "image scores")
+        image = self._bound(scores, n_scores, "image scores", floor)
         if image is not None:
             lowest = float(scores[torch.isfinite(scores)].min())
             record["image"] = {**image, "lowest": lowest}
             self._set(self._image_threshold, self.image_min, self.image_max, image["threshold"], lowest)
         finite = maxima[torch.isfinite(maxima)]
-        pixel = self._bound(maxima, n_scores, "anomaly-map maxima") if finite.numel() else None
+        pixel = self._bound(maxima, n_scores, "anomaly-map maxima", floor) if finite.numel() else None
         if pixel is not None:
             record["pixel"] = {**pixel, "lowest": float(finite.min())}
             self._set(self._pixel_threshold, self.pixel_min, self.pixel_max, pixel["threshold"], float(finite.min()))
@@ -311,7 +318,7 @@ class NormalThresholdPostProcessor(PostProcessor):
         self.calibration = record
         return record
 
-    def _bound(self, scores: torch.Tensor, n_scores: int, what: str) -> dict[str, Any] | None:
+    def _bound(self, scores: torch.Tensor, n_scores: int, what: str, floor: float | None) -> dict[str, Any] | None:
         finite = scores[torch.isfinite(scores)]
         if finite.numel() < scores.numel():
             logger.warning(
@@ -322,7 +329,7 @@ class NormalThresholdPostProcessor(PostProcessor):
                 what,
             )
         try:
-            return prediction_bound(finite, self.false_reject_rate, n_effective=min(n_scores, finite.numel()))
+            return prediction_bound(finite, self.false_reject_rate, min(n_scores, finite.numel()), floor)
         except ValueError as error:
             logger.warning("NormalThresholdPostProcessor: no threshold from the %s: %s", what, error)
             return None

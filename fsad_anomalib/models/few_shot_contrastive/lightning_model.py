@@ -43,7 +43,12 @@ from fsad_anomalib.models.few_shot_contrastive.guards import (
     drop_pixel_metrics_without_masks,
     unfitted_message,
 )
-from fsad_anomalib.models.few_shot_contrastive.scales import MIN_IMAGES_DEPLOYED_SCALES, MIN_IMAGES_LOCAL_ALONE
+from fsad_anomalib.models.few_shot_contrastive.scales import (
+    MIN_IMAGES_DEPLOYED_SCALES,
+    MIN_IMAGES_LOCAL_ALONE,
+    local_alone,
+    stepped_scales,
+)
 from fsad_anomalib.models.few_shot_contrastive.self_configuration import configure, write_record
 from fsad_anomalib.models.few_shot_contrastive.torch_model import FewShotContrastiveModel, NotFittedError
 from fsad_anomalib.post_processing import NormalThresholdPostProcessor
@@ -245,18 +250,33 @@ class FewShotContrastive(AnomalibModule):  # noqa: PLR0904 - Lightning's hooks a
         """A copy of the fitted torch model, refitted on ``images`` alone (configuration and weights kept).
 
         On 2 or 3 images (``MIN_IMAGES_LOCAL_ALONE`` to ``MIN_IMAGES_DEPLOYED_SCALES``, the threshold's refits at
-        K = 3 and 4) the parts' scales are set anew from held-out evidence of ``images``, as training sets them;
-        otherwise, or with ``rescale=False``, they are kept, so that the refit scores on the deployed model's scale
-        with its references alone changed (the cross-fitted scores of a grown model; the threshold's refits at K = 2
-        and from K = 5).
+        K = 3 and 4) a local part alone takes the deployed scales with its level stepped from K - 1 to K images
+        (:func:`~.scales.stepped_scales`); fused parts are set anew from held-out evidence of ``images``, as training
+        sets them. Otherwise, or with ``rescale=False``, the scales are kept, so that the refit scores on the deployed
+        model's scale with its references alone changed (the cross-fitted scores of a grown model; the threshold's
+        refits at K = 2 and from K = 5).
         """
         self._fit_if_needed()
         self._require_fitted("refit")
         rescale = rescale and MIN_IMAGES_LOCAL_ALONE <= len(images) < MIN_IMAGES_DEPLOYED_SCALES
+        stepped = rescale and self.model.two_out_level is not None and len(images) == len(self._support) - 1
         with torch.inference_mode(False):
             clone = copy.deepcopy(self.model)
-            clone.fit(images.to(self.device).clone(), self.views, rescale=rescale)
+            clone.fit(images.to(self.device).clone(), self.views, rescale=rescale and not stepped)
+            if stepped:
+                clone.score_shift, clone.score_scale = stepped_scales(self.model, len(images))
         return clone.eval()
+
+    def score_floor(self) -> float | None:
+        """The lowest score the fitted model can give, where its score is the local part alone: a distance of 0.
+
+        The threshold's bound reads the held-out scores' distance above it, in logarithms, as it reads raw
+        distances (:func:`~fsad_anomalib.post_processing.bounds.prediction_bound`). ``None`` for fused parts.
+        """
+        self._fit_if_needed()
+        if not bool(self.model.is_fitted) or not local_alone(self.model):
+            return None
+        return float(-self.model.score_shift[1] / self.model.score_scale[1])
 
     def _fit_if_needed(self) -> None:
         if self._support and (not bool(self.model.is_fitted) or self._fitted_at_step != self.global_step):

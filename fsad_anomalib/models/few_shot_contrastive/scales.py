@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
+import math
 
 import torch
 from torch import nn
 
 from fsad_anomalib.data.views import Views
-from fsad_anomalib.models.components.held_out import folds_for, part_scores, standardisation
+from fsad_anomalib.models.components.held_out import Fold, folds_for, part_scores, standardisation
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MIN_IMAGES_DEPLOYED_SCALES", "MIN_IMAGES_LOCAL_ALONE", "held_out_scales"]
+__all__ = [
+    "MIN_IMAGES_DEPLOYED_SCALES",
+    "MIN_IMAGES_LOCAL_ALONE",
+    "held_out_scales",
+    "local_alone",
+    "stepped_scales",
+    "two_out_level",
+]
 
 # a local part alone is standardised from this many images on, where its held-out evidence is other images (one
 # image would hold out its own flips and turns, evidence of another kind); a refit on fewer keeps the deployed
@@ -22,8 +31,60 @@ MIN_IMAGES_LOCAL_ALONE = 2
 # deployed scales come from the same leave-one-out fits that give the refits' held-out scores, while a refit's own come
 # from fits on one image fewer (noisy: a support set without one odd image gave held-out scores so tight that its
 # threshold rejected a quarter of good parts). On 2-3 images a refit standardises itself: from 3 to 4 references the
-# held-out level falls too far for the deployed scales to hold
+# held-out level falls too far for the deployed scales to hold: there the local part alone takes the deployed scales
+# with its level stepped (stepped_scales), other parts standardise themselves
 MIN_IMAGES_DEPLOYED_SCALES = 4
+
+
+def local_alone(model: nn.Module) -> bool:
+    """Whether the score is the local part alone, on one scale (the default below five images)."""
+    return model.fusion == "local" and not model.two_scales
+
+
+def two_out_level(
+    model: nn.Module,
+    per_view: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]],
+    views: Views,
+    max_patches: int,
+) -> float:
+    """The local part's mean score on held-out normals of fits on K - 2 of the K images.
+
+    Every pair of images is left out in turn and both are scored (all their views) by the fit on the others: the
+    level one step below the deployed model's held-out shift (fits on K - 1). ``per_view``: the K images' features,
+    view by view, as :meth:`FewShotContrastiveModel.fit` computes them (K >= 3).
+    """
+    patch = torch.stack([part for part, _, _ in per_view])  # (V, K, C, h, w)
+    emb = torch.stack([part for _, _, part in per_view])
+    n_views, k = patch.shape[:2]
+    folds = []
+    for pair in itertools.combinations(range(k), 2):
+        fit, query = torch.zeros(n_views, k, dtype=torch.bool), torch.zeros(n_views, k, dtype=torch.bool)
+        fit[: views.n] = True
+        fit[:, list(pair)], query[:, list(pair)] = False, True
+        folds.append(Fold(fit, query))
+    options = {"topk_ratio": model.topk_ratio, "coreset_ratio": model.coreset_ratio, "max_patches": max_patches}
+    mode = model.local_mode
+    scores = part_scores(folds, patch, emb, local_modes=(mode,), with_global=False, **options)["normal"][mode]
+    return float(scores.mean())
+
+
+def stepped_scales(deployed: nn.Module, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shift and scale of a refit on ``n`` of the deployed model's K = n + 1 images, its level stepped to K images.
+
+    The refit's local part alone goes on the deployed scale, its level moved to that of a fit on K images.
+
+    The held-out level L(m) of a fit on m images falls with m; taken as a power law, L(K) / L(K - 1) =
+    (L(K - 1) / L(K - 2)) ** (log(K / (K - 1)) / log((K - 1) / (K - 2)))), from the deployed model's held-out shift
+    (fits on K - 1) and :func:`two_out_level` (fits on K - 2). The refit's score is then ``(raw * step - shift) /
+    scale`` with the deployed shift and scale: its held-out scores read as a new image's under the deployed model.
+    A level that does not fall gives no step.
+    """
+    shift_, scale = deployed.score_shift.clone(), deployed.score_scale.clone()
+    k = n + 1
+    exponent = math.log(k / n) / math.log(n / (n - 1))
+    step = min(1.0, float(shift_[1]) / deployed.two_out_level) ** exponent
+    shift_[1], scale[1] = shift_[1] / step, scale[1] / step
+    return shift_, scale
 
 
 def held_out_scales(

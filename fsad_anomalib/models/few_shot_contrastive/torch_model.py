@@ -31,7 +31,13 @@ from fsad_anomalib.models.components.held_out import (
     topk_mean,
 )
 from fsad_anomalib.models.components.sampling import greedy_coreset
-from fsad_anomalib.models.few_shot_contrastive.scales import held_out_scales
+from fsad_anomalib.models.few_shot_contrastive.scales import (
+    MIN_IMAGES_DEPLOYED_SCALES,
+    MIN_IMAGES_LOCAL_ALONE,
+    held_out_scales,
+    local_alone,
+    two_out_level,
+)
 from fsad_anomalib.models.few_shot_contrastive.self_configuration import candidates_for
 
 __all__ = ["FewShotContrastiveModel", "NotFittedError"]
@@ -145,6 +151,9 @@ class FewShotContrastiveModel(DynamicBufferMixin, nn.Module):
         self.register_buffer("score_shift", torch.zeros(3))
         self.register_buffer("score_scale", torch.ones(3))
         self.register_buffer("is_fitted", torch.tensor(False))
+        # the local part's held-out level one step below (fits on K - 2), where the threshold's refits step to the
+        # deployed scales (K = 3, 4; scales.stepped_scales); not a buffer: calibration uses it right after the fit
+        self.two_out_level: float | None = None
 
     # ------------------------------------------------------------------ configuration
     @property
@@ -304,6 +313,8 @@ class FewShotContrastiveModel(DynamicBufferMixin, nn.Module):
         if rescale:
             shift_, scale = held_out_scales(self, images, per_view, views, batch_size, max_patches)
             self.score_shift, self.score_scale = shift_.to(self.score_shift), scale.to(self.score_scale)
+            stepped = MIN_IMAGES_LOCAL_ALONE < len(images) <= MIN_IMAGES_DEPLOYED_SCALES and local_alone(self)
+            self.two_out_level = two_out_level(self, per_view, views, max_patches) if stepped else None
         self.train(was_training)
         names = ("global", "local", "fine")
         return {
