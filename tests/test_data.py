@@ -160,6 +160,19 @@ def test_offline_weights_equal_package_tensors_and_classify_a_photo(n):
     assert offline_backbone(f"tf_efficientnet_lite{n}") == name
 
 
+def test_converting_offline_weights_leaves_the_random_state_alone(tmp_path, monkeypatch):
+    """The first run on a machine converts the weights: with the same seed it must train as every later run."""
+    from fsad_anomalib.backbones import offline_backbone
+
+    monkeypatch.setenv("FSAD_ANOMALIB_CACHE", str(tmp_path / "fresh"))
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    offline_backbone("tf_efficientnet_lite0")
+    assert torch.equal(torch.rand(3), expected)
+    assert (tmp_path / "fresh" / "timm" / "tf_efficientnet_lite0" / "model.safetensors").is_file()  # it converted
+
+
 def test_missing_weights_package_names_both_ways(monkeypatch):
     import importlib
 

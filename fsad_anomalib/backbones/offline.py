@@ -100,7 +100,10 @@ def offline_backbone(arch: str = "tf_efficientnet_lite0") -> str:
             pass
 
     state = torch.load(source, map_location="cpu", weights_only=True)
-    model = timm.create_model(arch, pretrained=False)
+    # the architecture's key names and shapes only: its random initialisation must not move the caller's random state
+    # (the first run on a machine, which converts, would otherwise train differently from later runs with its seed)
+    with torch.random.fork_rng(devices=[]):
+        model = timm.create_model(arch, pretrained=False)
     dst = model.state_dict()
     src_keys = [k for k in state if not k.endswith("num_batches_tracked")]
     dst_keys = [k for k in dst if not k.endswith("num_batches_tracked")]
