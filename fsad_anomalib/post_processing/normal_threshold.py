@@ -262,16 +262,10 @@ class NormalThresholdPostProcessor(PostProcessor):
             self.calibration = {"k_shot": k, "error": str(error)}
             return self.calibration
         except Exception as error:  # noqa: BLE001 - the model's own fit failed on fewer images: train on, unlabelled
-            text = (
-                f"the model could not be refitted on {k - len(held_out_groups(k)[0]) if k > 1 else 1} of the {k} "
-                f"images ({type(error).__name__}: "
-                f"{error})"
-            )
-            logger.warning(
-                "NormalThresholdPostProcessor: %s; no threshold is set and scores stay unlabelled. Train "
-                "on more images for a threshold.",
-                text,
-            )
+            kept = k - len(held_out_groups(k)[0]) if k > 1 else 1
+            text = f"the model could not be refitted on {kept} of the {k} images ({type(error).__name__}: {error})"
+            msg = "NormalThresholdPostProcessor: %s; no threshold is set, scores stay unlabelled. Train on more images."
+            logger.warning(msg, text)
             self.calibration = {"k_shot": k, "error": text}
             return self.calibration
         scores, maxima, n_scores, n_views = evidence["scores"], evidence["maxima"], evidence["n"], evidence["views"]
