@@ -192,6 +192,53 @@ def test_exported_models_score_as_eager_with_openvino_defaults_and_no_gradient(l
         )
 
 
+def test_onnx_scores_as_the_eager_checkpoint_at_any_image_size(line: dict, tmp_path: Path, monkeypatch) -> None:
+    """The exported ONNX graph (resizing, model, threshold) against the grown checkpoint in eager mode, one image at
+    a time as deployed: scores, maps and labels; then images of other sizes through ONNX and both inferencers.
+    """
+    import onnxruntime as ort
+    from anomalib.deploy import OpenVINOInferencer, TorchInferencer
+
+    from fsad_anomalib.models import FewShotContrastive
+
+    work = line["work"]
+    model = FewShotContrastive.load_from_checkpoint(work / "grown.ckpt", map_location="cpu").eval()
+    paths = sorted((line["product"] / "test").rglob("*.png"))
+    images = torch.stack([torch.from_numpy(cv2.imread(str(p))[..., ::-1].copy()).permute(2, 0, 1) for p in paths])
+    images = images.float() / 255
+    with torch.no_grad():
+        eager = model(images)
+    labels = eager.pred_label.flatten()
+    assert 0 < int(labels.sum()) < labels.numel()  # the threshold separates: the comparisons compare decisions
+    session = ort.InferenceSession(str(work / "results/weights/onnx/model.onnx"), providers=["CPUExecutionProvider"])
+    names, feed = [o.name for o in session.get_outputs()], session.get_inputs()[0].name
+    for index in range(images.shape[0]):
+        out = dict(zip(names, session.run(None, {feed: images[index : index + 1].numpy()}), strict=True))
+        np.testing.assert_allclose(out["pred_score"], eager.pred_score[index : index + 1].numpy(), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(
+            out["anomaly_map"], eager.anomaly_map[index : index + 1].numpy(), rtol=1e-3, atol=1e-4
+        )
+        if abs(eager.pred_score[index].item() - 0.5) > 1e-4:  # a score on the threshold may flip within tolerance
+            assert bool(out["pred_label"].item()) == bool(labels[index].item())
+    for size in ((64, 80), (200, 150)):
+        outputs = session.run(None, {feed: torch.rand(2, 3, *size).numpy()})
+        assert all(np.isfinite(o).all() for o in outputs if o.dtype.kind == "f")
+    # a line camera's folder of mixed sizes, through the README's two inferencers
+    folder = tmp_path / "line_camera"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for index, size in enumerate([(96, 96), (120, 80), (300, 200)]):
+        cv2.imwrite(str(folder / f"{index}.png"), (rng.random((*size, 3)) * 255).astype(np.uint8))
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("TRUST_REMOTE_CODE", "1")
+    torch_model = TorchInferencer(path=work / "results/weights/torch/model.pt", device="cpu")
+    openvino = OpenVINOInferencer(path=work / "results/weights/openvino/model.xml", device="CPU")
+    for path in sorted(folder.glob("*.png")):
+        a, b = torch_model.predict(path), openvino.predict(path)
+        assert np.isfinite(float(a.pred_score))
+        np.testing.assert_allclose(np.asarray(b.pred_score).ravel()[0], float(a.pred_score), rtol=1e-3)
+
+
 def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     exe = [str(Path(sys.executable).parent / "anomalib")]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OPENVINO_TELEMETRY_DISABLED": "1"}

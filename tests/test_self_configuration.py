@@ -74,10 +74,21 @@ def test_default_catches_a_local_defect_and_a_whole_image_shift(default_run):
 
 
 def test_threshold_refits_from_k5_score_on_the_deployed_scales(default_run):
-    """The K = 5 threshold's refits (on 4 images) keep the deployed parts' scales, references alone refitted."""
+    """The K = 5 threshold's refits (on 4 images) keep the deployed parts' scales, references alone refitted; the
+    bound reads the held-out scores above the fused score's floor (every part at distance 0), which nothing goes below.
+    """
     model = default_run["model"]
     images = model.post_processor.references
-    assert images.shape[0] == 5 and model.post_processor.calibration["k_shot"] == 5
+    calibration = model.post_processor.calibration
+    assert images.shape[0] == 5 and calibration["k_shot"] == 5
+    floors = (-model.model.score_shift / model.model.score_scale).tolist()
+    image_floor, map_floor = model.score_floor()
+    local_floor = floors[1] if not model.model.two_scales else (floors[1] + floors[2]) / 2
+    assert map_floor == pytest.approx(local_floor) and image_floor == pytest.approx(max(floors[0], local_floor))
+    assert calibration["image"]["transform"] == "log" and calibration["image"]["floor"] == pytest.approx(image_floor)
+    assert min(calibration["held_out_scores"]) > image_floor
+    with torch.no_grad():
+        assert bool((model.model.eval()(torch.rand(4, 3, IMAGE_SIZE, IMAGE_SIZE)).pred_score > image_floor).all())
     refit = model.refit(images[1:])
     assert torch.equal(refit.score_shift, model.model.score_shift)
     assert torch.equal(refit.score_scale, model.model.score_scale)
