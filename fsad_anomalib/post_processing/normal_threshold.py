@@ -246,13 +246,13 @@ class NormalThresholdPostProcessor(PostProcessor):
         self,
         images: torch.Tensor,
         refit: Callable[[torch.Tensor], nn.Module],
-        floor: Callable[[], float | None] | None = None,
+        floor: Callable[[], tuple[float, float] | None] | None = None,
     ) -> dict[str, Any]:
         """Set the image and pixel thresholds and the normalisation from held-out scores of the normal ``images``.
 
-        ``refit(images)`` returns a scorer fitted on ``images``; ``floor()``, where the model has one
-        (``score_floor``), the lowest score the fitted model can give. The record of what was computed is kept in
-        ``calibration`` (and in checkpoints).
+        ``refit(images)`` returns a scorer fitted on ``images``; ``floor()`` (the model's ``score_floor``), where it
+        has them, the lowest image score and map value the fitted model can give. The record is kept in ``calibration``
+        (and in checkpoints).
         """
         k = images.shape[0]
         try:
@@ -269,7 +269,7 @@ class NormalThresholdPostProcessor(PostProcessor):
             self.calibration = {"k_shot": k, "error": text}
             return self.calibration
         scores, maxima, n_scores, n_views = evidence["scores"], evidence["maxima"], evidence["n"], evidence["views"]
-        floor = floor() if floor is not None else None  # the model is fitted by now (the refits fit it first)
+        floors = (floor() if floor is not None else None) or (None, None)  # fitted by now: the refits fit it first
         record: dict[str, Any] = {
             "k_shot": k,
             "false_reject_rate": self.false_reject_rate,
@@ -277,13 +277,13 @@ class NormalThresholdPostProcessor(PostProcessor):
             "estimator": "normal prediction bound",
             "held_out_scores": scores.tolist(),
         }
-        image = self._bound(scores, n_scores, "image scores", floor)
+        image = self._bound(scores, n_scores, "image scores", floors[0])
         if image is not None:
             lowest = float(scores[torch.isfinite(scores)].min())
             record["image"] = {**image, "lowest": lowest}
             self._set(self._image_threshold, self.image_min, self.image_max, image["threshold"], lowest)
         finite = maxima[torch.isfinite(maxima)]
-        pixel = self._bound(maxima, n_scores, "anomaly-map maxima", floor) if finite.numel() else None
+        pixel = self._bound(maxima, n_scores, "anomaly-map maxima", floors[1]) if finite.numel() else None
         if pixel is not None:
             record["pixel"] = {**pixel, "lowest": float(finite.min())}
             self._set(self._pixel_threshold, self.pixel_min, self.pixel_max, pixel["threshold"], float(finite.min()))

@@ -47,6 +47,7 @@ from fsad_anomalib.models.few_shot_contrastive.scales import (
     MIN_IMAGES_DEPLOYED_SCALES,
     MIN_IMAGES_LOCAL_ALONE,
     local_alone,
+    score_floors,
     stepped_scales,
 )
 from fsad_anomalib.models.few_shot_contrastive.self_configuration import configure, write_record
@@ -267,16 +268,20 @@ class FewShotContrastive(AnomalibModule):  # noqa: PLR0904 - Lightning's hooks a
                 clone.score_shift, clone.score_scale = stepped_scales(self.model, len(images))
         return clone.eval()
 
-    def score_floor(self) -> float | None:
-        """The lowest score the fitted model can give, where its score is the local part alone: a distance of 0.
+    def score_floor(self) -> tuple[float, float] | None:
+        """The lowest image score and anomaly-map value the fitted model can give: its parts at distance 0.
 
         The threshold's bound reads the held-out scores' distance above it, in logarithms, as it reads raw
-        distances (:func:`~fsad_anomalib.post_processing.bounds.prediction_bound`). ``None`` for fused parts.
+        distances (:func:`~fsad_anomalib.post_processing.bounds.prediction_bound`). ``None`` where the threshold's
+        refits set scales of their own (fused parts on fewer than ``MIN_IMAGES_DEPLOYED_SCALES`` images), so that
+        their held-out scores have floors of their own.
         """
         self._fit_if_needed()
-        if not bool(self.model.is_fitted) or not local_alone(self.model):
+        if not bool(self.model.is_fitted):
             return None
-        return float(-self.model.score_shift[1] / self.model.score_scale[1])
+        if not local_alone(self.model) and len(self._support) <= MIN_IMAGES_DEPLOYED_SCALES:
+            return None
+        return score_floors(self.model)
 
     def _fit_if_needed(self) -> None:
         if self._support and (not bool(self.model.is_fitted) or self._fitted_at_step != self.global_step):

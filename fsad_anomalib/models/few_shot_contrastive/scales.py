@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from fsad_anomalib.data.views import Views
-from fsad_anomalib.models.components.held_out import Fold, folds_for, part_scores, standardisation
+from fsad_anomalib.models.components.held_out import Fold, folds_for, fuse, part_scores, standardisation
 
 logger = logging.getLogger(__name__)
 
@@ -19,6 +19,7 @@ __all__ = [
     "MIN_IMAGES_LOCAL_ALONE",
     "held_out_scales",
     "local_alone",
+    "score_floors",
     "stepped_scales",
     "two_out_level",
 ]
@@ -39,6 +40,17 @@ MIN_IMAGES_DEPLOYED_SCALES = 4
 def local_alone(model: nn.Module) -> bool:
     """Whether the score is the local part alone, on one scale (the default below five images)."""
     return model.fusion == "local" and not model.two_scales
+
+
+def score_floors(model: nn.Module) -> tuple[float, float]:
+    """The lowest image score and anomaly-map value the fitted model can give: every part at distance 0.
+
+    Each part is a distance (0 at best) standardised as ``(distance - shift) / scale``; the map is the local part
+    (two scales averaged), the image score fuses it with the global part as the model does.
+    """
+    floors = -model.score_shift / model.score_scale
+    local = floors[1] if not model.two_scales else 0.5 * (floors[1] + floors[2])
+    return float(fuse(floors[0], local, model.fusion)), float(local)
 
 
 def two_out_level(
