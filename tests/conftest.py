@@ -22,6 +22,8 @@ from sklearn.metrics import roc_auc_score
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
+# exports of stock models (PatchCore, PaDiM) trace without a Python stack per graph node, as FewShotContrastive's do
+torch.fx.config.do_not_emit_stack_traces = True
 
 # The files that take longest (minutes each), longest first. pytest-xdist hands whole files to its two workers in
 # collection order; a long file handed out last would leave the other worker idle while it runs.

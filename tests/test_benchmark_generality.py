@@ -333,12 +333,13 @@ def test_a_killed_sweep_resumes(generated_root, tmp_path, capsys):
 
 
 def test_a_ray_sweep_equals_the_serial_one(generated_root, tmp_path):
-    """A local Ray cluster of 2 CPUs, 2 runs: the driver's runs.jsonl holds the serial sweep's rows, timings aside;
-    2 more runs, of a set that cannot be built, are recorded as failed and the sweep goes on.
+    """A local Ray cluster of 2 CPUs, one run: the driver's runs.jsonl holds the serial sweep's row, timings aside;
+    one more run, of a set that cannot be built, is recorded as failed and the sweep goes on (each Ray task starts
+    a worker process of its own: two tasks keep the test short).
     """
     sets = {"generated/toy": lambda: folder_datamodule(generated_root, val_split_mode="none")}
     common = {
-        "k_shots": [1, 2],
+        "k_shots": [2],
         "seeds": [0],
         "methods": ["PatchCore"],
         "image_size": 64,
@@ -361,15 +362,15 @@ def test_a_ray_sweep_equals_the_serial_one(generated_root, tmp_path):
         executor="ray",
         **{**common, "progress": printed.append},
     )
-    assert printed[0] == "4 runs as Ray tasks on a local Ray cluster"
-    assert any("(4/4 done in " in line for line in printed) and any(" left)" in line for line in printed)
+    assert printed[0] == "2 runs as Ray tasks on a local Ray cluster"
+    assert any("(2/2 done in " in line for line in printed) and any(" left)" in line for line in printed)
     failed = [r for r in ray_rows if "error" in r]
-    assert len(failed) == 2 and all(r["error"] == "OSError: the data folder went away" for r in failed)
+    assert len(failed) == 1 and failed[0]["error"] == "OSError: the data folder went away"
     assert any(": FAILED, OSError: the data folder went away" in line for line in printed)
     key = lambda r: (r["k_shot"], r["seed"])  # noqa: E731
     assert sorted(key(r) for r in ray_rows if "error" not in r) == sorted(map(key, serial))
 
-    def rows_of(folder):  # as JSON text, so that NaN (K = 1 has no threshold) compares equal to NaN
+    def rows_of(folder):  # as JSON text, so that a NaN compares equal to NaN
         return {key(r): json.dumps(_without_timings(r), sort_keys=True) for r in load_runs(folder) if "error" not in r}
 
     assert rows_of(tmp_path / "ray") == rows_of(tmp_path / "serial")  # to the last digit

@@ -26,6 +26,12 @@ GENERATED = [
     "--data.datamodule.init_args.normal_test_dir=test/good",
     "--data.datamodule.init_args.mask_dir=mask/bad",
 ]
+# stock models (PatchCore, PaDiM, DFM) at 64 px as FewShotContrastive (their own resizing otherwise: 256 px)
+SMALL_STOCK = [
+    "--model.init_args.pre_processor.class_path=anomalib.pre_processing.PreProcessor",
+    "--model.init_args.pre_processor.init_args.transform.class_path=torchvision.transforms.v2.Resize",
+    "--model.init_args.pre_processor.init_args.transform.init_args.size=[64, 64]",
+]
 SMALL_OFFLINE = ["--data.datamodule.init_args.n_test_normal=6", "--data.datamodule.init_args.n_test_abnormal=6"]
 
 
@@ -43,7 +49,7 @@ def _overrides(config: Path, root: Path, workdir: Path) -> list[str]:
     else:
         from fsad_anomalib.backbones import offline_backbone
 
-        args += [f"--model.init_args.backbone={offline_backbone()}"]
+        args += [f"--model.init_args.backbone={offline_backbone()}", *SMALL_STOCK]
     if "class_path: ELPV" in text or "class_path: Textile" in text:
         args += SMALL_OFFLINE
     else:

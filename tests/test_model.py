@@ -450,6 +450,7 @@ def test_a_plain_datamodule_without_validation_trains_to_a_fitted_checkpoint(nam
             backbone=offline_backbone(),
             layers=["blocks.1", "blocks.2"],
             n_features=40,
+            pre_processor=Padim.configure_pre_processor(image_size=(64, 64)),
             post_processor=NormalThresholdPostProcessor(),
         )
     else:

@@ -29,6 +29,7 @@ from anomalib.visualization import Visualizer
 from lightning.pytorch import Callback
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
+from torch.fx import config as fx_config
 from torchvision.transforms.v2 import Compose, Resize
 
 from fsad_anomalib.callbacks.predictions import PredictionTable
@@ -46,7 +47,6 @@ from fsad_anomalib.models.few_shot_contrastive.guards import (
 from fsad_anomalib.models.few_shot_contrastive.scales import (
     MIN_IMAGES_DEPLOYED_SCALES,
     MIN_IMAGES_LOCAL_ALONE,
-    local_alone,
     score_floors,
     stepped_scales,
 )
@@ -259,27 +259,29 @@ class FewShotContrastive(AnomalibModule):  # noqa: PLR0904 - Lightning's hooks a
         """
         self._fit_if_needed()
         self._require_fitted("refit")
-        rescale = rescale and MIN_IMAGES_LOCAL_ALONE <= len(images) < MIN_IMAGES_DEPLOYED_SCALES
-        stepped = rescale and self.model.two_out_level is not None and len(images) == len(self._support) - 1
+        scales = self._refit_scales(len(images)) if rescale else "deployed"
         with torch.inference_mode(False):
             clone = copy.deepcopy(self.model)
-            clone.fit(images.to(self.device).clone(), self.views, rescale=rescale and not stepped)
-            if stepped:
+            clone.fit(images.to(self.device).clone(), self.views, rescale=scales == "own")
+            if scales == "stepped":
                 clone.score_shift, clone.score_scale = stepped_scales(self.model, len(images))
         return clone.eval()
+
+    def _refit_scales(self, n: int) -> str:
+        """Which scales a refit on ``n`` images scores on: ``"own"``, ``"stepped"`` or the ``"deployed"`` ones."""
+        if not MIN_IMAGES_LOCAL_ALONE <= n < MIN_IMAGES_DEPLOYED_SCALES:
+            return "deployed"
+        return "stepped" if self.model.two_out_level is not None and n == len(self._support) - 1 else "own"
 
     def score_floor(self) -> tuple[float, float] | None:
         """The lowest image score and anomaly-map value the fitted model can give: its parts at distance 0.
 
         The threshold's bound reads the held-out scores' distance above it, in logarithms, as it reads raw
         distances (:func:`~fsad_anomalib.post_processing.bounds.prediction_bound`). ``None`` where the threshold's
-        refits set scales of their own (fused parts on fewer than ``MIN_IMAGES_DEPLOYED_SCALES`` images), so that
-        their held-out scores have floors of their own.
+        refits (on K - 1 images) set scales of their own, so that their held-out scores have floors of their own.
         """
         self._fit_if_needed()
-        if not bool(self.model.is_fitted):
-            return None
-        if not local_alone(self.model) and len(self._support) <= MIN_IMAGES_DEPLOYED_SCALES:
+        if not bool(self.model.is_fitted) or self._refit_scales(len(self._support) - 1) == "own":
             return None
         return score_floors(self.model)
 
@@ -355,10 +357,16 @@ class FewShotContrastive(AnomalibModule):  # noqa: PLR0904 - Lightning's hooks a
         """Anomalib's ONNX export at opset 18 unless told otherwise (``opset_version``).
 
         18 is the exporter's own opset: anomalib's default, 14, goes through ONNX's version converter, which fails on
-        ConvNeXt's LayerNorm (``ReduceMean`` axes computed in the graph).
+        ConvNeXt's LayerNorm (``ReduceMean`` axes computed in the graph). The trace keeps no Python stack per graph
+        node (``torch.fx.config.do_not_emit_stack_traces``, debugging metadata only): about a quarter less time.
         """
         kwargs.setdefault("opset_version", ONNX_OPSET)
-        return Path(super().to_onnx(*args, **kwargs))
+        kept = getattr(fx_config, "do_not_emit_stack_traces", False)  # older torch: no such flag
+        fx_config.do_not_emit_stack_traces = True
+        try:
+            return Path(super().to_onnx(*args, **kwargs))
+        finally:
+            fx_config.do_not_emit_stack_traces = kept
 
     def to_openvino(self, *args: Any, **kwargs: Any) -> Path:  # noqa: ANN401
         """Anomalib's OpenVINO export, every layer marked to run in FP32 (:func:`keep_fp32`), as eager scores."""
