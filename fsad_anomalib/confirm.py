@@ -94,7 +94,7 @@ def confirm(
     trained ``model`` as it is deployed. With at least ``1 / rate - 1`` of them (19 for 5 %, 99 for 1 %) the
     threshold is their split-conformal order statistic (:func:`conformal_bound`): at most ``rate`` of the line's
     good parts lie above it, whatever the scores' distribution. With fewer it is the prediction bound of their
-    scores, with a warning. Save the checkpoint (or export) again to deploy it.
+    scores, never below the highest, with a warning. Save the checkpoint (or export) again to deploy it.
 
     Args:
         model (LightningModule): The trained model, with its NormalThresholdPostProcessor.
@@ -143,8 +143,8 @@ def confirm(
     needed = conformal_minimum(rate)
     if finite.numel() < needed and not grow:  # growing counts the K training images too (growth.grow says)
         logger.warning(
-            "Confirmation: %d good parts are fewer than the %d a distribution-"
-            "free threshold at %.1f %% needs; using the normal prediction bound of their scores.",
+            "Confirmation: %d good parts are fewer than the %d a distribution-free threshold at %.1f %% needs; "
+            "using the normal prediction bound of their scores (at least the highest).",
             finite.numel(),
             needed,
             100 * rate,

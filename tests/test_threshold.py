@@ -114,11 +114,11 @@ def test_false_reject_rate_on_real_fresh_normals_is_near_its_target(tmp_path):
 
 
 def test_near_identical_normals_err_on_the_safe_side(tmp_path):
-    """PatchCore (random weights) on generated stripes that differ only in pixel noise: 5 support sets of K = 8, 150
+    """PatchCore (random weights) on generated stripes that differ only in pixel noise: 5 support sets of K = 8, 60
     fresh normals each. A held-out image is scored against K - 1 images and a new part against K; where normals
     hardly vary this gap outweighs their spread, and fewer good parts than the target are rejected.
     """
-    root = make_dataset(tmp_path / "data", n_train=24, n_test=150, size=SIZE)
+    root = make_dataset(tmp_path / "data", n_train=24, n_test=60, size=SIZE)
     rates, thresholds = [], []
     for seed in range(5):
         seed_everything(seed)
@@ -320,6 +320,22 @@ def test_conformal_bound_rejects_at_most_the_target_share_whatever_the_distribut
     measured = float((fresh > thresholds[:, None]).double().mean())
     assert rate - 1 / (n + 1) - 0.003 <= measured <= rate + 0.003, measured
     assert conformal_bound(calibration[0], rate)["estimator"] == "split-conformal order statistic"
+
+
+def test_a_stricter_rate_never_gives_a_lower_threshold():
+    """From the order statistic to the prediction bound (a rate below 1 / (N + 1), which N parts cannot reach
+    distribution-free), the threshold never falls as the rate falls: it is at least the largest of the N scores.
+    """
+    generator = torch.Generator().manual_seed(0)
+    rates = (0.2, 0.1, 0.05, 0.02, 0.01, 0.005)
+    for n in (19, 30, 54, 99):
+        for _ in range(100):
+            scores = (
+                torch.rand(n, generator=generator, dtype=torch.float64) ** -1.5
+            )  # heavy-tailed, as in the test above
+            thresholds = [conformal_bound(scores, rate)["threshold"] for rate in rates]
+            assert thresholds == sorted(thresholds), (n, thresholds)
+        assert conformal_bound(scores, 0.5 / (n + 1))["threshold"] >= float(scores.max())
 
 
 def test_confirm_on_good_parts_resets_the_thresholds_and_the_checkpoint_carries_them(

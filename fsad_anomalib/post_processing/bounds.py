@@ -70,12 +70,14 @@ def conformal_bound(scores: torch.Tensor, false_reject_rate: float) -> dict[str,
     With ``N >= 1 / rate - 1`` scores it is the ``ceil((N + 1) (1 - rate))``-th smallest: a new good part, exchangeable
     with these, scores above it with probability at most ``rate`` (and more than ``rate - 1 / (N + 1)``), for any
     distribution. With fewer the order statistic does not exist and the normal prediction bound of the scores is
-    used instead. The record keeps the scores, so :func:`bound_at` can move to another rate.
+    used instead, never below the largest score (the order statistic at rate 1 / (N + 1)): a stricter rate never
+    gives a lower threshold. The record keeps the scores, so :func:`bound_at` can move to another rate.
     """
     values = scores.detach().double().flatten().cpu()
     n = values.numel()
     if n < conformal_minimum(false_reject_rate):
         record = prediction_bound(values, false_reject_rate)
+        record["threshold"] = max(record["threshold"], float(values.max()))
         return {**record, "estimator": "normal prediction bound", "scores": values.tolist()}
     rank = math.ceil((n + 1) * (1.0 - false_reject_rate) - 1e-9)  # <= n from conformal_minimum parts on
     threshold = float(values.sort().values[rank - 1])
