@@ -28,6 +28,10 @@ FAMILIES = {
 }
 
 
+VITS = ("vit_small_patch14_dinov2",)
+STATIC = {"dynamic_shapes": None}  # anomalib's export: no dynamic axis
+
+
 @pytest.mark.parametrize(("backbone", "expected"), FAMILIES.items())
 def test_default_layers_follow_the_stride(backbone: str, expected: tuple) -> None:
     layers, global_layer = default_layers(backbone)
@@ -63,7 +67,10 @@ def trained(request, generated_root, tmp_path_factory):
     with torch.no_grad():
         raw = model.model(model.pre_processor.transform(images)).pred_score
         eager = model(images)
-    onnx = engine.export(model=model, export_type="onnx", export_root=root / "onnx")
+    # a CNN exports at the test images' size, batch 1 (a static graph traces in about half the time; the default
+    # backbone's dynamic graph runs in test_readme_workflow); the ViT as users export it: batch, height, width dynamic
+    static = {} if request.param in VITS else {"input_size": tuple(images.shape[-2:]), "onnx_kwargs": STATIC}
+    onnx = engine.export(model=model, export_type="onnx", export_root=root / "onnx", **static)
     return {
         "backbone": request.param,
         "model": model,
@@ -107,7 +114,14 @@ def test_a_vit_matches_eager_in_openvino(trained, tmp_path, monkeypatch) -> None
     from anomalib.deploy import OpenVINOInferencer
 
     monkeypatch.chdir(tmp_path)  # anomalib's OpenVINOInferencer writes ./openvino_cache
-    path = trained["engine"].export(model=trained["model"], export_type="openvino", export_root=trained["root"] / "ov")
+    size = tuple(trained["images"].shape[-2:])  # one image at a time, the size of the dynamic ONNX test above
+    path = trained["engine"].export(
+        model=trained["model"],
+        export_type="openvino",
+        export_root=trained["root"] / "ov",
+        input_size=size,
+        onnx_kwargs=STATIC,
+    )
     inferencer = OpenVINOInferencer(path=path, device="CPU")
     eager = trained["eager"].pred_score.flatten().numpy()
     for index in range(3):
