@@ -58,6 +58,10 @@ def unseen_shift(image: torch.Tensor, turn: int) -> torch.Tensor:
     return F.interpolate(small, size=image.shape[-2:], mode="bilinear", align_corners=False).clamp(0, 1)
 
 
+# anomalib's ONNX export with no dynamic axis (batch 1 at the given input_size): traces in about half the time
+STATIC_ONNX = {"dynamic_shapes": None}
+
+
 def cpu_engine(root: Path, **kwargs) -> Engine:
     """Anomalib's Engine on the CPU, quiet: no logger, no progress bar."""
     return Engine(default_root_dir=root, logger=False, enable_progress_bar=False, accelerator="cpu", **kwargs)

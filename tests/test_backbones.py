@@ -13,7 +13,7 @@ from fsad_anomalib.backbones.layers import default_layers, feature_layout
 from fsad_anomalib.data import FewShot
 from fsad_anomalib.models import FewShotContrastive
 
-from .conftest import auroc, cpu_engine, folder_datamodule
+from .conftest import STATIC_ONNX, auroc, cpu_engine, folder_datamodule
 
 IMAGE_SIZE = 64
 
@@ -29,7 +29,6 @@ FAMILIES = {
 
 
 VITS = ("vit_small_patch14_dinov2",)
-STATIC = {"dynamic_shapes": None}  # anomalib's export: no dynamic axis
 
 
 @pytest.mark.parametrize(("backbone", "expected"), FAMILIES.items())
@@ -69,7 +68,7 @@ def trained(request, generated_root, tmp_path_factory):
         eager = model(images)
     # a CNN exports at the test images' size, batch 1 (a static graph traces in about half the time; the default
     # backbone's dynamic graph runs in test_readme_workflow); the ViT as users export it: batch, height, width dynamic
-    static = {} if request.param in VITS else {"input_size": tuple(images.shape[-2:]), "onnx_kwargs": STATIC}
+    static = {} if request.param in VITS else {"input_size": tuple(images.shape[-2:]), "onnx_kwargs": STATIC_ONNX}
     onnx = engine.export(model=model, export_type="onnx", export_root=root / "onnx", **static)
     return {
         "backbone": request.param,
@@ -120,7 +119,7 @@ def test_a_vit_matches_eager_in_openvino(trained, tmp_path, monkeypatch) -> None
         export_type="openvino",
         export_root=trained["root"] / "ov",
         input_size=size,
-        onnx_kwargs=STATIC,
+        onnx_kwargs=STATIC_ONNX,
     )
     inferencer = OpenVINOInferencer(path=path, device="CPU")
     eager = trained["eager"].pred_score.flatten().numpy()
