@@ -497,3 +497,25 @@ def test_one_or_two_normals_give_a_threshold_that_detects_a_clear_defect(k, gene
     truth = torch.cat([batch.gt_label.flatten() for batch in predictions])
     detected, rejected = float(labels[truth == 1].float().mean()), float(labels[truth == 0].float().mean())
     assert detected >= 0.75 and rejected <= 0.25, (detected, rejected)
+
+
+def test_a_fused_score_at_two_normals_is_bounded_above_its_floor(generated_root, tmp_path):
+    """An explicit fused score (``combined``: patch and global) at K = 2: the refits on 1 image keep the deployed
+    scales, so the threshold reads the held-out scores' distance above the fused score's floor, which no image,
+    held out or new, goes below.
+    """
+    seed_everything(0)
+    datamodule = FewShot(folder_datamodule(generated_root, val_split_mode="none"), k_shot=2, seed=0)
+    model = FewShotContrastive(image_size=SIZE, score_mode="combined", fine_tuning=False)
+    engine = cpu_engine(tmp_path)
+    engine.fit(model=model, datamodule=datamodule)
+    assert model.model.fusion == "mean"
+    floor, _ = model.score_floor()
+    post = model.post_processor
+    record = post.calibration["image"]
+    assert record["transform"] == "log" and record["floor"] == pytest.approx(floor)
+    assert min(post.calibration["held_out_scores"]) > floor and record["threshold"] > floor
+    model.eval()
+    with torch.no_grad():
+        scores = model(torch.stack([datamodule.test_data[i].image for i in range(6)])).pred_score
+    assert bool((scores > floor).all())
