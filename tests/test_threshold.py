@@ -178,18 +178,26 @@ def test_four_normals_step_their_refits_to_the_deployed_scale_and_bound_above_th
     model, post = run["model"], run["model"].post_processor
     floor, map_floor = model.score_floor()
     assert floor == map_floor < 0  # the local part alone: the image score is the map's top patches
-    record = post.calibration["image"]
-    assert record["transform"] == "log" and record["floor"] == pytest.approx(floor)
-    assert min(post.calibration["held_out_scores"]) > floor and record["threshold"] > floor
+    _assert_bounded_above_floor(model, torch.stack([run["datamodule"].test_data[i].image for i in range(6)]))
     deployed = model.model
     refit = model.refit(post.references[:3].to(model.device))
     step = float(deployed.score_shift[1] / refit.score_shift[1])
     assert 0 < step <= 1
     assert float(refit.score_scale[1]) == pytest.approx(float(deployed.score_scale[1]) / step)
+
+
+def _assert_bounded_above_floor(model: FewShotContrastive, new_images: torch.Tensor) -> None:
+    """The threshold's bound reads the held-out scores in logs above the model's score floor, and neither they, the
+    threshold nor the scores of ``new_images`` lie below that floor.
+    """
+    floor, _ = model.score_floor()
+    post = model.post_processor
+    record = post.calibration["image"]
+    assert record["transform"] == "log" and record["floor"] == pytest.approx(floor)
+    assert min(post.calibration["held_out_scores"]) > floor and record["threshold"] > floor
     model.eval()
     with torch.no_grad():
-        scores = model(torch.stack([run["datamodule"].test_data[i].image for i in range(6)])).pred_score
-    assert bool((scores > floor).all())
+        assert bool((model(new_images).pred_score > floor).all())
 
 
 def test_checkpoint_carries_the_threshold(default_without_validation):
@@ -510,12 +518,4 @@ def test_a_fused_score_at_two_normals_is_bounded_above_its_floor(generated_root,
     engine = cpu_engine(tmp_path)
     engine.fit(model=model, datamodule=datamodule)
     assert model.model.fusion == "mean"
-    floor, _ = model.score_floor()
-    post = model.post_processor
-    record = post.calibration["image"]
-    assert record["transform"] == "log" and record["floor"] == pytest.approx(floor)
-    assert min(post.calibration["held_out_scores"]) > floor and record["threshold"] > floor
-    model.eval()
-    with torch.no_grad():
-        scores = model(torch.stack([datamodule.test_data[i].image for i in range(6)])).pred_score
-    assert bool((scores > floor).all())
+    _assert_bounded_above_floor(model, torch.stack([datamodule.test_data[i].image for i in range(6)]))
